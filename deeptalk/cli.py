@@ -1,0 +1,111 @@
+"""`deeptalk` command line.
+
+    deeptalk demo                          # the embedded-defaults job: convert, check, save, reload
+    deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
+
+SRC is a transformers MoE LLM (a local folder or a Hub id), or `tiny:FAMILY` for a tiny random one
+(offline; FAMILY is one of deepseek_v2, qwen3_moe, qwen2_moe, olmoe, mixtral).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def parse_speech_experts(value: str | None) -> list[list[int]] | None:
+    """`--speech-experts` accepts inline JSON (`[[3, 17], [5, 9]]`) or a path to a JSON file holding
+    one list of source expert indices per MoE layer, in layer order (the authors' format)."""
+    if value is None:
+        return None
+    text = Path(value).read_text() if os.path.isfile(value) else value
+    try:
+        experts = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(
+            f"--speech-experts: {value!r} is neither a JSON file nor inline JSON ({err}). "
+            "Expected one list of expert indices per MoE layer, e.g. '[[3, 17], [5, 9]]'."
+        ) from None
+    if not (isinstance(experts, list) and all(isinstance(layer, list) for layer in experts)):
+        raise SystemExit("--speech-experts must be a JSON list of lists (one list of expert indices per MoE layer).")
+    return experts
+
+
+def load_source(spec: str, dtype: str | None = None):
+    """Load the source MoE LLM named by `spec` (`tiny:FAMILY`, a folder, or a Hub id)."""
+    if spec.startswith("tiny:"):
+        from .tiny import tiny_text_moe
+
+        return tiny_text_moe(spec.split(":", 1)[1]), None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
+    model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):  # a source without a tokenizer still converts
+        tokenizer = None
+    return model, tokenizer
+
+
+def cmd_convert(args) -> int:
+    import deeptalk
+
+    source, tokenizer = load_source(args.source, args.dtype)
+    overrides = {"routing_mode": args.routing_mode}
+    if args.num_speech_experts:
+        overrides["num_speech_experts"] = args.num_speech_experts
+    model = deeptalk.DeepTalkForCausalLM.from_text_moe(
+        source, speech_experts=parse_speech_experts(args.speech_experts), **overrides
+    )
+    model.save_pretrained(args.output)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output)
+    assigned = "assigned" if model.config.speech_experts else "not assigned yet (run the assignment step)"
+    print(f"Converted {args.source} ({model.config.family}) -> {args.output}: "
+          f"{len(model.config.moe_layer_indices)} MoE layers x {model.config.num_routed_experts} routed experts; "
+          f"speech experts {assigned}; routing mode {model.config.routing_mode}.")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return 0 if run_demo(args.output, families=args.family) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeptalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="convert tiny MoE LLMs of every family, check equality, save and reload")
+    demo.add_argument("--output", default="deeptalk_output/demo", help="where to write the converted models")
+    demo.add_argument("--family", action="append", help="limit to these families (repeatable)")
+    demo.set_defaults(func=cmd_demo)
+
+    convert = sub.add_parser("convert", help="convert a transformers MoE LLM into a DeepTalk model")
+    convert.add_argument("source", help="folder, Hub id, or tiny:FAMILY")
+    convert.add_argument("output", help="output folder (Hub-ready: weights, config, remote code)")
+    convert.add_argument("--speech-experts", help="JSON (inline or file): one list of source expert indices per MoE layer")
+    convert.add_argument("--num-speech-experts", type=int, help="speech experts per layer when assigning later (default 6)")
+    convert.add_argument("--routing-mode", default="free", help="free | speech_only | text_only | by_token_modality")
+    convert.add_argument("--dtype", help="load the source in this dtype, e.g. bfloat16 (default: as saved)")
+    convert.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:  # configuration problems: print the message, not a traceback
+        print(f"deeptalk {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

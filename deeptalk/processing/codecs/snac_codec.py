@@ -1,0 +1,285 @@
+"""SNAC (Multi-Scale Neural Audio Codec), the codec used by DeepTalk / Mini-Omni / LUCY.
+
+SNAC quantises the latent at several temporal resolutions. ``hubertsiuzdak/snac_24khz`` has
+``vq_strides=[4, 2, 1]`` on a hop of 512 samples: level 0 at ~11.7 Hz, level 1 at ~23.4 Hz and
+level 2 at ~46.9 Hz, i.e. 1 + 2 + 4 = 7 codes per coarse frame of 2048 samples (~85 ms). The LLM
+takes one step per coarse frame, so ``num_streams = 7`` and ``frame_rate = 24000 / 2048 ≈ 11.72``.
+
+Stream order (``stream_order="depth_first"``, the default) is Mini-Omni's, which DeepTalk inherits;
+for coarse frame ``f``::
+
+    stream: 0        1         2         3           4           5           6
+    code:   l0[f]    l1[2f]    l2[4f]    l2[4f+1]    l1[2f+1]    l2[4f+2]    l2[4f+3]
+
+i.e. a depth-first walk of the tree in which each code of level ``k`` has ``stride_k / stride_{k+1}``
+children at level ``k+1``. It generalises to 4-level SNACs (32/44 kHz, strides ``[8, 4, 2, 1]``:
+15 streams). ``stream_order="level_major"`` gives ``l0[f], l1[2f], l1[2f+1], l2[4f], ..., l2[4f+3]``.
+:func:`snac_flatten` and :func:`snac_unflatten` are exact inverses for either order.
+
+Decoding is made deterministic: SNAC's decoder adds Gaussian noise (``NoiseBlock``), drawn here from
+a forked RNG seeded with ``decode_seed`` (set ``decode_seed=None`` to use the global RNG instead).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .base import (
+    SpeechCodec,
+    load_state_dict_safetensors,
+    register_codec,
+    save_state_dict_safetensors,
+    hub_download_codec_config,
+    CODEC_CONFIG_NAME,
+    WEIGHTS_NAME,
+)
+
+SNAC_CONFIG_NAME = "config.json"  # same file name and format as the Hub's snac repos
+STREAM_ORDERS = ("depth_first", "level_major")
+
+
+def snac_stream_table(vq_strides: Sequence[int], order: str = "depth_first") -> List[Tuple[int, int]]:
+    """``(level, offset)`` for each stream: stream ``j`` of coarse frame ``f`` holds ``codes[level][f * r + offset]``
+    where ``r = vq_strides[0] // vq_strides[level]`` codes of that level fall in one coarse frame."""
+    strides = [int(s) for s in vq_strides]
+    if not strides or any(s <= 0 for s in strides):
+        raise ValueError(f"vq_strides must be positive integers, got {list(vq_strides)}")
+    for a, b in zip(strides, strides[1:]):
+        if a % b:
+            raise ValueError(f"each SNAC stride must divide the previous one, got {strides}")
+    if order == "level_major":
+        return [(lvl, o) for lvl, s in enumerate(strides) for o in range(strides[0] // s)]
+    if order != "depth_first":
+        raise ValueError(f"stream_order must be one of {STREAM_ORDERS}, got {order!r}")
+    table: List[Tuple[int, int]] = []
+
+    def walk(level: int, offset: int) -> None:
+        table.append((level, offset))
+        if level + 1 < len(strides):
+            branch = strides[level] // strides[level + 1]
+            for c in range(branch):
+                walk(level + 1, offset * branch + c)
+
+    walk(0, 0)
+    return table
+
+
+def snac_flatten(codes: Sequence[torch.Tensor], vq_strides: Sequence[int], order: str = "depth_first") -> torch.Tensor:
+    """SNAC's per-level codes (``[T_k]`` or ``[1, T_k]`` each, ``T_k = F * stride_0 / stride_k``) -> ``[N, F]``."""
+    table = snac_stream_table(vq_strides, order)
+    levels = [c.reshape(-1) for c in codes]
+    if len(levels) != len(vq_strides):
+        raise ValueError(f"expected {len(vq_strides)} SNAC levels, got {len(levels)}")
+    n_frames = levels[0].numel()
+    rows = []
+    for level, offset in table:
+        r = vq_strides[0] // vq_strides[level]
+        if levels[level].numel() != n_frames * r:
+            raise ValueError(
+                f"SNAC level {level} has {levels[level].numel()} codes, expected {n_frames * r} (= {n_frames} frames x {r})"
+            )
+        rows.append(levels[level].view(n_frames, r)[:, offset])
+    return torch.stack(rows, dim=0)
+
+
+def snac_unflatten(flat: torch.Tensor, vq_strides: Sequence[int], order: str = "depth_first") -> List[torch.Tensor]:
+    """Inverse of :func:`snac_flatten`: ``[N, F]`` -> list of ``[1, F * stride_0 / stride_k]`` tensors."""
+    table = snac_stream_table(vq_strides, order)
+    if flat.ndim != 2 or flat.shape[0] != len(table):
+        raise ValueError(f"expected codes of shape [{len(table)}, F], got {tuple(flat.shape)}")
+    n_frames = flat.shape[1]
+    out = [flat.new_empty(n_frames, vq_strides[0] // s) for s in vq_strides]
+    for row, (level, offset) in zip(flat, table):
+        out[level][:, offset] = row
+    return [o.reshape(1, -1) for o in out]
+
+
+@register_codec
+class SNACCodec(SpeechCodec):
+    """:class:`SpeechCodec` around a ``snac.SNAC`` model (the paper's codec).
+
+    Build from a Hub id (``SNACCodec.from_pretrained("hubertsiuzdak/snac_24khz")``, through
+    ``snac.SNAC.from_pretrained``), a directory saved by :meth:`save_pretrained`, or directly from a
+    (possibly random, tiny) ``snac.SNAC`` via ``SNACCodec(model)`` / ``SNACCodec.from_config(**snac_kwargs)``.
+    """
+
+    codec_type = "snac"
+    default_decode_context = 2
+
+    def __init__(
+        self,
+        model: "torch.nn.Module",
+        stream_order: str = "depth_first",
+        decode_seed: Optional[int] = 0,
+        codec_name: Optional[str] = None,
+        snac_config: Optional[Dict[str, Any]] = None,
+    ):
+        super().__init__(codec_name=codec_name)
+        self.model = model.eval()
+        self.stream_order = stream_order
+        self.decode_seed = decode_seed
+        self.vq_strides = [int(s) for s in model.vq_strides]
+        self._table = snac_stream_table(self.vq_strides, stream_order)
+        self._snac_config = dict(snac_config) if snac_config is not None else _snac_config_of(model)
+        attn = model.attn_window_size or 1
+        # SNAC needs the latent length (coarse frames x stride_0) to be a multiple of lcm(stride_0, attn_window)
+        self._frame_multiple = math.lcm(self.vq_strides[0], attn) // self.vq_strides[0]
+        self.eval()
+
+    @classmethod
+    def from_config(cls, stream_order: str = "depth_first", decode_seed: Optional[int] = 0, **snac_kwargs: Any) -> "SNACCodec":
+        """Randomly initialised SNAC with ``snac.SNAC(**snac_kwargs)`` (tests, experiments)."""
+        from snac import SNAC
+
+        return cls(SNAC(**snac_kwargs), stream_order=stream_order, decode_seed=decode_seed, snac_config=snac_kwargs)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def sampling_rate(self) -> int:
+        return int(self.model.sampling_rate)
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._table)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.model.codebook_size)
+
+    @property
+    def samples_per_frame(self) -> int:
+        return int(self.model.hop_length) * self.vq_strides[0]
+
+    def stream_info(self):
+        return [
+            {"stream": i, "level": lvl, "offset": off, "codes_per_frame_at_level": self.vq_strides[0] // self.vq_strides[lvl]}
+            for i, (lvl, off) in enumerate(self._table)
+        ]
+
+    def layout(self) -> Dict[str, Any]:
+        out = super().layout()
+        hop = int(self.model.hop_length)
+        out.update(
+            {
+                "stream_order": self.stream_order,
+                "vq_strides": list(self.vq_strides),
+                "level_frame_rates": [self.sampling_rate / (hop * s) for s in self.vq_strides],
+                "stream_levels": [lvl for lvl, _ in self._table],
+            }
+        )
+        return out
+
+    # ------------------------------------------------------------------ flatten helpers
+    def flatten(self, level_codes: Sequence[torch.Tensor]) -> torch.Tensor:
+        return snac_flatten(level_codes, self.vq_strides, self.stream_order)
+
+    def unflatten(self, codes: torch.Tensor) -> List[torch.Tensor]:
+        return snac_unflatten(codes, self.vq_strides, self.stream_order)
+
+    # ------------------------------------------------------------------ codec
+    def _encode(self, waveform: torch.Tensor) -> torch.Tensor:
+        level_codes = self.model.encode(waveform.view(1, 1, -1))  # SNAC.preprocess pads to hop * lcm(...)
+        return self.flatten(level_codes)
+
+    def _decode(self, codes: torch.Tensor) -> torch.Tensor:
+        n = codes.shape[1]
+        pad = (-n) % self._frame_multiple
+        if pad:  # attention windows need whole windows: repeat the last frame, crop afterwards
+            codes = torch.cat([codes, codes[:, -1:].expand(-1, pad)], dim=1)
+        level_codes = self.unflatten(codes)
+        if self.decode_seed is None:
+            audio = self.model.decode(level_codes)
+        else:
+            # seed only the generator the decoder's noise is drawn from, restoring it afterwards
+            dev = self.device
+            if dev.type == "cuda":
+                index = dev.index if dev.index is not None else torch.cuda.current_device()
+                with torch.random.fork_rng(devices=[index], device_type="cuda"):
+                    torch.cuda.default_generators[index].manual_seed(self.decode_seed)
+                    audio = self.model.decode(level_codes)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.random.default_generator.manual_seed(self.decode_seed)
+                    audio = self.model.decode(level_codes)
+        return audio.reshape(-1)[: n * self.samples_per_frame]
+
+    # ------------------------------------------------------------------ persistence
+    def _extra_codec_config(self) -> Dict[str, Any]:
+        return {"stream_order": self.stream_order, "decode_seed": self.decode_seed, "snac_config": self._snac_config}
+
+    def _save_weights(self, directory: str) -> None:
+        save_state_dict_safetensors(self.model.state_dict(), directory)
+        with open(os.path.join(directory, SNAC_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self._snac_config, f, indent=2)
+
+    @classmethod
+    def _from_local_dir(cls, directory: str, codec_config: Optional[Dict[str, Any]], **kwargs: Any) -> "SNACCodec":
+        from snac import SNAC
+
+        unknown = set(kwargs) - {"stream_order", "decode_seed"}
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments for SNACCodec.from_pretrained: {sorted(unknown)}")
+        opts = dict((codec_config or {}).get("options", {}))
+        opts.update(kwargs)
+        has_safetensors = os.path.isfile(os.path.join(directory, WEIGHTS_NAME))
+        if codec_config is None and not has_safetensors:
+            # a native snac download (config.json + pytorch_model.bin): let the snac library load it
+            model = SNAC.from_pretrained(directory)
+            snac_config = None
+        else:
+            snac_config = opts.get("snac_config")
+            if snac_config is None:
+                with open(os.path.join(directory, SNAC_CONFIG_NAME), "r", encoding="utf-8") as f:
+                    snac_config = json.load(f)
+            model = SNAC(**snac_config)
+            model.load_state_dict(load_state_dict_safetensors(directory), strict=True)
+        name = (codec_config or {}).get("codec_name") or directory
+        return cls(
+            model,
+            stream_order=opts.get("stream_order", "depth_first"),
+            decode_seed=opts.get("decode_seed", 0),
+            codec_name=name,
+            snac_config=snac_config,
+        )
+
+    @classmethod
+    def _from_hub(cls, repo_id: str, **kwargs: Any) -> "SNACCodec":
+        """A deeptalk-format repo (``codec_config.json`` + safetensors) is read directly; any other id,
+        e.g. ``hubertsiuzdak/snac_24khz``, is delegated to ``snac.SNAC.from_pretrained``."""
+        hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token") if k in kwargs}
+        cfg = hub_download_codec_config(repo_id, **hub_kwargs)
+        if cfg is not None:
+            from huggingface_hub import hf_hub_download
+
+            local = os.path.dirname(hf_hub_download(repo_id, CODEC_CONFIG_NAME, **hub_kwargs))
+            hf_hub_download(repo_id, WEIGHTS_NAME, **hub_kwargs)
+            return cls._from_local_dir(local, cfg, **kwargs)
+        from snac import SNAC
+
+        model = SNAC.from_pretrained(repo_id, **hub_kwargs)
+        return cls(model, codec_name=repo_id, **kwargs)
+
+
+def _snac_config_of(model: "torch.nn.Module") -> Dict[str, Any]:
+    """Reconstruct ``snac.SNAC.__init__`` kwargs from a built model (enough to rebuild it for loading)."""
+    noise = any(type(m).__name__ == "NoiseBlock" for m in model.decoder.modules())
+    depthwise = any(getattr(m, "groups", 1) > 1 for m in model.encoder.modules() if isinstance(m, torch.nn.Conv1d))
+    return {
+        "sampling_rate": int(model.sampling_rate),
+        "encoder_dim": int(model.encoder_dim),
+        "encoder_rates": [int(r) for r in model.encoder_rates],
+        "latent_dim": int(model.latent_dim),
+        "decoder_dim": int(model.decoder_dim),
+        "decoder_rates": [int(r) for r in model.decoder_rates],
+        "attn_window_size": model.attn_window_size,
+        "codebook_size": int(model.codebook_size),
+        "codebook_dim": int(model.codebook_dim),
+        "vq_strides": [int(s) for s in model.vq_strides],
+        "noise": bool(noise),
+        "depthwise": bool(depthwise),
+    }
