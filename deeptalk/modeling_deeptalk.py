@@ -36,6 +36,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.utils import logging
 
 from .configuration_deeptalk import (
     IGNORED_TOKEN,
@@ -771,13 +772,9 @@ def _convert_state_dict(source, model: DeepTalkForCausalLM, copy: bool, progress
     target_names = list(model.state_dict().keys())
     blocks = {f"model.language_model.layers.{i}.mlp.": block for i, block in _blocks_by_layer(model)}
     state = {}
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm ships with transformers' dependencies, but stay importable without it
-        tqdm = None
     iterator = blocks.items()
-    if progress and tqdm is not None:
-        iterator = tqdm(iterator, total=len(blocks), desc="Splitting experts into text/speech banks")
+    if progress:
+        iterator = logging.tqdm(iterator, total=len(blocks), desc="Splitting experts into text/speech banks")
     for prefix, block in iterator:
         source_prefix = _source_name(prefix)
         gate_up = source_state[source_prefix + "experts.gate_up_proj"]
