@@ -61,8 +61,33 @@ SUPPORTED_FAMILIES = {
     },
 }
 
+AUDIO_SPECIAL_TOKENS = ("<|eoa|>", "<|pad_a|>", "<|boa|>", "<|audio_in|>")
+"""Specials of every audio stream, at ids `codebook_size + j` of the stream's block: EOA ends a stream,
+PAD_A fills a stream before it starts and after it ends, BOA opens a user audio segment, AUDIO_IN
+marks the positions where the audio encoder's features are spliced in."""
+
 DEFAULT_NUM_SPEECH_EXPERTS = 6  # the paper: 6 of DeepSeek-V2-Lite's 64 routed experts per layer
 DEFAULT_ROUTER_AUX_LOSS_COEF = 0.001  # transformers' Mixtral/Qwen-MoE default; the family's own value wins
+
+
+def stream_range(text_vocab_size: int, audio_block_size: int, stream: int) -> tuple[int, int]:
+    """`[start, end)` of a stream's ids: the text block first, then one block per audio stream."""
+    if stream == 0:
+        return 0, text_vocab_size
+    start = text_vocab_size + (stream - 1) * audio_block_size
+    return start, start + audio_block_size
+
+
+WHISPER_MEL_FRAMES = 3000  # Whisper's 30 s window of 100 Hz log-mel frames
+
+
+def num_audio_positions(num_mel_frames: int, adapter_stride: int, pad_to_30s: bool = False) -> int:
+    """Whisper's conv stem halves the 100 Hz mel frames (kernel 3, stride 2, padding 1), then the
+    adapter stacks `adapter_stride` encoder frames per LLM position (the last group zero-padded)."""
+    if pad_to_30s:
+        num_mel_frames = WHISPER_MEL_FRAMES
+    encoder_frames = (num_mel_frames - 1) // 2 + 1
+    return -(-encoder_frames // adapter_stride)
 
 
 class DeepTalkConfig(PreTrainedConfig):
@@ -92,6 +117,19 @@ class DeepTalkConfig(PreTrainedConfig):
             Delay in decoder steps of each audio stream (paper: stream i is delayed by i + 1).
         audio_special_tokens (`list[str]`, *optional*):
             Names of the special tokens of every audio stream (BOA, EOA, PAD_A, ...).
+        text_vocab_size (`int`, *optional*):
+            Size of the text stream's block of the (extended) vocabulary; audio blocks follow it.
+            Defaults to `text_config.vocab_size`.
+        audio_config (`dict` or `WhisperConfig`, *optional*):
+            Config of the Whisper audio encoder (paper: whisper-medium). `None` = no speech input.
+        audio_adapter_stride (`int`, *optional*, defaults to 4):
+            Whisper frames (50 Hz) stacked into one LLM position by the adapter. The authors' code
+            feeds every 50 Hz frame (stride 1); the paper text says the adapter downsamples. 4 gives
+            12.5 positions per second -- about the codec's frame rate -- and a quarter of the prefill
+            cost; set 1 for the authors' layout.
+        audio_pad_to_30s (`bool`, *optional*, defaults to `False`):
+            Pad every clip to Whisper's 30 s window as Whisper was trained. `False` encodes only the
+            real length (much faster on short questions).
         output_router_logits (`bool`, *optional*):
             Return router logits and the load-balancing `aux_loss`. Stored on `text_config`, where
             TRL's trainers read and write it.
@@ -101,7 +139,7 @@ class DeepTalkConfig(PreTrainedConfig):
     """
 
     model_type = "deeptalk"
-    sub_configs = {"text_config": AutoConfig}
+    sub_configs = {"text_config": AutoConfig, "audio_config": AutoConfig}
 
     def __init__(
         self,
@@ -113,6 +151,10 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_codebook_size: int = 0,
         audio_stream_delays: list[int] | None = None,
         audio_special_tokens: list[str] | None = None,
+        text_vocab_size: int | None = None,
+        audio_config: dict | PreTrainedConfig | None = None,
+        audio_adapter_stride: int = 4,
+        audio_pad_to_30s: bool = False,
         output_router_logits: bool | None = None,
         router_aux_loss_coef: float | None = None,
         **kwargs,
@@ -150,7 +192,18 @@ class DeepTalkConfig(PreTrainedConfig):
         self.audio_stream_delays = (
             list(audio_stream_delays) if audio_stream_delays is not None else [i + 1 for i in range(num_audio_streams)]
         )
-        self.audio_special_tokens = list(audio_special_tokens) if audio_special_tokens is not None else []
+        self.audio_special_tokens = (
+            list(audio_special_tokens) if audio_special_tokens is not None else list(AUDIO_SPECIAL_TOKENS)
+        )
+        # Size of the text stream's block of the vocabulary; audio blocks follow it.
+        self.text_vocab_size = int(text_vocab_size) if text_vocab_size is not None else text_config.vocab_size
+        if isinstance(audio_config, dict):
+            audio_config = CONFIG_MAPPING[audio_config.get("model_type", "whisper")](
+                **{k: v for k, v in audio_config.items() if k != "model_type"}
+            )
+        self.audio_config = audio_config
+        self.audio_adapter_stride = int(audio_adapter_stride)
+        self.audio_pad_to_30s = bool(audio_pad_to_30s)
 
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -196,6 +249,24 @@ class DeepTalkConfig(PreTrainedConfig):
                 modality[expert] = SPEECH_MODALITY
         return modality
 
+    # ---- the multi-stream vocabulary -------------------------------------------------------
+    @property
+    def num_streams(self) -> int:
+        """Token streams per decoder step: 1 text stream + `num_audio_streams`."""
+        return 1 + self.num_audio_streams
+
+    @property
+    def audio_block_size(self) -> int:
+        return self.audio_codebook_size + len(self.audio_special_tokens)
+
+    def stream_range(self, stream: int) -> tuple[int, int]:
+        """`[start, end)` of `stream`'s ids in the extended vocabulary (0 = text, 1..N = audio)."""
+        return stream_range(self.text_vocab_size, self.audio_block_size, stream)
+
+    def num_audio_positions(self, num_mel_frames: int) -> int:
+        """LLM positions the adapter produces for `num_mel_frames` 100 Hz log-mel frames."""
+        return num_audio_positions(num_mel_frames, self.audio_adapter_stride, self.audio_pad_to_30s)
+
     # ---- validation --------------------------------------------------------------------------
     def validate_deeptalk(self):
         """Reject inconsistent settings with a message naming the problem and the fix."""
@@ -210,6 +281,10 @@ class DeepTalkConfig(PreTrainedConfig):
                 + "; ".join(f"{k!r} ({v})" for k, v in ROUTING_MODES.items())
             )
         num_experts, moe_layers = self.num_routed_experts, self.moe_layer_indices
+        if self.audio_adapter_stride < 1:
+            raise ValueError(f"audio_adapter_stride={self.audio_adapter_stride} must be >= 1.")
+        if self.num_audio_streams and self.audio_codebook_size < 1:
+            raise ValueError("num_audio_streams > 0 needs audio_codebook_size > 0 (the codec's codebook size).")
         if self.num_audio_streams < 0 or len(self.audio_stream_delays) != self.num_audio_streams:
             raise ValueError(
                 f"audio_stream_delays has {len(self.audio_stream_delays)} entries for num_audio_streams="

@@ -36,6 +36,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils import logging
 
 from .configuration_deeptalk import (
@@ -437,7 +438,27 @@ class DeepTalkSparseMoeBlock(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Model
+# 4. Speech input: Whisper encoder frames -> LLM positions
+# --------------------------------------------------------------------------------------------------
+class DeepTalkAudioAdapter(nn.Module):
+    """Stacks `stride` consecutive 50 Hz Whisper frames into one LLM position and projects them into
+    the LLM's hidden size with a two-layer MLP (the paper calls its adapter an MLP that downsamples)."""
+
+    def __init__(self, audio_hidden_size: int, hidden_size: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.proj_in = nn.Linear(stride * audio_hidden_size, hidden_size)
+        self.act = nn.GELU()
+        self.proj_out = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """`[frames, audio_hidden]` -> `[ceil(frames / stride), hidden]` (last group zero-padded)."""
+        frames = F.pad(frames, (0, 0, 0, (-frames.shape[0]) % self.stride))
+        return self.proj_out(self.act(self.proj_in(frames.reshape(-1, self.stride * frames.shape[-1]))))
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Model
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class DeepTalkModelOutputWithPast(MoeModelOutputWithPast):
@@ -456,9 +477,12 @@ class DeepTalkModelOutputWithPast(MoeModelOutputWithPast):
 
 @dataclass
 class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `expert_load` (see `DeepTalkModelOutputWithPast`)."""
+    """`MoeCausalLMOutputWithPast` plus `expert_load` (see `DeepTalkModelOutputWithPast`) and, for
+    multi-stream labels, `stream_losses` (`(1 + N,)`: text CE then each audio stream's CE; NaN for
+    a stream without labels in the batch)."""
 
     expert_load: torch.FloatTensor | None = None
+    stream_losses: torch.FloatTensor | None = None
 
 
 class DeepTalkPreTrainedModel(PreTrainedModel):
@@ -492,7 +516,17 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self._no_split_modules = list(getattr(self.language_model, "_no_split_modules", None) or [])
         self._swap_moe_blocks()
+        if config.audio_config is not None:
+            self.build_audio_input()
         self.post_init()
+
+    def build_audio_input(self):
+        """Create the Whisper encoder and the adapter described by `config.audio_config`."""
+        audio_config = self.config.audio_config
+        self.audio_encoder = WhisperEncoder(audio_config)
+        self.audio_adapter = DeepTalkAudioAdapter(
+            audio_config.d_model, self.config.text_config.hidden_size, self.config.audio_adapter_stride
+        )
 
     def _swap_moe_blocks(self):
         layers = self.language_model.layers
@@ -516,9 +550,84 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def token_modality_from_inputs(self, input_ids, inputs_embeds, attention_mask, token_modality):
-        """Per-token modality (0 text, 1 speech, -1 padding), flattened like the MoE blocks' input."""
+    # ---- speech input ------------------------------------------------------------------------
+    def encode_audio(self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Log-mel `[batch, mel_bins, frames]` -> adapter outputs of every clip, concatenated in batch
+        order: `[sum of config.num_audio_positions(length), hidden]`.
+
+        Unless `config.audio_pad_to_30s`, only the real length is encoded (Whisper's positional
+        table is cut to it and padded frames are masked out of attention), which is what makes short
+        spoken questions cheap.
+        """
+        if not hasattr(self, "audio_encoder"):
+            raise ValueError("This model has no audio encoder: build it with an audio_config (see add_speech).")
+        encoder = self.audio_encoder
+        batch, _, frames = input_features.shape
+        if feature_lengths is None:
+            feature_lengths = torch.full((batch,), frames, dtype=torch.long)
+        feature_lengths = feature_lengths.to(input_features.device).long()
+        if self.config.audio_pad_to_30s:
+            input_features = F.pad(input_features, (0, max(0, 3000 - frames)))[..., :3000]
+            feature_lengths = torch.full_like(feature_lengths, 3000)
+        input_features = input_features.to(encoder.conv1.weight.dtype)
+        hidden = F.gelu(encoder.conv1(input_features))
+        hidden = F.gelu(encoder.conv2(hidden)).transpose(1, 2)
+        steps = hidden.shape[1]
+        if steps > encoder.embed_positions.num_embeddings:
+            raise ValueError(
+                f"Audio of {frames} mel frames is longer than the encoder's window "
+                f"({2 * encoder.embed_positions.num_embeddings} frames = 30 s): split it into shorter clips."
+            )
+        hidden = hidden + encoder.embed_positions.weight[:steps]
+        encoder_lengths = (feature_lengths - 1) // 2 + 1
+        attention_mask = None
+        if (encoder_lengths < steps).any():
+            keep = torch.arange(steps, device=hidden.device)[None, :] < encoder_lengths[:, None]
+            attention_mask = torch.zeros(batch, 1, 1, steps, dtype=hidden.dtype, device=hidden.device)
+            attention_mask = attention_mask.masked_fill(~keep[:, None, None, :], torch.finfo(hidden.dtype).min)
+        for layer in encoder.layers:
+            hidden = layer(hidden, attention_mask)
+        hidden = encoder.layer_norm(hidden)
+        return torch.cat([self.audio_adapter(hidden[b, : int(encoder_lengths[b])]) for b in range(batch)])
+
+    def embed_inputs(self, input_ids, input_features=None, audio_feature_lengths=None, audio_input_mask=None):
+        """Input embeddings of text ids `[B, T]` or multi-stream ids `[B, 1 + N, T]` (the mean of the
+        streams' embeddings), with audio features spliced in at `audio_input_mask` positions.
+
+        At an audio-input position the N audio slots are replaced by the adapter output while the
+        text slot keeps its placeholder embedding, as in the authors' code:
+        `(text_embedding + N * audio_feature) / (1 + N)` (plain replacement for text-only ids).
+        """
+        embed = self.get_input_embeddings()
+        inputs_embeds = embed(input_ids).mean(dim=1) if input_ids.dim() == 3 else embed(input_ids)
+        if input_features is None:
+            return inputs_embeds
+        if audio_input_mask is None:
+            raise ValueError("input_features need audio_input_mask: which positions receive the audio features.")
+        features = self.encode_audio(input_features, audio_feature_lengths).to(inputs_embeds.dtype)
+        positions = int(audio_input_mask.sum())
+        if features.shape[0] != positions:
+            raise ValueError(
+                f"The audio gives {features.shape[0]} adapter frames but audio_input_mask marks {positions} "
+                "positions. Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) "
+                "positions per clip."
+            )
+        if input_ids.dim() == 3:
+            streams = input_ids.shape[1]
+            text_slot = embed(input_ids[:, 0])[audio_input_mask]
+            features = (text_slot + (streams - 1) * features) / streams
+        mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, features)
+
+    def token_modality_from_inputs(self, input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask=None):
+        """Per-token modality (0 text, 1 speech, -1 padding), flattened like the MoE blocks' input.
+
+        Without an explicit `token_modality`, a position is speech when it receives audio features or
+        when any audio stream carries a codec code there.
+        """
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if reference.dim() == 3:
+            reference = reference[:, 0]
         if token_modality is not None:
             token_modality = token_modality.to(reference.device)
             if token_modality.shape[-1] > reference.shape[-1]:  # generation with a cache: keep the new steps
@@ -536,6 +645,15 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 )
             return token_modality.reshape(-1).long()
         modality = torch.full(reference.shape, TEXT_MODALITY, dtype=torch.long, device=reference.device)
+        if input_ids is not None and input_ids.dim() == 3:
+            speech = torch.zeros_like(reference, dtype=torch.bool)
+            for stream in range(1, input_ids.shape[1]):
+                start, _ = self.config.stream_range(stream)
+                codes = input_ids[:, stream] - start
+                speech |= (codes >= 0) & (codes < self.config.audio_codebook_size)
+            modality = modality.masked_fill(speech, SPEECH_MODALITY)
+        if audio_input_mask is not None:
+            modality = modality.masked_fill(audio_input_mask.bool(), SPEECH_MODALITY)
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == reference.shape:
             modality = modality.masked_fill(attention_mask == 0, IGNORED_TOKEN)
         return modality.reshape(-1)
@@ -552,9 +670,20 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         routing_mode: str | None = None,
         output_router_logits: bool | None = None,
         output_expert_load: bool | None = None,
+        input_features: torch.FloatTensor | None = None,
+        audio_feature_lengths: torch.LongTensor | None = None,
+        audio_input_mask: torch.BoolTensor | None = None,
         **kwargs,
     ) -> DeepTalkModelOutputWithPast:
         r"""
+        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, 1 + N, sequence_length)`):
+            Text ids, or multi-stream ids (text stream + N audio streams, global vocabulary ids).
+        input_features (`torch.FloatTensor` of shape `(batch_size, mel_bins, frames)`, *optional*):
+            Log-mel features of the user's audio (`WhisperFeatureExtractor`).
+        audio_feature_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Real mel frames of each clip (the rest is padding).
+        audio_input_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Positions that receive the audio features, in order.
         token_modality (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             0 for a text position, 1 for a speech position, -1 for padding. Used by the
             `by_token_modality` routing mode and to split the expert load by modality. Defaults to
@@ -578,7 +707,12 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        modality = self.token_modality_from_inputs(input_ids, inputs_embeds, attention_mask, token_modality)
+        modality = self.token_modality_from_inputs(
+            input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
+        )
+        if input_ids is not None and (input_ids.dim() == 3 or input_features is not None):
+            inputs_embeds = self.embed_inputs(input_ids, input_features, audio_feature_lengths, audio_input_mask)
+            input_ids = None
 
         self.routing_state.begin(mode, modality, bool(output_router_logits), bool(output_expert_load))
         try:
@@ -607,7 +741,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Causal LM
+# 6. Causal LM
 # --------------------------------------------------------------------------------------------------
 class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
     """DeepTalk decoder with a language-modelling head.
@@ -621,7 +755,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = DeepTalkModel(config)
         self._no_split_modules = self.model._no_split_modules
-        self.vocab_size = config.text_config.vocab_size
+        self.vocab_size = config.text_config.vocab_size  # the whole extended vocabulary
         self.lm_head = nn.Linear(config.text_config.hidden_size, self.vocab_size, bias=False)
         self.post_init()
 
@@ -653,13 +787,19 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         routing_mode: str | None = None,
         output_router_logits: bool | None = None,
         output_expert_load: bool | None = None,
+        input_features: torch.FloatTensor | None = None,
+        audio_feature_lengths: torch.LongTensor | None = None,
+        audio_input_mask: torch.BoolTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> DeepTalkCausalLMOutputWithPast:
         r"""
-        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, 1 + N, sequence_length)`):
             Next-token labels (-100 = ignored), shifted inside the loss like transformers' causal LMs.
-        token_modality, routing_mode, output_router_logits, output_expert_load:
+            Multi-stream labels give the paper's loss: the mean of the text CE and the N audio-stream
+            CEs, each over its own slice of the vocabulary.
+        input_ids, input_features, audio_feature_lengths, audio_input_mask, token_modality, routing_mode,
+        output_router_logits, output_expert_load:
             See [`DeepTalkModel.forward`].
         """
         if output_router_logits is None:
@@ -676,15 +816,23 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             routing_mode=routing_mode,
             output_router_logits=output_router_logits,
             output_expert_load=output_expert_load,
+            input_features=input_features,
+            audio_feature_lengths=audio_feature_lengths,
+            audio_input_mask=audio_input_mask,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, keep, :])
 
-        loss = None
-        if labels is not None:
+        loss, stream_losses = None, None
+        if labels is not None and labels.dim() == 3:
+            stream_losses = self.stream_losses(logits, labels)
+            loss = stream_losses[~stream_losses.isnan()].mean()
+            stream_losses = stream_losses.detach()
+        elif labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **loss_kwargs)
+        if loss is not None:
             if outputs.aux_loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
         return DeepTalkCausalLMOutputWithPast(
@@ -696,7 +844,94 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
             expert_load=outputs.expert_load,
+            stream_losses=stream_losses,
         )
+
+    def stream_logits(self, logits: torch.Tensor, stream: int) -> torch.Tensor:
+        """The slice of `logits` over `stream`'s block of the vocabulary (0 = text, 1..N = audio)."""
+        start, end = self.config.stream_range(stream)
+        return logits[..., start:end]
+
+    def stream_losses(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """Cross-entropy of each stream over its own vocabulary slice: `(1 + N,)`, NaN where a
+        stream has no labels in the batch."""
+        if labels.shape[1] != self.config.num_streams:
+            raise ValueError(
+                f"labels have {labels.shape[1]} streams but the model has {self.config.num_streams} "
+                f"(1 text + {self.config.num_audio_streams} audio)."
+            )
+        losses = []
+        for stream in range(labels.shape[1]):
+            start, end = self.config.stream_range(stream)
+            target = labels[:, stream]
+            valid = target != -100
+            if not valid.any():
+                losses.append(logits.new_tensor(float("nan")))
+                continue
+            local = torch.where(valid, target - start, -100)
+            if ((local[valid] < 0) | (local[valid] >= end - start)).any():
+                raise ValueError(
+                    f"labels of stream {stream} hold ids outside its vocabulary block [{start}, {end}): "
+                    "build labels with the processor's layout (global ids per stream)."
+                )
+            losses.append(self.loss_function(logits[..., start:end], local, end - start))
+        return torch.stack([loss.float() for loss in losses])
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+        )
+        if cache is not None and cache.get_seq_length() > 0:  # audio is encoded once, at prefill
+            for name in ("input_features", "audio_feature_lengths", "audio_input_mask"):
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    # ---- speech ------------------------------------------------------------------------------
+    def add_speech(
+        self,
+        num_audio_streams: int,
+        audio_codebook_size: int,
+        *,
+        audio_stream_delays: list[int] | None = None,
+        audio_special_tokens: list[str] | None = None,
+        audio_config=None,
+        audio_adapter_stride: int | None = None,
+        audio_pad_to_30s: bool | None = None,
+        mean_resizing: bool = True,
+    ):
+        """Give a converted text model its speech vocabulary and, with `audio_config`, its ears.
+
+        Appends one block of `audio_codebook_size + len(audio_special_tokens)` ids per audio stream
+        to the embedding table and the head (with `mean_resizing`, transformers draws new rows from
+        the old rows' mean and covariance; the paper draws them from N(0, initializer_range)), and builds
+        the Whisper encoder and adapter. Text rows are untouched: text logits stay the source's.
+        """
+        if self.config.num_audio_streams:
+            raise ValueError("This model already has a speech vocabulary (num_audio_streams > 0).")
+        updates = {
+            "num_audio_streams": num_audio_streams,
+            "audio_codebook_size": audio_codebook_size,
+            "audio_stream_delays": audio_stream_delays,
+            "text_vocab_size": self.config.text_vocab_size,
+        }
+        if audio_special_tokens is not None:
+            updates["audio_special_tokens"] = audio_special_tokens
+        if audio_config is not None:
+            updates["audio_config"] = audio_config.to_dict() if hasattr(audio_config, "to_dict") else audio_config
+        for name, value in (("audio_adapter_stride", audio_adapter_stride), ("audio_pad_to_30s", audio_pad_to_30s)):
+            if value is not None:
+                updates[name] = value
+        new_config = DeepTalkConfig(**{**self.config.to_dict(), **updates})  # validates
+        for name in ("num_audio_streams", "audio_codebook_size", "audio_stream_delays", "audio_special_tokens",
+                     "text_vocab_size", "audio_config", "audio_adapter_stride", "audio_pad_to_30s"):
+            setattr(self.config, name, getattr(new_config, name))
+        total = self.config.stream_range(self.config.num_streams - 1)[1]
+        self.resize_token_embeddings(total, mean_resizing=mean_resizing)
+        if self.config.audio_config is not None:
+            self.model.build_audio_input()
+            self.model.audio_encoder.to(self.lm_head.weight.device)
+            self.model.audio_adapter.to(self.lm_head.weight.device)
+        return self
 
     # ---- expert placement ----------------------------------------------------------------------
     def set_speech_experts(self, speech_experts: list[list[int]]):

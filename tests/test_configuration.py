@@ -57,7 +57,9 @@ def test_unassigned_map_defaults_to_six_speech_experts_and_free_routing():
         ({"routing_mode": "audio_first"}, "Unknown routing_mode 'audio_first'"),
         ({"routing_mode": "speech_only"}, "needs speech experts, but none are assigned"),
         ({"routing_mode": "by_token_modality"}, "needs speech experts, but none are assigned"),
-        ({"num_audio_streams": 2, "audio_stream_delays": [1]}, "one delay per audio stream"),
+        ({"num_audio_streams": 2, "audio_codebook_size": 16, "audio_stream_delays": [1]}, "one delay per audio stream"),
+        ({"num_audio_streams": 2}, "needs audio_codebook_size > 0"),
+        ({"audio_adapter_stride": 0}, "must be >= 1"),
     ],
 )
 def test_bad_configs_raise_clear_errors(kwargs, message):
