@@ -319,6 +319,25 @@ def test_snac_decode_is_seeded_and_leaves_global_rng_alone():
     assert not torch.equal(codec.decode(codes), codec.decode(codes))
 
 
+def test_snac_paper_layout_and_wrapping_a_native_model(tmp_path):
+    """The real snac_24khz architecture (random weights, nothing downloaded) gives the paper's layout."""
+    from deeptalk.processing.codecs.snac_codec import _snac_class
+
+    snac_24khz = dict(
+        sampling_rate=24000, encoder_dim=48, encoder_rates=[2, 4, 8, 8], decoder_dim=1024,
+        decoder_rates=[8, 8, 4, 2], attn_window_size=None, codebook_size=4096, codebook_dim=8,
+        vq_strides=[4, 2, 1], noise=True, depthwise=True,
+    )
+    codec = SNACCodec(_snac_class()(**snac_24khz))  # wrap an already-built snac.SNAC
+    lay = codec.layout()
+    assert (lay["num_streams"], lay["codebook_size"], lay["samples_per_frame"]) == (7, 4096, 2048)
+    assert math.isclose(lay["frame_rate"], 11.71875)  # ~85 ms per LLM step, 7 x 11.72 = 82 tokens/s
+    assert lay["level_frame_rates"] == [11.71875, 23.4375, 46.875]
+    assert lay["stream_levels"] == [0, 1, 2, 2, 1, 2, 2]
+    expected_cfg = dict(snac_24khz, latent_dim=48 * 16)
+    assert codec._snac_config == expected_cfg  # reconstructed from the module, enough to rebuild it
+
+
 def test_snac_stays_in_eval_mode():
     codec = _build("snac")
     codec.train()

@@ -18,7 +18,7 @@ recording the options (number of quantizers, bandwidth).
 
 from __future__ import annotations
 
-import os
+import math
 from typing import Any, ClassVar, Dict, Optional
 
 import torch
@@ -216,8 +216,6 @@ class EncodecCodec(_TransformersCodec):
 
     @property
     def samples_per_frame(self) -> int:
-        import math
-
         return int(math.prod(self.model.config.upsampling_ratios))
 
     def stream_info(self):

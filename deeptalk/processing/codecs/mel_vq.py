@@ -23,8 +23,9 @@ Griffin-Lim, which measurably improves the round trip over inverting at the coar
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Dict, Iterable, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ class MelVQCodec(SpeechCodec):
         if frames_per_step < 1 or num_quantizers < 1 or codebook_size < 2:
             raise ValueError("frames_per_step and num_quantizers must be >= 1 and codebook_size >= 2")
         griffin_lim_hop = int(griffin_lim_hop or max(1, hop_length // 2))
-        self.config = {
+        self.settings = {
             "sampling_rate": int(sampling_rate),
             "n_fft": int(n_fft),
             "hop_length": int(hop_length),
@@ -158,45 +159,45 @@ class MelVQCodec(SpeechCodec):
     # ------------------------------------------------------------------ layout
     @property
     def sampling_rate(self) -> int:
-        return self.config["sampling_rate"]
+        return self.settings["sampling_rate"]
 
     @property
     def num_streams(self) -> int:
-        return self.config["num_quantizers"] * self.config["frames_per_step"]
+        return self.settings["num_quantizers"] * self.settings["frames_per_step"]
 
     @property
     def codebook_size(self) -> int:
-        return self.config["codebook_size"]
+        return self.settings["codebook_size"]
 
     @property
     def samples_per_frame(self) -> int:
-        return self.config["hop_length"] * self.config["frames_per_step"]
+        return self.settings["hop_length"] * self.settings["frames_per_step"]
 
     @property
     def is_fitted(self) -> bool:
         return bool(self.fitted)
 
     def stream_info(self):
-        k = self.config["frames_per_step"]
+        k = self.settings["frames_per_step"]
         return [{"stream": s, "level": s // k, "subframe": s % k} for s in range(self.num_streams)]
 
     def layout(self) -> Dict[str, Any]:
         out = super().layout()
-        out.update({k: self.config[k] for k in ("n_mels", "n_fft", "hop_length", "frames_per_step", "num_quantizers")})
-        out["mel_frame_rate"] = self.sampling_rate / self.config["hop_length"]
+        out.update({k: self.settings[k] for k in ("n_mels", "n_fft", "hop_length", "frames_per_step", "num_quantizers")})
+        out["mel_frame_rate"] = self.sampling_rate / self.settings["hop_length"]
         return out
 
     # ------------------------------------------------------------------ features
     def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
         """``[samples]`` at ``sampling_rate`` -> ``[n_mels, frames]`` natural-log magnitude mel (slaney)."""
-        return self.mel(waveform).clamp_min(self.config["log_floor"]).log()
+        return self.mel(waveform).clamp_min(self.settings["log_floor"]).log()
 
     def _frames(self, waveform: torch.Tensor) -> torch.Tensor:
         """Pad to whole steps; return ``[F * frames_per_step, n_mels]`` log-mel frames."""
         spf = self.samples_per_frame
         n_steps = self.num_frames_for(waveform.numel())
         wav = torch.nn.functional.pad(waveform, (0, n_steps * spf - waveform.numel()))
-        return self.log_mel(wav)[:, : n_steps * self.config["frames_per_step"]].T
+        return self.log_mel(wav)[:, : n_steps * self.settings["frames_per_step"]].T
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -229,7 +230,7 @@ class MelVQCodec(SpeechCodec):
         std = x.std(0, unbiased=False).clamp_min(1e-3) if x.shape[0] > 1 else torch.ones_like(mean)
         residual = (x - mean) / std
         books = []
-        for level in range(self.config["num_quantizers"]):
+        for level in range(self.settings["num_quantizers"]):
             c = kmeans(residual, self.codebook_size, iters=iters, seed=int(seed) + level)
             books.append(c)
             residual = residual - c[nearest_centroid(residual, c)]
@@ -267,12 +268,12 @@ class MelVQCodec(SpeechCodec):
         self._require_fitted()
         frames = self._frames(waveform)  # [F*k, M]
         level_codes = self.quantize(frames)  # [R, F*k]
-        R, k = self.config["num_quantizers"], self.config["frames_per_step"]
+        R, k = self.settings["num_quantizers"], self.settings["frames_per_step"]
         return level_codes.view(R, -1, k).permute(0, 2, 1).reshape(R * k, -1)
 
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         self._require_fitted()
-        R, k = self.config["num_quantizers"], self.config["frames_per_step"]
+        R, k = self.settings["num_quantizers"], self.settings["frames_per_step"]
         n_steps = codes.shape[1]
         level_codes = codes.view(R, k, n_steps).permute(0, 2, 1).reshape(R, n_steps * k)
         return self.synthesize(self.dequantize(level_codes).T, n_steps * self.samples_per_frame)
@@ -284,7 +285,7 @@ class MelVQCodec(SpeechCodec):
         """
         import torchaudio.functional as AF
 
-        cfg = self.config
+        cfg = self.settings
         hop, gl_hop = cfg["hop_length"], cfg["griffin_lim_hop"]
         n_frames = log_mel.shape[1]
         if num_samples is None:
@@ -304,7 +305,7 @@ class MelVQCodec(SpeechCodec):
 
     # ------------------------------------------------------------------ persistence
     def _extra_codec_config(self) -> Dict[str, Any]:
-        return dict(self.config)
+        return dict(self.settings)
 
     def _save_weights(self, directory: str) -> None:
         state = {k: getattr(self, k) for k in _STATE_KEYS}
@@ -338,8 +339,6 @@ class MelVQCodec(SpeechCodec):
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token") if k in kwargs}
         cfg_path = hf_hub_download(repo_id, CODEC_CONFIG_NAME, **hub_kwargs)
         hf_hub_download(repo_id, WEIGHTS_NAME, **hub_kwargs)
-        import json
-
         with open(cfg_path, "r", encoding="utf-8") as f:
             cfg = json.load(f)
         return cls._from_local_dir(os.path.dirname(cfg_path), cfg, **kwargs)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -125,7 +126,8 @@ class SNACCodec(SpeechCodec):
         self.decode_seed = decode_seed
         self.vq_strides = [int(s) for s in model.vq_strides]
         self._table = snac_stream_table(self.vq_strides, stream_order)
-        self._snac_config = dict(snac_config) if snac_config is not None else _snac_config_of(model)
+        # full snac.SNAC kwargs (reconstructed from the module; explicitly given values take precedence)
+        self._snac_config = {**_snac_config_of(model), **dict(snac_config or {})}
         attn = model.attn_window_size or 1
         # SNAC needs the latent length (coarse frames x stride_0) to be a multiple of lcm(stride_0, attn_window)
         self._frame_multiple = math.lcm(self.vq_strides[0], attn) // self.vq_strides[0]
@@ -134,7 +136,7 @@ class SNACCodec(SpeechCodec):
     @classmethod
     def from_config(cls, stream_order: str = "depth_first", decode_seed: Optional[int] = 0, **snac_kwargs: Any) -> "SNACCodec":
         """Randomly initialised SNAC with ``snac.SNAC(**snac_kwargs)`` (tests, experiments)."""
-        from snac import SNAC
+        SNAC = _snac_class()
 
         return cls(SNAC(**snac_kwargs), stream_order=stream_order, decode_seed=decode_seed, snac_config=snac_kwargs)
 
@@ -219,7 +221,7 @@ class SNACCodec(SpeechCodec):
 
     @classmethod
     def _from_local_dir(cls, directory: str, codec_config: Optional[Dict[str, Any]], **kwargs: Any) -> "SNACCodec":
-        from snac import SNAC
+        SNAC = _snac_class()
 
         unknown = set(kwargs) - {"stream_order", "decode_seed"}
         if unknown:
@@ -259,10 +261,18 @@ class SNACCodec(SpeechCodec):
             local = os.path.dirname(hf_hub_download(repo_id, CODEC_CONFIG_NAME, **hub_kwargs))
             hf_hub_download(repo_id, WEIGHTS_NAME, **hub_kwargs)
             return cls._from_local_dir(local, cfg, **kwargs)
-        from snac import SNAC
+        SNAC = _snac_class()
 
         model = SNAC.from_pretrained(repo_id, **hub_kwargs)
         return cls(model, codec_name=repo_id, **kwargs)
+
+
+def _snac_class():
+    """Import ``snac.SNAC`` lazily, hiding its import-time ``torch.jit.script`` deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+        from snac import SNAC
+    return SNAC
 
 
 def _snac_config_of(model: "torch.nn.Module") -> Dict[str, Any]:
