@@ -130,6 +130,12 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_pad_to_30s (`bool`, *optional*, defaults to `False`):
             Pad every clip to Whisper's 30 s window as Whisper was trained. `False` encodes only the
             real length (much faster on short questions).
+        stream_embedding_mean (`str`, *optional*, defaults to `"non_pad"`):
+            How a position's stream embeddings are averaged. `"all"`: the mean of all 1 + N streams,
+            as in the authors' code. `"non_pad"`: audio streams holding PAD_A are left out, so a
+            text-only position embeds exactly as in the source LLM -- the point of DeepTalk is to keep
+            the text model intact, and this keeps text inputs identical whether given as plain ids or
+            in the multi-stream layout.
         output_router_logits (`bool`, *optional*):
             Return router logits and the load-balancing `aux_loss`. Stored on `text_config`, where
             TRL's trainers read and write it.
@@ -155,6 +161,7 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_config: dict | PreTrainedConfig | None = None,
         audio_adapter_stride: int = 4,
         audio_pad_to_30s: bool = False,
+        stream_embedding_mean: str = "non_pad",
         output_router_logits: bool | None = None,
         router_aux_loss_coef: float | None = None,
         **kwargs,
@@ -204,6 +211,7 @@ class DeepTalkConfig(PreTrainedConfig):
         self.audio_config = audio_config
         self.audio_adapter_stride = int(audio_adapter_stride)
         self.audio_pad_to_30s = bool(audio_pad_to_30s)
+        self.stream_embedding_mean = stream_embedding_mean
 
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -263,6 +271,11 @@ class DeepTalkConfig(PreTrainedConfig):
         """`[start, end)` of `stream`'s ids in the extended vocabulary (0 = text, 1..N = audio)."""
         return stream_range(self.text_vocab_size, self.audio_block_size, stream)
 
+    def audio_special_id(self, name: str, audio_stream: int) -> int:
+        """Global id of audio special `name` (e.g. "<|pad_a|>") in audio stream `audio_stream` (0-based)."""
+        start, _ = self.stream_range(audio_stream + 1)
+        return start + self.audio_codebook_size + self.audio_special_tokens.index(name)
+
     def num_audio_positions(self, num_mel_frames: int) -> int:
         """LLM positions the adapter produces for `num_mel_frames` 100 Hz log-mel frames."""
         return num_audio_positions(num_mel_frames, self.audio_adapter_stride, self.audio_pad_to_30s)
@@ -281,6 +294,8 @@ class DeepTalkConfig(PreTrainedConfig):
                 + "; ".join(f"{k!r} ({v})" for k, v in ROUTING_MODES.items())
             )
         num_experts, moe_layers = self.num_routed_experts, self.moe_layer_indices
+        if self.stream_embedding_mean not in ("all", "non_pad"):
+            raise ValueError(f"stream_embedding_mean={self.stream_embedding_mean!r}: choose 'all' or 'non_pad'.")
         if self.audio_adapter_stride < 1:
             raise ValueError(f"audio_adapter_stride={self.audio_adapter_stride} must be >= 1.")
         if self.num_audio_streams and self.audio_codebook_size < 1:

@@ -26,8 +26,9 @@ its source, whatever the speech map.
 
 from __future__ import annotations
 
+import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -310,18 +311,22 @@ class DeepTalkSparseMoeBlock(nn.Module):
             bank.down_proj = nn.Parameter(down_proj.index_select(0, members).contiguous())
 
     def _placement(self, device):
-        """Per-device tensors: is each source expert a speech expert, and its index inside its bank."""
+        """Per-device tensors, by source index: is the expert a speech expert; its index inside its
+        bank; its index in the packed text-then-speech layout (see `_packed_banks`)."""
         if device not in self._index_cache:
+            num_text = len(self.bank_members[TEXT_MODALITY])
+            packed = [local + (num_text if m == SPEECH_MODALITY else 0) for local, m in zip(self.local_index, self.expert_modality)]
             self._index_cache[device] = (
                 torch.tensor(self.expert_modality, dtype=torch.long, device=device) == SPEECH_MODALITY,
                 torch.tensor(self.local_index, dtype=torch.long, device=device),
+                torch.tensor(packed, dtype=torch.long, device=device),
             )
         return self._index_cache[device]
 
     # ---- forward -------------------------------------------------------------------------------
     def allowed_experts(self, mode: str, token_modality: torch.Tensor | None, device) -> torch.Tensor | None:
         """Boolean mask of the experts each token may use (`None` = all of them)."""
-        is_speech_expert, _ = self._placement(device)
+        is_speech_expert = self._placement(device)[0]
         if mode == "free":
             return None
         if mode == "speech_only":
@@ -367,12 +372,17 @@ class DeepTalkSparseMoeBlock(nn.Module):
 
     def _run_experts(self, hidden_states: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
         """Send every (token, expert) pair to the bank holding that expert and sum the results."""
-        is_speech_expert, local_index = self._placement(hidden_states.device)
+        is_speech_expert, local_index, _ = self._placement(hidden_states.device)
         index, weight = decision.expert_index, decision.expert_weight
         filled = index >= 0
         source_index = index.clamp(min=0)
         slot_is_speech = is_speech_expert[source_index] & filled
         slot_local = local_index[source_index]
+
+        if self.routing_state.mode == "free" and not torch.is_grad_enabled():
+            packed = self._packed_banks()
+            if packed is not None:  # inference: one kernel call over both banks, like the source
+                return packed(hidden_states, self._placement(hidden_states.device)[2][index], weight)
 
         only_bank = self._only_bank_in_use(self.routing_state.mode)
         if only_bank is not None:
@@ -393,6 +403,39 @@ class DeepTalkSparseMoeBlock(nn.Module):
             )
             output.index_add_(0, tokens, bank_out.to(output.dtype))
         return output
+
+    def _packed_banks(self) -> DeepTalkExperts | None:
+        """Both banks as ONE experts module (text experts, then speech experts) for inference in
+        `free` mode, so it costs one experts-kernel call like the source's block.
+
+        The banks stay two Parameters (what freezing, optimizers and PEFT need); for inference
+        their weights are moved back to back into one storage (once; again after `.to()` or a
+        reload) and this module views that storage without copying. Returns None when the banks
+        cannot be packed (an empty bank, meta or distributed tensors).
+        """
+        banks = (self.text_bank, self.speech_bank)
+        params = [getattr(bank, name) for name in ("gate_up_proj", "down_proj") for bank in banks]
+        if any(p.numel() == 0 or p.is_meta or type(p) is not nn.Parameter for p in params):
+            return None
+        key = tuple((p.data_ptr(), p.dtype, p.device) for p in params)
+        cached = getattr(self, "_packed_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        views = []
+        for name in ("gate_up_proj", "down_proj"):
+            first, second = getattr(self.text_bank, name), getattr(self.speech_bank, name)
+            if not _back_to_back(first, second):
+                _pack_back_to_back(first, second)
+            views.append(first.as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride()))
+        packed = copy.copy(self.text_bank)  # the same kernels and config, with its own parameter table
+        packed._parameters = {
+            "gate_up_proj": nn.Parameter(views[0], requires_grad=False),
+            "down_proj": nn.Parameter(views[1], requires_grad=False),
+        }
+        packed.num_experts = views[0].shape[0]
+        key = tuple((p.data_ptr(), p.dtype, p.device) for p in params)
+        self._packed_cache = (key, packed)
+        return packed
 
     def _only_bank_in_use(self, mode: str) -> int | None:
         if mode == "speech_only":
@@ -435,6 +478,28 @@ class DeepTalkSparseMoeBlock(nn.Module):
                 total = total + n * load_balancing_loss(decision, len(self.bank_members[modality]), rows)
                 count += n
         return total / max(count, 1)
+
+
+def _back_to_back(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether `second` starts in `first`'s storage right where `first` ends."""
+    return (
+        first.is_contiguous()
+        and second.is_contiguous()
+        and first.dtype == second.dtype
+        and first.device == second.device
+        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        and second.storage_offset() == first.storage_offset() + first.numel()
+    )
+
+
+def _pack_back_to_back(first: nn.Parameter, second: nn.Parameter):
+    """Move two parameters' data into one storage, `first` then `second`; the Parameter objects (and
+    so optimizers, freezing and hooks) stay the same. Done outside inference mode so the new data are
+    ordinary tensors that training can use later."""
+    with torch.inference_mode(False), torch.no_grad():
+        storage = torch.cat([first.detach(), second.detach()])
+        first.data = storage[: first.shape[0]]
+        second.data = storage[first.shape[0] :]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -590,6 +655,19 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         hidden = encoder.layer_norm(hidden)
         return torch.cat([self.audio_adapter(hidden[b, : int(encoder_lengths[b])]) for b in range(batch)])
 
+    def mean_stream_embedding(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """`[B, 1 + N, T]` ids -> `[B, T, H]`: the mean of the streams' embeddings, leaving PAD_A slots
+        out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts)."""
+        embeddings = self.get_input_embeddings()(input_ids)
+        if self.config.stream_embedding_mean == "all":
+            return embeddings.mean(dim=1)
+        pad_ids = torch.tensor(
+            [-1] + [self.config.audio_special_id("<|pad_a|>", i) for i in range(input_ids.shape[1] - 1)],
+            device=input_ids.device,
+        )
+        weight = (input_ids != pad_ids[None, :, None]).to(embeddings.dtype).unsqueeze(-1)
+        return (embeddings * weight).sum(dim=1) / weight.sum(dim=1)
+
     def embed_inputs(self, input_ids, input_features=None, audio_feature_lengths=None, audio_input_mask=None):
         """Input embeddings of text ids `[B, T]` or multi-stream ids `[B, 1 + N, T]` (the mean of the
         streams' embeddings), with audio features spliced in at `audio_input_mask` positions.
@@ -599,7 +677,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         `(text_embedding + N * audio_feature) / (1 + N)` (plain replacement for text-only ids).
         """
         embed = self.get_input_embeddings()
-        inputs_embeds = embed(input_ids).mean(dim=1) if input_ids.dim() == 3 else embed(input_ids)
+        inputs_embeds = self.mean_stream_embedding(input_ids) if input_ids.dim() == 3 else embed(input_ids)
         if input_features is None:
             return inputs_embeds
         if audio_input_mask is None:
@@ -612,7 +690,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 "positions. Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) "
                 "positions per clip."
             )
-        if input_ids.dim() == 3:
+        if input_ids.dim() == 3:  # the audio slots take the feature, the text slot keeps its token
             streams = input_ids.shape[1]
             text_slot = embed(input_ids[:, 0])[audio_input_mask]
             features = (text_slot + (streams - 1) * features) / streams
@@ -707,9 +785,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             )
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        modality = self.token_modality_from_inputs(
-            input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
-        )
+        # Token modality feeds by_token_modality routing and the per-modality records; plain
+        # inference needs neither, so skip the work there (it shows in per-token decode time).
+        modality = None
+        if token_modality is not None or mode == "by_token_modality" or output_router_logits or output_expert_load:
+            modality = self.token_modality_from_inputs(
+                input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
+            )
         if input_ids is not None and (input_ids.dim() == 3 or input_features is not None):
             inputs_embeds = self.embed_inputs(input_ids, input_features, audio_feature_lengths, audio_input_mask)
             input_ids = None
@@ -991,6 +1073,11 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             param.requires_grad_(True)
         if config.tie_word_embeddings:
             model.tie_weights()
+        # keep the source's kernels: a model built on the meta device starts with the defaults
+        if source.config._experts_implementation is not None:
+            model.set_experts_implementation(source.config._experts_implementation)
+        if source.config._attn_implementation is not None:
+            model.set_attn_implementation(source.config._attn_implementation)
         model.train(source.training)
         return model
 

@@ -310,3 +310,37 @@ def test_auto_model_loads_the_base_model(tiny_source, tmp_path):
     assert isinstance(base, deeptalk.DeepTalkModel)
     out = base(random_ids(), output_router_logits=True)
     assert out.last_hidden_state.shape == (2, 10, 64) and out.aux_loss is not None
+
+
+def test_inference_packs_the_banks_into_one_kernel_call_and_training_still_works(tiny_source):
+    source = tiny_source("qwen3_moe")
+    model = convert(source)
+    block = model.moe_blocks()[0]
+    ids = random_ids()
+    with torch.inference_mode():
+        logits = model(ids).logits
+    assert (logits - source(ids).logits).abs().max() <= TOL
+    text, speech = block.text_bank.gate_up_proj, block.speech_bank.gate_up_proj
+    assert text.untyped_storage().data_ptr() == speech.untyped_storage().data_ptr()  # packed, still 2 params
+    assert not text.is_inference()
+    model.train()
+    block.text_bank.requires_grad_(False)
+    model(ids, labels=ids).loss.backward()
+    assert block.text_bank.gate_up_proj.grad is None and block.speech_bank.gate_up_proj.grad.abs().sum() > 0
+    model.eval().to(torch.bfloat16)  # new storages: packed again on the next inference call
+    two_calls = model(ids).logits.detach()  # grad enabled: the per-bank path
+    with torch.no_grad():
+        packed = model(ids).logits
+    assert block.text_bank.gate_up_proj.untyped_storage().data_ptr() == block.speech_bank.gate_up_proj.untyped_storage().data_ptr()
+    assert (packed.float() - two_calls.float()).abs().max() <= 0.02
+
+
+def test_conversion_keeps_the_source_kernels(tiny_source):
+    from transformers import AutoModelForCausalLM as Auto
+
+    from deeptalk.tiny import tiny_text_moe_config
+
+    source = Auto.from_config(tiny_text_moe_config("olmoe"), experts_implementation="eager", attn_implementation="eager")
+    model = convert(source)
+    assert model.config.text_config._experts_implementation == "eager"
+    assert model.config.text_config._attn_implementation == "eager"

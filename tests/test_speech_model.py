@@ -69,6 +69,21 @@ def test_multi_stream_embedding_is_the_mean_of_the_streams(speech_model):
     assert torch.allclose(speech_model.model.embed_inputs(ids), expected)
 
 
+def test_pad_a_slots_are_left_out_so_text_positions_embed_like_plain_text(speech_model):
+    text = random_ids(shape=(1, 6))
+    pads = [speech_model.config.audio_special_id("<|pad_a|>", i) for i in range(STREAMS)]
+    ids = torch.stack([text[0]] + [torch.full((6,), p) for p in pads])[None]
+    ids[0, 1, 3:] = 131  # stream 1 speaks from step 3 on
+    embedded = speech_model.model.embed_inputs(ids)
+    table = speech_model.get_input_embeddings().weight
+    assert torch.equal(embedded[0, :3], table[text[0, :3]])
+    assert torch.allclose(embedded[0, 3:], (table[text[0, 3:]] + table[131]) / 2)
+    with torch.no_grad():
+        assert torch.allclose(speech_model(ids).logits[:, :3], speech_model(text[:, :3]).logits, atol=1e-5)
+    speech_model.config.stream_embedding_mean = "all"  # the authors' plain mean
+    assert torch.allclose(speech_model.model.embed_inputs(ids)[0, :3], table[ids[0, :, :3]].mean(dim=0))
+
+
 def test_audio_features_are_spliced_and_the_loss_is_the_mean_over_streams(speech_model):
     inputs, labels = spoken_batch(speech_model)
     out = speech_model(**inputs, labels=labels, output_expert_load=True)
