@@ -979,6 +979,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         audio_config=None,
         audio_adapter_stride: int | None = None,
         audio_pad_to_30s: bool | None = None,
+        text_vocab_size: int | None = None,
         mean_resizing: bool = True,
     ):
         """Give a converted text model its speech vocabulary and, with `audio_config`, its ears.
@@ -987,14 +988,22 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         to the embedding table and the head (with `mean_resizing`, transformers draws new rows from
         the old rows' mean and covariance; the paper draws them from N(0, initializer_range)), and builds
         the Whisper encoder and adapter. Text rows are untouched: text logits stay the source's.
+        `text_vocab_size` first grows the text block (e.g. to `len(tokenizer)` after adding DeepTalk's
+        chat specials); `DeepTalkProcessor.model_speech_kwargs()` gives all of these arguments.
         """
         if self.config.num_audio_streams:
             raise ValueError("This model already has a speech vocabulary (num_audio_streams > 0).")
+        text_vocab_size = text_vocab_size or self.config.text_vocab_size
+        if text_vocab_size < self.config.text_vocab_size:
+            raise ValueError(
+                f"text_vocab_size={text_vocab_size} would cut the model's text vocabulary "
+                f"({self.config.text_vocab_size}); the tokenizer must cover the model's text ids."
+            )
         updates = {
             "num_audio_streams": num_audio_streams,
             "audio_codebook_size": audio_codebook_size,
             "audio_stream_delays": audio_stream_delays,
-            "text_vocab_size": self.config.text_vocab_size,
+            "text_vocab_size": text_vocab_size,
         }
         if audio_special_tokens is not None:
             updates["audio_special_tokens"] = audio_special_tokens
