@@ -674,7 +674,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
 
         At an audio-input position the N audio slots are replaced by the adapter output while the
         text slot keeps its placeholder embedding, as in the authors' code:
-        `(text_embedding + N * audio_feature) / (1 + N)` (plain replacement for text-only ids).
+        `(text_embedding + N * audio_feature) / (1 + N)`, for multi-stream and text-stream-only ids
+        alike (plain replacement when the model has no audio streams).
         """
         embed = self.get_input_embeddings()
         inputs_embeds = self.mean_stream_embedding(input_ids) if input_ids.dim() == 3 else embed(input_ids)
@@ -690,10 +691,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 "positions. Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) "
                 "positions per clip."
             )
-        if input_ids.dim() == 3:  # the audio slots take the feature, the text slot keeps its token
-            streams = input_ids.shape[1]
-            text_slot = embed(input_ids[:, 0])[audio_input_mask]
-            features = (text_slot + (streams - 1) * features) / streams
+        # The N audio slots take the feature, the text slot keeps its token. Plain text ids get the
+        # same mix, so the text stream alone (e.g. for generate()) embeds like the full layout.
+        audio_slots = input_ids.shape[1] - 1 if input_ids.dim() == 3 else self.config.num_audio_streams
+        if audio_slots:
+            text_ids = input_ids[:, 0] if input_ids.dim() == 3 else input_ids
+            text_slot = embed(text_ids)[audio_input_mask]
+            features = (text_slot + audio_slots * features) / (audio_slots + 1)
         mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features)
 

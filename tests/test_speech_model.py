@@ -162,3 +162,14 @@ def test_speech_model_round_trips_and_loads_as_remote_code(speech_model, tmp_pat
     remote, module = logits_via_remote_code(tmp_path, text_ids)
     with torch.no_grad():
         assert (remote - speech_model(text_ids).logits).abs().max() <= 1e-4
+
+
+def test_text_stream_alone_embeds_like_the_full_layout(speech_model):
+    inputs, _ = spoken_batch(speech_model)
+    ids = inputs["input_ids"].clone()
+    for i in range(STREAMS):  # a prompt: audio streams idle (PAD_A) except the AUDIO_IN slots
+        pad = speech_model.config.audio_special_id("<|pad_a|>", i)
+        ids[:, 1 + i] = torch.where(inputs["audio_input_mask"], ids[:, 1 + i], pad)
+    full = speech_model.model.embed_inputs(ids, inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
+    text_only = speech_model.model.embed_inputs(ids[:, 0], inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
+    assert torch.allclose(full, text_only, atol=1e-6)
