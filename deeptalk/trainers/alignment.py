@@ -1,0 +1,47 @@
+"""Phase 1 -- modality alignment: teach the audio adapter and the new audio rows of the vocabulary to
+speak the frozen LLM's language (the paper trains on ASR: user audio -> transcript)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import Trainer, TrainingArguments
+
+from .base import DeepTalkTrainerMixin
+from .freezing import plan_for_phase
+
+
+@dataclass
+class DeepTalkAlignmentConfig(TrainingArguments):
+    """`TrainingArguments` for phase 1, with the paper's defaults (lr 2e-5, 1 epoch, cosine, 3% warm-up)."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Paper: 2e-5 for alignment."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Paper: 1 epoch over WenetSpeech ASR."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine schedule."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up."})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "Must stay 0: text rows of the embedding table get zero gradient, and decay would still move them."},
+    )
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's audio columns."})
+    train_embeddings: str = field(
+        default="audio_rows",
+        metadata={"help": "Embedding rows to train: 'audio_rows' (paper: the new rows only), 'all' or 'none'."},
+    )
+
+
+class DeepTalkAlignmentTrainer(DeepTalkTrainerMixin, Trainer):
+    """Phase 1. Trains the adapter and the audio rows; the LLM and Whisper stay frozen."""
+
+    phase = "align"
+    _tag_names = DeepTalkTrainerMixin._tag_names + ["alignment"]
+
+    def __init__(self, model, args: DeepTalkAlignmentConfig, *, peft_config=None, **kwargs):
+        if args.weight_decay and args.train_embeddings == "audio_rows":
+            raise ValueError(
+                "weight_decay must be 0 when training only the audio rows of the embedding table: decay would "
+                "shrink the frozen text rows too. Set weight_decay=0.0 or train_embeddings='all'."
+            )
+        plan = plan_for_phase("align", train_embeddings=args.train_embeddings)
+        model = self._setup_phase(model, plan, peft_config)
+        super().__init__(model=model, args=args, **kwargs)

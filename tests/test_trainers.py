@@ -1,0 +1,180 @@
+"""Phase trainers with the real transformers/TRL Trainer on a tiny speech model and the shipped corpus."""
+
+import json
+
+import pytest
+import torch
+from conftest import convert
+from datasets import Dataset
+from transformers import WhisperConfig
+
+from deeptalk import DeepTalkDataCollator, DeepTalkProcessor
+from deeptalk.data import load_demo_corpus
+from deeptalk.processing.tokenizer import train_demo_tokenizer
+from deeptalk.tiny import tiny_text_moe
+from deeptalk.trainers import (
+    DeepTalkAlignmentConfig,
+    DeepTalkAlignmentTrainer,
+    DeepTalkExpertsConfig,
+    DeepTalkExpertsTrainer,
+)
+from deeptalk.trainers.joint import DeepTalkJointConfig, DeepTalkJointTrainer
+
+STREAMS, CODEBOOK = 3, 16
+COMMON = dict(use_cpu=True, per_device_train_batch_size=4, logging_steps=1, report_to="none", save_strategy="no",
+              seed=0, data_seed=0, dataloader_num_workers=0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    corpus = load_demo_corpus("spoken_qa")
+    tokenizer = train_demo_tokenizer([r["question_text"] + " " + r["answer_text"] for r in corpus["train"]])
+    processor = DeepTalkProcessor.from_codec_layout(tokenizer, STREAMS, CODEBOOK)
+    gen = torch.Generator().manual_seed(0)
+    conversations = [
+        [{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]},
+         {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},
+                                           {"type": "audio", "audio_codes": torch.randint(0, CODEBOOK, (STREAMS, 4), generator=gen)}]}]
+        for r in corpus["train"].select(range(16))
+    ]
+    dataset = Dataset.from_dict(processor.encode_batch(conversations))
+    return processor, dataset, DeepTalkDataCollator(processor)
+
+
+def speech_model(processor, speech_experts=(1, 5)):
+    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
+                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                            decoder_start_token_id=1)
+    model = convert(tiny_text_moe("deepseek_v2", vocab_size=len(processor.tokenizer)), experts=speech_experts)
+    return model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def optimizer_numel(trainer):
+    return sum(p.numel() for group in trainer.optimizer.param_groups for p in group["params"])
+
+
+def test_speech_experts_phase_trains_only_the_speech_bank(setup, tmp_path):
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    frozen_before = {n: p for n, p in snapshot(model).items() if "speech_bank" not in n and "embed" not in n
+                     and "lm_head" not in n and "layers.0." not in n}
+    args = DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="speech", max_steps=3, **COMMON)
+    trainer = DeepTalkExpertsTrainer(model, args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    # the optimizer holds exactly the trainable groups: speech bank, dense layer 0, embeddings
+    assert set(trainer.trainable_groups) == {"speech_bank", "dense_layers", "embeddings"}
+    assert optimizer_numel(trainer) == sum(trainer.trainable_groups.values())
+    bank = sum(b.speech_bank.gate_up_proj.numel() + b.speech_bank.down_proj.numel() for b in model.moe_blocks())
+    assert trainer.trainable_groups["speech_bank"] == bank
+    after = snapshot(model)
+    for name, before in frozen_before.items():  # text bank, router, MoE attention, Whisper, adapter: bit-identical
+        assert torch.equal(before, after[name]), name
+    assert not torch.equal(model.moe_blocks()[0].speech_bank.gate_up_proj, speech_model(processor).moe_blocks()[0].speech_bank.gate_up_proj)
+    logs = trainer.state.log_history[0]
+    assert logs["load/text_tokens_to_speech_experts"] == 1.0  # speech_only routing: every token to speech experts
+    assert {"loss_text", "loss_audio_1", "loss_audio_3", "aux_loss"} <= set(logs)
+
+
+def test_text_experts_phase_keeps_the_speech_bank(setup, tmp_path):
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    speech_before = [b.speech_bank.gate_up_proj.detach().clone() for b in model.moe_blocks()]
+    args = DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="text", learning_rate=2e-5, max_steps=2,
+                                 train_router=True, train_embeddings="none", **COMMON)
+    trainer = DeepTalkExpertsTrainer(model, args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    assert set(trainer.trainable_groups) == {"text_bank", "router", "dense_layers"}
+    assert all(torch.equal(a, b.speech_bank.gate_up_proj) for a, b in zip(speech_before, model.moe_blocks()))
+    assert trainer.state.log_history[0]["load/speech_tokens_to_speech_experts"] == 0.0
+
+
+def test_alignment_trains_adapter_and_audio_rows_only(setup, tmp_path):
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    before = snapshot(model)
+    args = DeepTalkAlignmentConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3, **COMMON)
+    trainer = DeepTalkAlignmentTrainer(model, args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    after = snapshot(model)
+    text_rows = processor.layout.text_vocab_size
+    for name in before:
+        if "audio_adapter" in name:
+            assert not torch.equal(before[name], after[name]), name
+        elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":
+            assert torch.equal(before[name][:text_rows], after[name][:text_rows]), name
+            assert not torch.equal(before[name][text_rows:], after[name][text_rows:]), name
+        else:
+            assert torch.equal(before[name], after[name]), name
+    with pytest.raises(ValueError, match="weight_decay must be 0"):
+        DeepTalkAlignmentTrainer(model, DeepTalkAlignmentConfig(output_dir=str(tmp_path), weight_decay=0.1, **COMMON),
+                                 train_dataset=dataset, data_collator=collator)
+
+
+def test_joint_phase_is_an_sft_trainer_that_keeps_whisper_and_adapter(setup, tmp_path):
+    from trl import SFTTrainer
+
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    frozen = {n: p.clone() for n, p in snapshot(model).items() if "audio_" in n}
+    args = DeepTalkJointConfig(output_dir=str(tmp_path), max_steps=2, **COMMON)
+    trainer = DeepTalkJointTrainer(model, args, train_dataset=dataset, data_collator=collator, processing_class=processor)
+    assert isinstance(trainer, SFTTrainer)
+    trainer.train()
+    assert {"text_bank", "speech_bank", "router"} <= set(trainer.trainable_groups)
+    assert all(torch.equal(p, dict(model.named_parameters())[n]) for n, p in frozen.items())
+    trainer.save_model(str(tmp_path / "final"))
+    phases = json.loads((tmp_path / "final" / "deeptalk_phases.json").read_text())
+    assert phases[-1]["phase"] == "joint" and "### Phase: joint" in phases[-1]["card"]
+
+
+def test_experts_phase_needs_a_speech_map(setup, tmp_path):
+    processor, dataset, collator = setup
+    with pytest.raises(ValueError, match="needs a speech-expert map"):
+        DeepTalkExpertsTrainer(speech_model(processor, speech_experts=None),
+                               DeepTalkExpertsConfig(output_dir=str(tmp_path), **COMMON), train_dataset=dataset)
+    with pytest.raises(ValueError, match="modality must be one of"):
+        DeepTalkExpertsTrainer(speech_model(processor), DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="vision", **COMMON),
+                               train_dataset=dataset)
+
+
+def test_resume_from_checkpoint_gives_the_same_loss_curve(setup, tmp_path):
+    processor, dataset, collator = setup
+
+    def run(output_dir, resume=None, steps=4):
+        torch.manual_seed(0)
+        args = DeepTalkExpertsConfig(output_dir=str(output_dir), modality="speech", max_steps=steps,
+                                     **{**COMMON, "save_strategy": "steps"}, save_steps=2)
+        trainer = DeepTalkExpertsTrainer(speech_model(processor), args, train_dataset=dataset, data_collator=collator)
+        trainer.train(resume_from_checkpoint=resume)
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    straight = run(tmp_path / "a")
+    resumed = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert len(straight) == 4 and len(resumed) == 4  # the resumed history holds the checkpoint's 2 steps + 2 new
+    assert resumed[2:] == straight[2:]
+
+
+def test_lora_on_the_speech_bank_only(setup, tmp_path):
+    from peft import LoraConfig
+
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    before = snapshot(model)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["speech_bank.gate_up_proj", "speech_bank.down_proj"])
+    args = DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="speech", max_steps=2, learning_rate=1e-2, **COMMON)
+    trainer = DeepTalkExpertsTrainer(model, args, train_dataset=dataset, data_collator=collator, peft_config=lora)
+    trainer.train()
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n and "speech_bank" in n for n in trained)
+    assert optimizer_numel(trainer) == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    merged = trainer.model.merge_and_unload()
+    after = snapshot(merged)
+    for name, value in before.items():
+        if "speech_bank" in name:
+            assert not torch.equal(value, after[name]), name
+        else:
+            assert torch.equal(value, after[name]), name
