@@ -2,6 +2,8 @@
 
     deeptalk demo                          # the embedded-defaults job: convert, check, save, reload
     deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
+    deeptalk assign --model DIR --text-data T.jsonl --speech-data S.jsonl --output DIR
+    deeptalk train {align,experts,joint} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
 
 SRC is a transformers MoE LLM (a local folder or a Hub id), or `tiny:FAMILY` for a tiny random one
 (offline; FAMILY is one of deepseek_v2, qwen3_moe, qwen2_moe, olmoe, mixtral).
@@ -78,6 +80,69 @@ def cmd_demo(args) -> int:
     return 0 if run_demo(args.output, families=args.family) else 1
 
 
+def cmd_train(args) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    import deeptalk  # noqa: F401  (registers the Auto classes)
+    from .trainers.recipes import build_trainer, encode_dataset, load_conversations, load_recipe, parse_overrides
+
+    recipe = load_recipe(args.recipe)
+    if recipe["phase"] != args.phase:
+        raise ValueError(f"Recipe {args.recipe} is for phase {recipe['phase']!r}, not {args.phase!r}.")
+    train_args = {**recipe["args"], **parse_overrides(args.set), "output_dir": args.output}
+    if args.phase == "experts" and args.modality:
+        train_args["modality"] = args.modality
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if train_args.get("bf16") else None)
+    processor = AutoProcessor.from_pretrained(args.model)
+    codec = None
+    if args.codec:
+        from .processing.codecs import load_codec
+
+        codec = load_codec(args.codec)
+    dataset = encode_dataset(processor, load_conversations(args.data), codec=codec, max_length=recipe["data"].get("max_length"))
+    trainer = build_trainer(args.phase, model, processor, dataset, train_args, codec=codec)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output)
+    processor.save_pretrained(args.output)
+    print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {len(dataset)} conversations -> {args.output}")
+    return 0
+
+
+def cmd_assign(args) -> int:
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    import deeptalk  # noqa: F401
+    from .processing.processing_deeptalk import DeepTalkDataCollator
+    from .trainers.assignment import assign_speech_experts, measure_modality_load, save_load_report
+    from .trainers.recipes import load_conversations
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    processor = AutoProcessor.from_pretrained(args.model)
+    collate = DeepTalkDataCollator(processor)
+
+    def batches(path):
+        rows = load_conversations(path)
+        for start in range(0, len(rows), args.batch_size):
+            yield {k: v for k, v in collate(rows[start : start + args.batch_size]).items() if k != "labels"}
+
+    if args.strategy == "random":
+        load = None
+    else:
+        load = measure_modality_load(model, batches(args.text_data), batches(args.speech_data))
+    if args.num_speech_experts:
+        model.config.num_speech_experts = args.num_speech_experts
+    speech_experts = assign_speech_experts(model, load, strategy=args.strategy, seed=args.seed)
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    if load is not None:
+        save_load_report(load, speech_experts, args.output, strategy=args.strategy, seed=args.seed)
+    print(f"deeptalk assign: {args.strategy} speech experts per MoE layer -> {args.output}")
+    for layer, experts in zip(model.config.moe_layer_indices, speech_experts):
+        print(f"  layer {layer}: {experts}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeptalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +160,29 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--routing-mode", default="free", help="free | speech_only | text_only | by_token_modality")
     convert.add_argument("--dtype", help="load the source in this dtype, e.g. bfloat16 (default: as saved)")
     convert.set_defaults(func=cmd_convert)
+
+    train = sub.add_parser("train", help="run one training phase from a recipe")
+    train.add_argument("phase", choices=["align", "experts", "joint"])
+    train.add_argument("--recipe", required=True, help="YAML path or shipped name, e.g. tiny_cpu/experts_speech")
+    train.add_argument("--model", required=True, help="DeepTalk model folder (with its processor)")
+    train.add_argument("--data", required=True, help="conversations, JSON Lines of {'messages': [...]}")
+    train.add_argument("--output", required=True)
+    train.add_argument("--modality", choices=["speech", "text"], help="experts phase: override the recipe's modality")
+    train.add_argument("--codec", help="codec folder for assistant answers given as audio files")
+    train.add_argument("--resume-from-checkpoint", default=None)
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe args")
+    train.set_defaults(func=cmd_train)
+
+    assign = sub.add_parser("assign", help="assign speech experts from modality load (or at random)")
+    assign.add_argument("--model", required=True)
+    assign.add_argument("--text-data", help="text-only conversations (JSON Lines)")
+    assign.add_argument("--speech-data", help="spoken conversations (JSON Lines)")
+    assign.add_argument("--output", required=True)
+    assign.add_argument("--num-speech-experts", type=int)
+    assign.add_argument("--strategy", choices=["adaptive", "random"], default="adaptive")
+    assign.add_argument("--seed", type=int, default=0)
+    assign.add_argument("--batch-size", type=int, default=8)
+    assign.set_defaults(func=cmd_assign)
     return parser
 
 
@@ -102,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # configuration problems: print the message, not a traceback
+    except (ValueError, FileNotFoundError) as err:  # input problems: print the message, not a traceback
         print(f"deeptalk {args.command}: error: {err}", file=sys.stderr)
         return 2
 
