@@ -33,16 +33,19 @@ def generate_speech_answer(
     *,
     max_steps: int = 200,
     text_repetition_penalty: float = 1.0,
+    use_cache: bool = True,
 ) -> SpeechAnswer:
-    """Greedy text + speech answer to `conversation` (ending with a user turn)."""
+    """Greedy text + speech answer to `conversation` (ending with a user turn). `use_cache=False`
+    re-runs the whole sequence every step (the reference the cached path is tested against)."""
     layout = processor.layout
     batch = processor(conversation, add_generation_prompt=True)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k != "labels"}
     model.eval()
 
-    out = model(**batch, use_cache=True, logits_to_keep=1)
+    out = model(**batch, use_cache=use_cache, logits_to_keep=1)
     cache, attention_mask = out.cache, batch["attention_mask"]
+    sequence = batch["input_ids"]
     text_done, audio_done = False, [False] * layout.num_audio_streams
     eoa = [layout.audio_special_id("<|eoa|>", i) for i in range(layout.num_audio_streams)]
     pad_a = [layout.audio_special_id("<|pad_a|>", i) for i in range(layout.num_audio_streams)]
@@ -68,8 +71,14 @@ def generate_speech_answer(
             break
         step_ids = torch.tensor(column, device=device).view(1, -1, 1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
-        out = model(input_ids=step_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
-        cache = out.cache
+        if use_cache:
+            out = model(input_ids=step_ids, attention_mask=attention_mask, cache=cache, use_cache=True)
+            cache = out.cache
+        else:
+            sequence = torch.cat([sequence, step_ids], dim=-1)
+            audio_mask = torch.nn.functional.pad(batch["audio_input_mask"], (0, sequence.shape[-1] - batch["audio_input_mask"].shape[-1]))
+            inputs = {**batch, "input_ids": sequence, "attention_mask": attention_mask, "audio_input_mask": audio_mask}
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
     grid = torch.tensor(columns, dtype=torch.long).T
     text, codes = processor.decode_turn(grid)
     return SpeechAnswer(text=text, codes=codes, layout=grid, steps=len(columns))
