@@ -143,6 +143,18 @@ def cmd_assign(args) -> int:
     return 0
 
 
+def cmd_quickstart(args) -> int:
+    from .quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings(output_dir=args.output, seed=args.seed, base_model=args.base_model, codec=args.codec,
+                                  audio_encoder=args.audio_encoder)
+    if args.fast:  # a smoke run: a few steps per phase
+        settings.text_pretrain_steps, settings.align_steps, settings.speech_steps = 20, 4, 4
+        settings.text_steps, settings.joint_steps = 4, 4
+    run_quickstart(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeptalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="deeptalk_output/demo", help="where to write the converted models")
     demo.add_argument("--family", action="append", help="limit to these families (repeatable)")
     demo.set_defaults(func=cmd_demo)
+
+    quick = sub.add_parser("quickstart", help="the whole recipe offline on tiny models: train, assign, evaluate, speak")
+    quick.add_argument("--output", default="deeptalk_output/quickstart")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--fast", action="store_true", help="a few steps per phase (smoke test)")
+    quick.add_argument("--base-model", help="a transformers MoE LLM (Hub id or folder) instead of the tiny one (GPU)")
+    quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
+    quick.add_argument("--audio-encoder", help="a Whisper checkpoint (e.g. openai/whisper-medium) for the encoder")
+    quick.set_defaults(func=cmd_quickstart)
 
     convert = sub.add_parser("convert", help="convert a transformers MoE LLM into a DeepTalk model")
     convert.add_argument("source", help="folder, Hub id, or tiny:FAMILY")

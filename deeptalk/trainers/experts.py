@@ -19,7 +19,7 @@ class DeepTalkExpertsConfig(TrainingArguments):
     learning_rate: float = field(default=1e-4, metadata={"help": "Paper: 1e-4 for speech experts, 2e-5 for text experts."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Paper: 2 epochs."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine schedule."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's audio columns."})
     train_router: bool = field(
         default=False,

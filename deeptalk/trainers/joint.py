@@ -21,7 +21,7 @@ class DeepTalkJointConfig(SFTConfig):
     learning_rate: float = field(default=5e-5, metadata={"help": "Paper: 5e-5 for joint training."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Paper: 2 epochs."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine schedule."})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's audio columns."})
     dataset_kwargs: dict | None = field(
         default_factory=lambda: {"skip_prepare_dataset": True},
