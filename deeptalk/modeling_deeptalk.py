@@ -963,9 +963,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             losses.append(self.loss_function(logits[..., start:end], local, end - start))
         return torch.stack([loss.float() for loss in losses])
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, cache=cache, is_first_iteration=is_first_iteration, **kwargs
+            input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         if cache is not None and cache.get_seq_length() > 0:  # audio is encoded once, at prefill
             for name in ("input_features", "audio_feature_lengths", "audio_input_mask"):

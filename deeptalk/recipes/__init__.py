@@ -1,0 +1,41 @@
+"""Recipes: ready-made data and pipelines for the offline quickstart and demos."""
+
+from .demo_data import (
+    ASR_INSTRUCTION,
+    DEFAULT_CODEC_OPTIONS,
+    DEMO_TASKS,
+    PHASE_ALIASES,
+    PHASES,
+    DemoData,
+    asr_conversation,
+    build_demo_data,
+    build_demo_processor,
+    build_demo_tokenizer,
+    demo_answer_audio_paths,
+    demo_corpus_texts,
+    encode_answer_audio,
+    fit_demo_codec,
+    single_thread,
+    spoken_question_conversation,
+    text_qa_conversation,
+)
+
+__all__ = [
+    "ASR_INSTRUCTION",
+    "DEFAULT_CODEC_OPTIONS",
+    "DEMO_TASKS",
+    "PHASE_ALIASES",
+    "PHASES",
+    "DemoData",
+    "asr_conversation",
+    "build_demo_data",
+    "build_demo_processor",
+    "build_demo_tokenizer",
+    "demo_answer_audio_paths",
+    "demo_corpus_texts",
+    "encode_answer_audio",
+    "fit_demo_codec",
+    "single_thread",
+    "spoken_question_conversation",
+    "text_qa_conversation",
+]
