@@ -147,7 +147,7 @@ def cmd_quickstart(args) -> int:
     from .quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings(output_dir=args.output, seed=args.seed, base_model=args.base_model, codec=args.codec,
-                                  audio_encoder=args.audio_encoder)
+                                  audio_encoder=args.audio_encoder, audio_adapter_stride=args.audio_adapter_stride)
     if args.fast:  # a smoke run: a few steps per phase
         settings.text_pretrain_steps, settings.align_steps, settings.speech_steps = 20, 4, 4
         settings.text_steps, settings.joint_steps = 4, 4
@@ -168,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output", default="deeptalk_output/quickstart")
     quick.add_argument("--seed", type=int, default=0)
     quick.add_argument("--fast", action="store_true", help="a few steps per phase (smoke test)")
+    quick.add_argument("--audio-adapter-stride", type=int, default=4, help="Whisper frames per LLM position (authors: 1)")
     quick.add_argument("--base-model", help="a transformers MoE LLM (Hub id or folder) instead of the tiny one (GPU)")
     quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
     quick.add_argument("--audio-encoder", help="a Whisper checkpoint (e.g. openai/whisper-medium) for the encoder")

@@ -33,12 +33,12 @@ class QuickstartSettings:
 
     output_dir: str = "deeptalk_output/quickstart"
     family: str = "deepseek_v2"
-    hidden_size: int = 128
+    hidden_size: int = 192
     num_hidden_layers: int = 4
     num_experts: int = 16
     top_k: int = 4
     num_speech_experts: int = 4
-    text_pretrain_steps: int = 400
+    text_pretrain_steps: int = 1500
     text_pretrain_lr: float = 3e-3
     align_steps: int | None = None  # None = the tiny_cpu recipe's max_steps
     speech_steps: int | None = None
@@ -46,6 +46,7 @@ class QuickstartSettings:
     joint_steps: int | None = None
     batch_size: int = 16
     assignment_batches: int = 8  # batches of each modality for measuring the modality load
+    audio_adapter_stride: int = 4  # Whisper frames per LLM position (the authors' code: 1)
     seed: int = 0
     base_model: str | None = None  # a transformers MoE LLM (Hub id or folder) instead of the tiny one
     codec: str | None = None  # a codec folder / Hub id (e.g. hubertsiuzdak/snac_24khz) instead of MelVQ
@@ -140,7 +141,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
         codec = load_codec(settings.codec)
     else:
         codec = fit_demo_codec(seed=settings.seed)
-    processor = build_demo_processor(tokenizer, codec)
+    processor = build_demo_processor(tokenizer, codec, audio_adapter_stride=settings.audio_adapter_stride)
     data = build_demo_data(processor, codec)
     collator = DeepTalkDataCollator(processor)
     log(f"encoded the demo corpus: { {k: v.get('train') for k, v in data.sizes().items()} } training conversations")
@@ -190,6 +191,8 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
         return trainer
 
     # ---- phase 1 ---------------------------------------------------------------------------------
+    # Whisper stays frozen as in the paper, even the offline run's random one: training it too
+    # (DeepTalkAlignmentConfig.train_audio_encoder) did not raise spoken-QA accuracy in our runs.
     phase_records = [train(DeepTalkAlignmentTrainer, DeepTalkAlignmentConfig, "align", settings.align_steps,
                            data.asr["train"], "phase1_align")]
     timed("phase1")

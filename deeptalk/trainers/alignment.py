@@ -28,6 +28,11 @@ class DeepTalkAlignmentConfig(TrainingArguments):
         default="audio_rows",
         metadata={"help": "Embedding rows to train: 'audio_rows' (paper: the new rows only), 'all' or 'none'."},
     )
+    train_audio_encoder: bool = field(
+        default=False,
+        metadata={"help": "Train the Whisper encoder too. The paper freezes a pre-trained Whisper; a randomly "
+                          "initialised encoder (offline demos, tests) has to learn."},
+    )
 
 
 class DeepTalkAlignmentTrainer(DeepTalkTrainerMixin, Trainer):
@@ -43,5 +48,6 @@ class DeepTalkAlignmentTrainer(DeepTalkTrainerMixin, Trainer):
                 "shrink the frozen text rows too. Set weight_decay=0.0 or train_embeddings='all'."
             )
         plan = plan_for_phase("align", train_embeddings=args.train_embeddings)
+        plan.audio_encoder = args.train_audio_encoder
         model = self._setup_phase(model, plan, peft_config)
         super().__init__(model=model, args=args, **kwargs)

@@ -1,0 +1,29 @@
+"""The main job, `deeptalk quickstart`, end to end with a few steps per phase."""
+
+import json
+
+import soundfile
+from transformers import AutoModelForCausalLM, AutoProcessor
+
+import deeptalk
+from deeptalk.quickstart import QuickstartSettings, run_quickstart
+
+
+def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
+    settings = QuickstartSettings(output_dir=str(tmp_path), text_pretrain_steps=20, align_steps=3, speech_steps=3,
+                                  text_steps=3, joint_steps=3, assignment_batches=2)
+    summary = run_quickstart(settings)
+    for key in ("original_text_qa_accuracy", "final_text_qa_accuracy", "spoken_qa_text_accuracy", "audio_token_accuracy"):
+        assert 0.0 <= summary[key] <= 1.0, key
+    assert json.loads((tmp_path / "summary.json").read_text())["speech_experts"] == summary["speech_experts"]
+    assert all(len(layer) == settings.num_speech_experts for layer in summary["speech_experts"])
+    assert (tmp_path / "modality_load.png").read_bytes()[:4] == b"\x89PNG"
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    processor = AutoProcessor.from_pretrained(tmp_path / "model")
+    assert isinstance(model, deeptalk.DeepTalkForCausalLM) and isinstance(processor, deeptalk.DeepTalkProcessor)
+    assert model.config.speech_experts == summary["speech_experts"]
+    phases = json.loads((tmp_path / "model" / "deeptalk_phases.json").read_text())
+    assert [p["routing_mode"] for p in phases] == ["free", "speech_only", "text_only", "free"]
+    if summary["spoken_answer"]["wav"]:
+        audio, rate = soundfile.read(summary["spoken_answer"]["wav"])
+        assert rate == 16000 and len(audio) > 0
