@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -54,16 +53,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from transformers import WhisperConfig  # noqa: E402
 
-import deeptalk  # noqa: E402
 from deeptalk import DeepTalkForCausalLM, DeepTalkProcessor  # noqa: E402
 from deeptalk.data import DEMO_SAMPLING_RATE, load_demo_corpus  # noqa: E402
 from deeptalk.processing.tokenizer import train_demo_tokenizer  # noqa: E402
 from deeptalk.tiny import tiny_text_moe  # noqa: E402
 
-NOISY_FOREIGN_LOAD = 0.25
+try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
+    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+except ModuleNotFoundError:
+    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+
 GAP_S = 0.2  # silence between joined corpus clips
 SYSTEM_PROMPT = "answer the question"
 
@@ -80,80 +81,6 @@ LLM_KWARGS = dict(hidden_size=256, num_hidden_layers=4, num_experts=16, top_k=4,
                   num_key_value_heads=4, moe_intermediate_size=128, intermediate_size=512, head_dim=32,
                   max_position_embeddings=4096)
 STREAMS, CODEBOOK = 4, 1024
-
-
-# --------------------------------------------------------------------------------------------------
-# Machine info and load
-# --------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(threads: int) -> dict:
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "deeptalk": getattr(deeptalk, "__version__", "?"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-class ForeignLoad:
-    """CPU cores that *other* processes kept busy during a block (/proc/stat minus our CPU time)."""
-
-    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    @classmethod
-    def _busy_s(cls):
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return (user + nice + system + irq + softirq + steal) / cls.TICK
-
-    @staticmethod
-    def _own_s():
-        t = os.times()
-        return t.user + t.system
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy_s(), self._own_s()
-        self.cores = None
-        return self
-
-    def __exit__(self, *exc):
-        busy1 = self._busy_s()
-        wall = time.perf_counter() - self.t0
-        if busy1 is not None and self.busy0 is not None and wall > 0:
-            self.cores = max(0.0, ((busy1 - self.busy0) - (self._own_s() - self.own0)) / wall)
-        return False
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.15, window_s: float = 1.0) -> float | None:
-    """Wait up to `max_wait_s` for a `window_s` with less than `threshold` foreign cores busy."""
-    deadline = time.monotonic() + max_wait_s
-    load = None
-    while time.monotonic() < deadline:
-        with ForeignLoad() as fl:
-            time.sleep(window_s)
-        load = fl.cores
-        if load is not None and load < threshold:
-            return load
-    return load
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,12 +190,6 @@ def median_stage(samples: list[dict], stage: str) -> float:
 
 def median_ratio(num: list[dict], den: list[dict], stage: str) -> float:
     return statistics.median(a[stage] / b[stage] for a, b in zip(num, den))
-
-
-def load_flag(cores) -> str:
-    if cores is None:
-        return "?"
-    return f"{cores:.2f}" + (" (!)" if cores > NOISY_FOREIGN_LOAD else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,7 +369,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--experts-impl", default="grouped_mm", choices=("grouped_mm", "batched_mm", "eager"))
+    parser.add_argument("--experts-impl", default="grouped_mm", choices=EXPERTS_IMPLS)
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                         help="before each timed round, wait up to S s for quiet CPUs (shared machines)")
     parser.add_argument("--retries", type=int, default=0,

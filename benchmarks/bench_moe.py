@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -47,14 +46,16 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
 
-import deeptalk  # noqa: E402
 from deeptalk import DeepTalkForCausalLM  # noqa: E402
 from deeptalk.tiny import TINY_FAMILIES, tiny_text_moe_config  # noqa: E402
 
+try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
+    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+except ModuleNotFoundError:
+    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+
 MODES = ("free", "speech_only", "text_only")
-EXPERTS_IMPLS = ("grouped_mm", "batched_mm", "eager")
 FREE_MODE_TOLERANCE = 1e-4
-NOISY_FOREIGN_LOAD = 0.25  # cores used by other processes above which a timed block is flagged
 
 # "small": hidden 256, 4 layers, 16 routed experts, top-4, expert intermediate 128, head dim 32.
 # About 25-45 ms per 4x128 forward on 2 CPU threads.
@@ -76,78 +77,6 @@ def size_overrides(family: str, size: str) -> dict:
     if size == "small":
         return {**SMALL_COMMON, **SMALL_FAMILY[family]}
     raise ValueError(f"unknown size {size!r}")
-
-
-# --------------------------------------------------------------------------------------------------
-# Machine info
-# --------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info(threads: int) -> dict:
-    return {
-        "cpu_model": cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "deeptalk": getattr(deeptalk, "__version__", "?"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-class ForeignLoad:
-    """How many CPU cores *other* processes kept busy during a block (from /proc/stat minus our own
-    CPU time). This container's cores are shared; a block with foreign load is not trustworthy."""
-
-    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    @classmethod
-    def _busy_s(cls):
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(x) for x in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-        return (user + nice + system + irq + softirq + steal) / cls.TICK
-
-    @staticmethod
-    def _own_s():
-        t = os.times()
-        return t.user + t.system
-
-    def __enter__(self):
-        self.t0, self.busy0, self.own0 = time.perf_counter(), self._busy_s(), self._own_s()
-        self.cores = None
-        return self
-
-    def __exit__(self, *exc):
-        busy1 = self._busy_s()
-        wall = time.perf_counter() - self.t0
-        if busy1 is not None and self.busy0 is not None and wall > 0:
-            self.cores = max(0.0, ((busy1 - self.busy0) - (self._own_s() - self.own0)) / wall)
-        return False
-
-
-def wait_for_idle(max_wait_s: float, threshold: float = 0.15, window_s: float = 1.0) -> float | None:
-    """Wait (up to `max_wait_s`) until other processes use < `threshold` cores over `window_s`."""
-    deadline = time.perf_counter() + max_wait_s
-    while True:
-        with ForeignLoad() as load:
-            time.sleep(window_s)
-        if load.cores is None or load.cores < threshold or time.perf_counter() >= deadline:
-            return load.cores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,7 +457,7 @@ def print_table(results, modes, args):
                 c = r[f"converted:{m}"]
                 row += [f"{c['median_ms']:.2f}", f"{c['ratio_of_medians']:.3f} [{c['median_paired_ratio']:.3f}]"]
             foreign = r.get("foreign_load_cores")
-            row.append("?" if foreign is None else f"{foreign:.2f}" + (" (!)" if foreign > NOISY_FOREIGN_LOAD else ""))
+            row.append(load_flag(foreign))
             noisy |= foreign is not None and foreign > NOISY_FOREIGN_LOAD
             print("| " + " | ".join(row) + " |")
     if noisy:

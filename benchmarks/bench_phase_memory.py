@@ -56,7 +56,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import random
 import resource
 import subprocess
@@ -66,6 +65,11 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
+    from _common import machine_info
+except ModuleNotFoundError:
+    from benchmarks._common import machine_info
 
 CONFIGS = ("full", "speech_bank", "speech_paper", "text_bank", "text_paper")
 DESCRIPTIONS = {
@@ -282,23 +286,6 @@ def run_worker(name: str, args) -> dict:
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
-def machine_info(threads: int) -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    with open("/proc/meminfo") as f:
-        mem_total = int(f.readline().split()[1]) // 1024
-    return {"cpu_model": cpu, "logical_cpus": os.cpu_count(), "torch_threads": threads, "mem_total_mib": mem_total,
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
 def launch(name: str, args, forwarded: list[str]) -> dict:
     env = dict(os.environ)
     if not args.default_malloc:
@@ -401,7 +388,7 @@ def main():
               f"{r['optimizer_state_bytes'] / MIB:.1f} MiB  step peak {r['step_peak_kib'] / 1024:.0f} MiB  "
               f"({r['train_seconds']:.1f} s train, {r['process_wall_seconds']:.1f} s process, losses {[round(x, 3) for x in r['losses']]})", flush=True)
         results.append(r)
-    info = machine_info(args.threads)
+    info = machine_info(args.threads, mem_total=True, deeptalk_version=False, loadavg=False)
     table = markdown(results, args)
     print()
     print(f"Machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, {info['mem_total_mib']} MiB RAM; "
