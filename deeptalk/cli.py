@@ -4,6 +4,8 @@
     deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
     deeptalk assign --model DIR --text-data T.jsonl --speech-data S.jsonl --output DIR
     deeptalk train {align,experts,joint} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
+    deeptalk quickstart                    # the whole recipe offline on tiny models
+    deeptalk chat --audio question.wav --out reply.wav      deeptalk evaluate --output results.json
 
 SRC is a transformers MoE LLM (a local folder or a Hub id), or `tiny:FAMILY` for a tiny random one
 (offline; FAMILY is one of deepseek_v2, qwen3_moe, qwen2_moe, olmoe, mixtral).
@@ -155,6 +157,63 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _load_model_processor_codec(model_dir: str, codec_dir: str | None):
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    import deeptalk  # noqa: F401
+    from .processing.codecs import load_codec
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    beside_model = os.path.join(model_dir, "codec")  # where `deeptalk quickstart` puts it
+    if codec_dir:
+        codec = load_codec(codec_dir)
+    elif os.path.isdir(beside_model):
+        codec = load_codec(beside_model)
+    else:
+        codec = None
+    return model, processor, codec
+
+
+def cmd_chat(args) -> int:
+    import time
+
+    import soundfile
+
+    from .generation import generate_speech_answer
+
+    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
+    if (args.audio is None) == (args.text is None):
+        raise ValueError("Give the question as --audio FILE or as --text '...', one of the two.")
+    content = [{"type": "audio", "audio": args.audio}] if args.audio else args.text
+    started = time.perf_counter()
+    answer = generate_speech_answer(model, processor, [{"role": "user", "content": content}], max_steps=args.max_steps)
+    seconds = time.perf_counter() - started
+    print(answer.text)
+    if answer.codes.shape[1] and codec is not None:
+        soundfile.write(args.out, codec.decode(answer.codes).cpu().numpy(), codec.sampling_rate)
+        spoken = f"{answer.codes.shape[1]} codec frames -> {args.out}"
+    else:
+        spoken = "no speech frames generated" if codec is not None else "no codec found (pass --codec) so no WAV"
+    print(f"[{answer.steps} decode steps in {seconds:.2f} s; {spoken}]", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from .evaluation.evaluate import evaluate_on_demo_corpus, write_results
+
+    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
+    base = AutoModelForCausalLM.from_pretrained(args.base_model).eval() if args.base_model else None
+    results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit)
+    write_results(results, args.output)
+    print(json.dumps(results, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeptalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +232,23 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
     quick.add_argument("--audio-encoder", help="a Whisper checkpoint (e.g. openai/whisper-medium) for the encoder")
     quick.set_defaults(func=cmd_quickstart)
+
+    chat = sub.add_parser("chat", help="ask a spoken (or text) question, get text and a WAV")
+    chat.add_argument("--model", default="deeptalk_output/quickstart/model")
+    chat.add_argument("--audio", help="question audio file (any rate; mixed to mono)")
+    chat.add_argument("--text", help="question as text")
+    chat.add_argument("--out", default="reply.wav")
+    chat.add_argument("--codec", help="codec folder (default: <model>/codec)")
+    chat.add_argument("--max-steps", type=int, default=200)
+    chat.set_defaults(func=cmd_chat)
+
+    evaluate = sub.add_parser("evaluate", help="text QA, spoken QA, ASR and audio-token metrics -> JSON")
+    evaluate.add_argument("--model", default="deeptalk_output/quickstart/model")
+    evaluate.add_argument("--base-model", help="the original LLM, for the relative text drop")
+    evaluate.add_argument("--codec", help="codec folder (default: <model>/codec)")
+    evaluate.add_argument("--output", default="deeptalk_output/evaluation.json")
+    evaluate.add_argument("--limit", type=int, help="score only the first N test records per task")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     convert = sub.add_parser("convert", help="convert a transformers MoE LLM into a DeepTalk model")
     convert.add_argument("source", help="folder, Hub id, or tiny:FAMILY")

@@ -237,9 +237,10 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
         wav_path = None
     timed("evaluation")
 
+    source.save_pretrained(os.path.join(out, "original_llm"))  # for `deeptalk evaluate --base-model`
     model.save_pretrained(os.path.join(out, "model"))
     processor.save_pretrained(os.path.join(out, "model"))
-    codec.save_pretrained(os.path.join(out, "codec"))
+    codec.save_pretrained(os.path.join(out, "model", "codec"))  # where `deeptalk chat` looks for it
     with open(os.path.join(out, "model", "deeptalk_phases.json"), "w") as f:
         json.dump([{**t.phase_summary(), "card": t.model_card_section()} for t in phase_records], f, indent=2)
 
@@ -253,7 +254,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
         "spoken_answer": {"question": record["question_text"], "reference": record["answer_text"], "text": answer.text,
                           "text_correct": answer_accuracy([answer.text], [record["answer_text"]]) == 1.0, "wav": wav_path},
         "speech_experts": speech_experts,
-        "files": {"model": os.path.join(out, "model"), "codec": os.path.join(out, "codec"), **report},
+        "files": {"model": os.path.join(out, "model"), "codec": os.path.join(out, "model", "codec"), **report},
         "timings_s": timings,
         "total_s": round(time.perf_counter() - started, 1),
     }

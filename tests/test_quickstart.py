@@ -1,6 +1,8 @@
 """The main job, `deeptalk quickstart`, end to end with a few steps per phase."""
 
 import json
+import subprocess
+import sys
 
 import soundfile
 from transformers import AutoModelForCausalLM, AutoProcessor
@@ -27,3 +29,24 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
     if summary["spoken_answer"]["wav"]:
         audio, rate = soundfile.read(summary["spoken_answer"]["wav"])
         assert rate == 16000 and len(audio) > 0
+
+    # the chat and evaluate commands on what the quickstart wrote (real subprocesses)
+    question = summary["spoken_answer"]["question"]
+    from deeptalk.data import load_demo_corpus
+
+    record = next(r for r in load_demo_corpus("spoken_qa", decode_audio=False)["test"] if r["question_text"] == question)
+    chat = subprocess.run([sys.executable, "-m", "deeptalk", "chat", "--model", str(tmp_path / "model"), "--audio",
+                           record["question_audio"], "--out", str(tmp_path / "reply.wav"), "--max-steps", "40"],
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert "decode steps" in chat.stderr
+    if "codec frames" in chat.stderr:
+        assert soundfile.info(str(tmp_path / "reply.wav")).samplerate == 16000
+    evaluation = subprocess.run([sys.executable, "-m", "deeptalk", "evaluate", "--model", str(tmp_path / "model"),
+                                 "--base-model", str(tmp_path / "original_llm"), "--output", str(tmp_path / "eval.json"),
+                                 "--limit", "8"], capture_output=True, text=True, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr[-2000:]
+    results = json.loads((tmp_path / "eval.json").read_text())
+    for key in ("text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy", "audio_token_accuracy"):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert set(results["asr"]) == {"wer", "cer"}
