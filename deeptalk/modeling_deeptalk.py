@@ -283,6 +283,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
                 text_config, len(self.bank_members[SPEECH_MODALITY]), self.intermediate_size
             )
         self._index_cache: dict = {}
+        self._packed_cache = None  # see _packed_banks; it views the old banks' storage
 
     def banks(self):
         return {TEXT_MODALITY: self.text_bank, SPEECH_MODALITY: self.speech_bank}
@@ -309,6 +310,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
             members = torch.tensor(self.bank_members[modality], dtype=torch.long, device=gate_up_proj.device)
             bank.gate_up_proj = nn.Parameter(gate_up_proj.index_select(0, members).contiguous())
             bank.down_proj = nn.Parameter(down_proj.index_select(0, members).contiguous())
+        self._packed_cache = None
 
     def _placement(self, device):
         """Per-device tensors, by source index: is the expert a speech expert; its index inside its
@@ -417,8 +419,8 @@ class DeepTalkSparseMoeBlock(nn.Module):
         params = [getattr(bank, name) for name in ("gate_up_proj", "down_proj") for bank in banks]
         if any(p.numel() == 0 or p.is_meta or type(p) is not nn.Parameter for p in params):
             return None
-        key = tuple((p.data_ptr(), p.dtype, p.device) for p in params)
-        cached = getattr(self, "_packed_cache", None)
+        key = tuple((p.data_ptr(), p.shape, p.dtype, p.device) for p in params)
+        cached = self._packed_cache
         if cached is not None and cached[0] == key:
             return cached[1]
         views = []
@@ -433,7 +435,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
             "down_proj": nn.Parameter(views[1], requires_grad=False),
         }
         packed.num_experts = views[0].shape[0]
-        key = tuple((p.data_ptr(), p.dtype, p.device) for p in params)
+        key = tuple((p.data_ptr(), p.shape, p.dtype, p.device) for p in params)
         self._packed_cache = (key, packed)
         return packed
 
