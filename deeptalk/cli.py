@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     assign.add_argument("--speech-data", help="spoken conversations (JSON Lines)")
     assign.add_argument("--output", required=True)
     assign.add_argument("--num-speech-experts", type=int)
-    assign.add_argument("--strategy", choices=["adaptive", "random"], default="adaptive")
+    assign.add_argument("--strategy", choices=["adaptive", "random", "moextend"], default="adaptive")
     assign.add_argument("--seed", type=int, default=0)
     assign.add_argument("--batch-size", type=int, default=8)
     assign.set_defaults(func=cmd_assign)

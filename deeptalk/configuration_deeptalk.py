@@ -136,6 +136,10 @@ class DeepTalkConfig(PreTrainedConfig):
             text-only position embeds exactly as in the source LLM -- the point of DeepTalk is to keep
             the text model intact, and this keeps text inputs identical whether given as plain ids or
             in the multi-stream layout.
+        num_added_experts (`int`, *optional*, defaults to 0):
+            Routed experts added on top of the source's per MoE layer (the MoExtend baseline the paper
+            compares against; `DeepTalkForCausalLM.add_new_speech_experts`). They take source indices
+            after the source's own experts and form the speech bank.
         output_router_logits (`bool`, *optional*):
             Return router logits and the load-balancing `aux_loss`. Stored on `text_config`, where
             TRL's trainers read and write it.
@@ -162,6 +166,7 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_adapter_stride: int = 4,
         audio_pad_to_30s: bool = False,
         stream_embedding_mean: str = "non_pad",
+        num_added_experts: int = 0,
         output_router_logits: bool | None = None,
         router_aux_loss_coef: float | None = None,
         **kwargs,
@@ -212,6 +217,7 @@ class DeepTalkConfig(PreTrainedConfig):
         self.audio_adapter_stride = int(audio_adapter_stride)
         self.audio_pad_to_30s = bool(audio_pad_to_30s)
         self.stream_embedding_mean = stream_embedding_mean
+        self.num_added_experts = int(num_added_experts)
 
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -240,9 +246,14 @@ class DeepTalkConfig(PreTrainedConfig):
         return self.text_config.model_type
 
     @property
-    def num_routed_experts(self) -> int:
-        """Routed experts per MoE layer in the source model (text + speech)."""
+    def num_source_experts(self) -> int:
+        """Routed experts per MoE layer in the source model."""
         return SUPPORTED_FAMILIES[self.family]["num_experts"](self.text_config)
+
+    @property
+    def num_routed_experts(self) -> int:
+        """Routed experts per MoE layer (text + speech): the source's plus any added ones."""
+        return self.num_source_experts + self.num_added_experts
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -294,6 +305,8 @@ class DeepTalkConfig(PreTrainedConfig):
                 + "; ".join(f"{k!r} ({v})" for k, v in ROUTING_MODES.items())
             )
         num_experts, moe_layers = self.num_routed_experts, self.moe_layer_indices
+        if self.num_added_experts < 0:
+            raise ValueError(f"num_added_experts={self.num_added_experts} must be >= 0.")
         if self.stream_embedding_mean not in ("all", "non_pad"):
             raise ValueError(f"stream_embedding_mean={self.stream_embedding_mean!r}: choose 'all' or 'non_pad'.")
         if self.audio_adapter_stride < 1:

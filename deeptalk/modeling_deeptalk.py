@@ -71,6 +71,7 @@ class RouterSpec:
     num_groups: int = 1
     topk_group: int = 1
     group_limited: bool = False
+    grouped_experts: int | None = None  # experts the groups cover (the source's); added ones stay free
     jitter_noise: float = 0.0
 
     @classmethod
@@ -89,6 +90,7 @@ class RouterSpec:
                 group_limited=text_config.topk_method == "group_limited_greedy",
                 num_groups=text_config.n_group or 1,
                 topk_group=text_config.topk_group or 1,
+                grouped_experts=text_config.num_experts,
             )
         return cls(top_k=text_config.num_experts_per_tok, norm_topk_prob=bool(text_config.norm_topk_prob))
 
@@ -128,10 +130,12 @@ def route_tokens(router_logits: torch.Tensor, allowed: torch.Tensor | None, spec
     choice_scores = probs
     if spec.group_limited and allowed is None:
         num_tokens, num_experts = probs.shape
-        group_scores = probs.view(num_tokens, spec.num_groups, -1).max(dim=-1).values
+        grouped = spec.grouped_experts or num_experts  # experts added later (MoExtend) are in no group
+        group_scores = probs[:, :grouped].reshape(num_tokens, spec.num_groups, -1).max(dim=-1).values
         group_index = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_index, 1.0)
-        expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, num_experts // spec.num_groups).reshape(num_tokens, -1)
+        expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, grouped // spec.num_groups).reshape(num_tokens, -1)
+        expert_mask = F.pad(expert_mask, (0, num_experts - grouped), value=1.0)
         choice_scores = probs.masked_fill(~expert_mask.bool(), 0.0)
 
     expert_weight, expert_index = torch.topk(choice_scores, spec.top_k, dim=-1)
@@ -1043,6 +1047,44 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             block.load_source_experts(gate_up, down, new_config.expert_modality(moe_layer))
         self.config.speech_experts = new_config.speech_experts
         self.config.num_speech_experts = new_config.num_speech_experts
+
+    def add_new_speech_experts(self, num_new: int, *, seed: int = 0):
+        """The MoExtend baseline (the paper's Table 2 ablation): add `num_new` NEW routed experts per
+        MoE layer, with new router rows, and make them the speech bank, instead of re-purposing
+        existing experts.
+
+        New experts start as copies of existing experts of the same layer (chosen with `seed`); their
+        router rows are drawn from N(0, initializer_range) like any new parameter. Free routing
+        therefore changes: the new rows take probability mass from the source's experts, the
+        "router disturbance" the paper blames for MoExtend's lower scores. DeepSeek's group-limited
+        top-k keeps its groups over the source's experts; the added ones are always candidates.
+        """
+        if self.config.num_added_experts:
+            raise ValueError("This model already has added experts; add them once.")
+        if self.config.speech_experts:
+            raise ValueError(
+                "MoExtend makes the NEW experts the speech bank, but this model already has speech experts assigned."
+            )
+        if num_new < 1:
+            raise ValueError(f"num_new={num_new} must be >= 1.")
+        old_count = self.config.num_routed_experts
+        generator = torch.Generator().manual_seed(seed)
+        std = self.config.text_config.initializer_range
+        modality = [TEXT_MODALITY] * old_count + [SPEECH_MODALITY] * num_new
+        for block in self.moe_blocks():
+            gate_up, down = block.source_order_experts()
+            copies = torch.randperm(old_count, generator=generator)[:num_new].to(gate_up.device)
+            router = block.router.weight
+            new_rows = torch.randn(num_new, router.shape[1], generator=generator).to(router) * std
+            block.router.weight = nn.Parameter(torch.cat([router.detach(), new_rows]))
+            block.num_experts = old_count + num_new
+            block.load_source_experts(
+                torch.cat([gate_up, gate_up[copies]]), torch.cat([down, down[copies]]), expert_modality=modality
+            )
+        self.config.num_added_experts = num_new
+        self.config.speech_experts = [list(range(old_count, old_count + num_new)) for _ in self.config.moe_layer_indices]
+        self.config.num_speech_experts = num_new
+        return self
 
     # ---- conversion ----------------------------------------------------------------------------
     @classmethod

@@ -213,7 +213,7 @@ def test_assignment_rejects_a_load_of_another_model(tiny_source):
     with pytest.raises(ValueError, match="needs a ModalityLoad"):
         assign_speech_experts(model, None, 2)
     with pytest.raises(ValueError, match="strategy"):
-        assign_speech_experts(model, load, 2, strategy="moextend")
+        assign_speech_experts(model, load, 2, strategy="nonsense")
 
 
 def test_random_baseline_is_seeded(tiny_source):
@@ -273,3 +273,14 @@ def test_report_without_speech_tokens_still_writes(tmp_path):
         paths = save_load_report(load, None, tmp_path)
     assert json.loads(paths["json"].read_text())["token"]["speech_load"] is None
     assert paths["png"].exists()
+
+
+def test_moextend_strategy_adds_new_experts():
+    from conftest import convert
+
+    from deeptalk.tiny import tiny_text_moe
+    from deeptalk.trainers.assignment import assign_speech_experts
+
+    model = convert(tiny_text_moe("olmoe"), experts=None)
+    speech = assign_speech_experts(model, None, num_speech_experts=2, strategy="moextend", seed=1)
+    assert speech == [[8, 9]] * len(model.moe_blocks()) and model.config.num_routed_experts == 10

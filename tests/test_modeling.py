@@ -344,3 +344,29 @@ def test_conversion_keeps_the_source_kernels(tiny_source):
     model = convert(source)
     assert model.config.text_config._experts_implementation == "eager"
     assert model.config.text_config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen2_moe"])
+def test_moextend_adds_new_speech_experts_and_router_rows(family, tiny_source, tmp_path):
+    model = convert(tiny_source(family), experts=None)
+    ids = random_ids()
+    gate_up_before, _ = model.moe_blocks()[0].source_order_experts()
+    model.add_new_speech_experts(3, seed=0)
+    assert model.config.num_routed_experts == 11 and model.config.num_added_experts == 3
+    assert model.config.speech_experts == [[8, 9, 10]] * len(model.moe_blocks())
+    block = model.moe_blocks()[0]
+    assert block.router.weight.shape[0] == 11 and block.speech_bank.gate_up_proj.shape[0] == 3
+    assert torch.equal(block.text_bank.gate_up_proj, gate_up_before)  # the source's experts are all text experts
+    with torch.no_grad():
+        load = model(ids, routing_mode="speech_only", output_expert_load=True).expert_load.sum(1)
+        free = model(ids, output_expert_load=True)
+    assert load[:, :8].sum() == 0 and load[:, 8:].sum() > 0  # only the new experts in speech_only
+    assert torch.isfinite(free.logits).all()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, free.logits)
+    with pytest.raises(ValueError, match="add them once"):
+        model.add_new_speech_experts(2)
+    with pytest.raises(ValueError, match="already has speech experts"):
+        convert(tiny_source(family)).add_new_speech_experts(2)

@@ -66,7 +66,7 @@ logger = logging.get_logger(__name__)
 
 NORMALIZATIONS = ("token", "slot")
 DEFAULT_NORMALIZATION = "token"
-STRATEGIES = ("adaptive", "random")
+STRATEGIES = ("adaptive", "random", "moextend")
 REPORT_JSON = "modality_load.json"
 REPORT_PNG = "modality_load.png"
 
@@ -409,7 +409,8 @@ def assign_speech_experts(
     """Choose the speech experts and move them into each MoE block's speech bank.
 
     `strategy="adaptive"` uses `select_speech_experts(load, ...)` (needs `load`); `"random"` uses
-    `random_speech_experts(model.config, ..., seed)`. `num_speech_experts` defaults to
+    `random_speech_experts(model.config, ..., seed)`; `"moextend"` adds that many NEW experts per
+    layer as the speech bank (`model.add_new_speech_experts`, the paper's MoExtend baseline). `num_speech_experts` defaults to
     `model.config.num_speech_experts` (6, the paper's value, unless set). Calls
     `model.set_speech_experts`, which updates `config.speech_experts` / `num_speech_experts`, keeps
     every expert's weights and so leaves free-mode outputs unchanged; bank parameters are replaced,
@@ -430,6 +431,9 @@ def assign_speech_experts(
         speech_experts = select_speech_experts(load, num_speech_experts)
     elif strategy == "random":
         speech_experts = random_speech_experts(config, num_speech_experts, seed)
+    elif strategy == "moextend":  # the paper's MoExtend baseline: new experts, not re-purposed ones
+        model.add_new_speech_experts(num_speech_experts, seed=seed)
+        return model.config.speech_experts
     else:
         raise ValueError(f"strategy={strategy!r}: choose one of {STRATEGIES}.")
     model.set_speech_experts(speech_experts)
