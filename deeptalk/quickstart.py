@@ -156,6 +156,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
                                       num_hidden_layers=settings.num_hidden_layers, num_experts=settings.num_experts,
                                       top_k=settings.top_k, pad_token_id=processor.layout.pad_t_id,
                                       eos_token_id=processor.layout.eot_id, bos_token_id=tokenizer.bos_token_id)
+        torch.manual_seed(settings.seed)  # the same original LLM whatever ran before
         source = AutoModelForCausalLM.from_config(config)
         source = _train_original_llm(source, processor, data, settings, log)
     text_test = data.test_records["text_qa"]
