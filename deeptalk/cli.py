@@ -214,6 +214,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from .hub import export_for_hub, push_to_hub
+
+    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
+    eval_results = json.load(open(args.eval_results)) if args.eval_results else None
+    kwargs = dict(codec=codec, base_model=args.base_model, eval_results=eval_results, load_report_dir=args.load_report)
+    if args.export_only:
+        folder = export_for_hub(model, processor, args.export_only, repo_id=args.repo_id, **kwargs)
+        print(f"Exported a Hub-ready repository for {args.repo_id} into {folder} (nothing uploaded).")
+        return 0
+    url = push_to_hub(model, processor, args.repo_id, private=args.private, **kwargs)
+    print(f"Pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeptalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", default="deeptalk_output/evaluation.json")
     evaluate.add_argument("--limit", type=int, help="score only the first N test records per task")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    push = sub.add_parser("push", help="export to a Hub-ready folder and upload it (huggingface_hub)")
+    push.add_argument("repo_id")
+    push.add_argument("--model", default="deeptalk_output/quickstart/model")
+    push.add_argument("--codec", help="codec folder (default: <model>/codec)")
+    push.add_argument("--base-model", help="base model id for the card")
+    push.add_argument("--eval-results", help="JSON from `deeptalk evaluate`, rendered as the card's eval_results")
+    push.add_argument("--load-report", help="folder holding modality_load.json/.png (e.g. deeptalk_output/quickstart)")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--export-only", metavar="FOLDER", help="write the repository folder and stop before uploading")
+    push.set_defaults(func=cmd_push)
 
     convert = sub.add_parser("convert", help="convert a transformers MoE LLM into a DeepTalk model")
     convert.add_argument("source", help="folder, Hub id, or tiny:FAMILY")
