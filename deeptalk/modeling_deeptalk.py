@@ -267,8 +267,9 @@ class DeepTalkSparseMoeBlock(nn.Module):
         self._build_banks(config.expert_modality(moe_layer))
 
     # ---- expert placement ----------------------------------------------------------------------
-    def _build_banks(self, expert_modality: list[int]):
-        """Create empty banks for a modality map (source index -> modality)."""
+    def _build_banks(self, expert_modality: list[int], device=None):
+        """Create the banks for a modality map (source index -> modality), randomly initialised, or
+        on `device="meta"` when their weights are about to be filled in."""
         text_config = self.bank_config
         self.expert_modality = list(expert_modality)
         self.bank_members = {
@@ -280,8 +281,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
         for members in self.bank_members.values():
             for local, expert in enumerate(members):
                 self.local_index[expert] = local
-        device = self.router.weight.device
-        with torch.device(device):
+        with torch.device(device or self.router.weight.device):
             self.text_bank = DeepTalkExperts(text_config, len(self.bank_members[TEXT_MODALITY]), self.intermediate_size)
             self.speech_bank = DeepTalkExperts(
                 text_config, len(self.bank_members[SPEECH_MODALITY]), self.intermediate_size
@@ -309,7 +309,7 @@ class DeepTalkSparseMoeBlock(nn.Module):
     def load_source_experts(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, expert_modality=None):
         """Fill the banks from source-layout fused experts, optionally re-placing experts first."""
         if expert_modality is not None:
-            self._build_banks(expert_modality)
+            self._build_banks(expert_modality, device="meta")  # no throwaway random init
         for modality, bank in self.banks().items():
             members = torch.tensor(self.bank_members[modality], dtype=torch.long, device=gate_up_proj.device)
             bank.gate_up_proj = nn.Parameter(gate_up_proj.index_select(0, members).contiguous())
