@@ -3,7 +3,7 @@
     deeptalk demo                          # the embedded-defaults job: convert, check, save, reload
     deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
     deeptalk assign --model DIR --text-data T.jsonl --speech-data S.jsonl --output DIR
-    deeptalk train {align,experts,joint} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
+    deeptalk train {align,experts,joint,dpo} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
     deeptalk quickstart                    # the whole recipe offline on tiny models
     deeptalk chat --audio question.wav --out reply.wav      deeptalk evaluate --output results.json
 
@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=cmd_convert)
 
     train = sub.add_parser("train", help="run one training phase from a recipe")
-    train.add_argument("phase", choices=["align", "experts", "joint"])
+    train.add_argument("phase", choices=["align", "experts", "joint", "dpo"])
     train.add_argument("--recipe", required=True, help="YAML path or shipped name, e.g. tiny_cpu/experts_speech")
     train.add_argument("--model", required=True, help="DeepTalk model folder (with its processor)")
     train.add_argument("--data", required=True, help="conversations, JSON Lines of {'messages': [...]}")

@@ -68,3 +68,21 @@ def test_assign_then_train_speech_experts(tmp_path):
     wrong = _cli("train", "joint", "--recipe", "tiny_cpu/experts_speech", "--model", "assigned", "--data", "speech.jsonl",
                  "--output", "x", cwd=tmp_path)
     assert wrong.returncode == 2 and "is for phase 'experts', not 'joint'" in wrong.stderr
+
+
+def test_train_dpo_from_preference_jsonl(tmp_path):
+    _write_model_and_data(tmp_path)
+    corpus = load_demo_corpus("spoken_qa", decode_audio=False)["train"].select(range(4))
+    gen = torch.Generator().manual_seed(2)
+    with open(tmp_path / "pairs.jsonl", "w") as f:
+        for r in corpus:
+            turn = lambda: {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},  # noqa: E731
+                            {"type": "audio", "audio_codes": torch.randint(0, 16, (2, 3), generator=gen).tolist()}]}
+            f.write(json.dumps({"prompt": [{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]}],
+                                "chosen": turn(), "rejected": turn()}) + "\n")
+    result = _cli("train", "dpo", "--recipe", "tiny_cpu/dpo", "--model", "model", "--data", "pairs.jsonl",
+                  "--output", "dpo", "--set", "max_steps=2", "per_device_train_batch_size=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 steps on 4 conversations" in result.stdout
+    phases = json.loads((tmp_path / "dpo" / "deeptalk_phases.json").read_text())
+    assert phases[-1]["phase"] == "dpo"

@@ -10,6 +10,7 @@ What trains in each phase is in freezing.py.
 """
 
 from .alignment import DeepTalkAlignmentConfig, DeepTalkAlignmentTrainer
+from .dpo import DeepTalkSpeechDPOConfig, DeepTalkSpeechDPOTrainer
 from .experts import DeepTalkExpertsConfig, DeepTalkExpertsTrainer
 from .freezing import PhasePlan, apply_phase, plan_for_phase
 
@@ -17,6 +18,8 @@ __all__ = [
     "DeepTalkAlignmentConfig",
     "DeepTalkAlignmentTrainer",
     "DeepTalkExpertsConfig",
+    "DeepTalkSpeechDPOConfig",
+    "DeepTalkSpeechDPOTrainer",
     "DeepTalkExpertsTrainer",
     "PhasePlan",
     "apply_phase",

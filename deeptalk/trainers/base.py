@@ -15,7 +15,14 @@ import torch
 
 from .freezing import PhasePlan, _deeptalk_model, apply_phase, trainable_parameter_count
 
-PAPER = "DeepTalk: Towards Seamless and Smart Speech Interaction with Adaptive Modality-Specific MoE (arXiv 2506.21864)"
+PAPER = {  # the shape TRL's trainers expect (`_paper` feeds their model cards)
+    "title": "DeepTalk: Towards Seamless and Smart Speech Interaction with Adaptive Modality-Specific MoE",
+    "id": "2506.21864",
+    "citation": (
+        "@article{deeptalk2025,\n  title   = {DeepTalk: Towards Seamless and Smart Speech Interaction with Adaptive "
+        "Modality-Specific MoE},\n  journal = {arXiv preprint arXiv:2506.21864},\n  year    = {2025}\n}"
+    ),
+}
 
 
 class DeepTalkTrainerMixin:
@@ -109,7 +116,7 @@ class DeepTalkTrainerMixin:
             f"- routing mode: `{s['routing_mode']}`\n"
             f"- trained: {groups}; {s['trainable_parameters']:,} of {s['total_parameters']:,} parameters\n"
             f"- learning rate {s['learning_rate']}, {s['global_step']} optimizer steps\n"
-            f"- trainer: `{type(self).__name__}` ({self._paper})\n"
+            f"- trainer: `{type(self).__name__}` ({self._paper['title']}, arXiv {self._paper['id']})\n"
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):

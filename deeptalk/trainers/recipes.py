@@ -21,6 +21,7 @@ PHASE_CLASSES = {
     "align": ("alignment", "DeepTalkAlignmentConfig", "DeepTalkAlignmentTrainer"),
     "experts": ("experts", "DeepTalkExpertsConfig", "DeepTalkExpertsTrainer"),
     "joint": ("joint", "DeepTalkJointConfig", "DeepTalkJointTrainer"),
+    "dpo": ("dpo", "DeepTalkSpeechDPOConfig", "DeepTalkSpeechDPOTrainer"),
 }
 
 
@@ -52,7 +53,9 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def load_conversations(path: str | os.PathLike) -> list[dict]:
-    """Conversations from JSON Lines, with relative audio paths made absolute."""
+    """Conversations from JSON Lines, with relative audio paths made absolute. Rows are
+    `{"messages": [...]}`, or for the DPO phase `{"prompt": [...], "chosen": {...}, "rejected": {...}}`
+    (a conversation ending with the user turn, and two assistant turns)."""
     path = Path(path)
     base = path.resolve().parent
     rows = []
@@ -63,9 +66,13 @@ def load_conversations(path: str | os.PathLike) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number} is not JSON ({err}).") from None
-        if "messages" not in row:
-            raise ValueError(f"{path}:{number} has no 'messages' list.")
-        for message in row["messages"]:
+        if "messages" in row:
+            messages = row["messages"]
+        elif {"prompt", "chosen", "rejected"} <= set(row):
+            messages = [*row["prompt"], row["chosen"], row["rejected"]]
+        else:
+            raise ValueError(f"{path}:{number} needs a 'messages' list (or 'prompt'/'chosen'/'rejected' for DPO).")
+        for message in messages:
             for part in message["content"] if isinstance(message["content"], list) else []:
                 audio = part.get("audio")
                 if isinstance(audio, str) and not os.path.isabs(audio):
@@ -78,10 +85,18 @@ def encode_dataset(processor, conversations: list[dict], *, codec=None, max_leng
     """Processor-encoded `datasets.Dataset`; conversations longer than `max_length` steps are dropped."""
     from datasets import Dataset
 
-    encoded = processor.encode_batch([c["messages"] for c in conversations], codec=codec)
+    if conversations and "messages" not in conversations[0]:  # DPO preference pairs
+        from .dpo import encode_preference_pairs
+
+        encoded = encode_preference_pairs(processor, [c["prompt"] for c in conversations],
+                                          [c["chosen"] for c in conversations], [c["rejected"] for c in conversations])
+        length_column = "chosen_audio_input_mask"
+    else:
+        encoded = processor.encode_batch([c["messages"] for c in conversations], codec=codec)
+        length_column = "audio_input_mask"
     dataset = Dataset.from_dict(encoded)
     if max_length:
-        dataset = dataset.filter(lambda mask: len(mask) <= max_length, input_columns="audio_input_mask")
+        dataset = dataset.filter(lambda mask: len(mask) <= max_length, input_columns=length_column)
     if len(dataset) == 0:
         raise ValueError(f"No training example fits max_length={max_length}.")
     return dataset
@@ -96,7 +111,11 @@ def build_trainer(phase: str, model, processor, train_dataset, args: dict, *, pe
     module_name, config_name, trainer_name = PHASE_CLASSES[phase]
     module = importlib.import_module(f"deeptalk.trainers.{module_name}")
     config = getattr(module, config_name)(**args)
-    kwargs = {"train_dataset": train_dataset, "data_collator": DeepTalkDataCollator(processor, codec=codec)}
+    kwargs = {"train_dataset": train_dataset}
+    if phase == "dpo":
+        kwargs["processing_class"] = processor  # the trainer pairs chosen/rejected itself
+    else:
+        kwargs["data_collator"] = DeepTalkDataCollator(processor, codec=codec)
     if phase == "joint":
         kwargs["processing_class"] = processor
     return getattr(module, trainer_name)(model, config, peft_config=peft_config, **kwargs)

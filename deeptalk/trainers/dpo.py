@@ -1,0 +1,169 @@
+"""Phase 4 -- speech DPO (paper v3, "DeepOmni"): prefer spoken answers that an ASR model transcribes
+correctly. DPO (beta 0.1) is applied to each audio stream separately -- sequence log-probabilities
+summed over the stream's tokens, against a frozen reference model -- and the N stream terms are
+averaged with the text cross-entropy of the chosen answer (the authors' code).
+
+Preference pairs come from a ranking function: `rank_by_wer` orders candidate spoken answers by the
+word error rate of their transcripts against the answer text (the paper ranks Whisper-large
+transcripts); the transcriber is any callable `waveform, sampling_rate -> text`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from trl import DPOConfig, DPOTrainer
+
+from .base import DeepTalkTrainerMixin
+from .freezing import _deeptalk_model, plan_for_phase
+
+
+@dataclass
+class DeepTalkSpeechDPOConfig(DPOConfig):
+    """`DPOConfig` for phase 4 (paper: lr 2e-5, 1 epoch, beta 0.1, cosine, 3% warm-up)."""
+
+    learning_rate: float = field(default=2e-5, metadata={"help": "Paper: 2e-5 for speech DPO."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Paper: 1 epoch."})
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature, applied per audio stream (paper: 0.1)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine schedule."})
+    warmup_steps: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up (fraction of the steps)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's paired columns."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (off on CPU)."})
+    train_embeddings: str = field(default="all", metadata={"help": "'all' (as phase 3), 'audio_rows' or 'none'."})
+
+
+def encode_preference_pairs(processor, prompts, chosen_turns, rejected_turns) -> dict:
+    """Column-wise encodings of (prompt, chosen assistant turn, rejected assistant turn) triples for
+    `datasets.Dataset.from_dict`. Each prompt is a conversation ending with the user turn; each turn
+    an assistant message (text + `audio_codes`)."""
+    out: dict[str, list] = {}
+    for prompt, chosen, rejected in zip(prompts, chosen_turns, rejected_turns):
+        for side, turn in (("chosen", chosen), ("rejected", rejected)):
+            encoded = processor.encode_conversation(list(prompt) + [turn])
+            for key, value in encoded.items():
+                out.setdefault(f"{side}_{key}", []).append(value)
+    return out
+
+
+class SpeechPreferenceCollator:
+    """Pads chosen and rejected examples into one batch: the first half chosen, the second rejected."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, examples: list[dict]) -> dict:
+        rows = [{k[len(side) + 1 :]: v for k, v in e.items() if k.startswith(side + "_")}
+                for side in ("chosen", "rejected") for e in examples]
+        return dict(self.processor.pad(rows))
+
+
+def sequence_logps(model, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+    """`[B, 1 + N]` summed log-probabilities of each stream's labelled tokens (causal shift applied)."""
+    config = _deeptalk_model(model).config
+    totals = []
+    for stream in range(labels.shape[1]):
+        start, end = config.stream_range(stream)
+        target = labels[:, stream, 1:]
+        valid = target != -100
+        logp = F.log_softmax(logits[:, :-1, start:end].float(), dim=-1)
+        picked = logp.gather(-1, (target - start).clamp(min=0, max=end - start - 1).unsqueeze(-1)).squeeze(-1)
+        totals.append((picked * valid).sum(dim=-1))
+    return torch.stack(totals, dim=1)
+
+
+class DeepTalkSpeechDPOTrainer(DeepTalkTrainerMixin, DPOTrainer):
+    """Phase 4: per-stream DPO on spoken answers, averaged with the chosen answers' text CE."""
+
+    phase = "dpo"
+    _tag_names = DeepTalkTrainerMixin._tag_names + ["dpo", "trl"]
+
+    def __init__(self, model, args: DeepTalkSpeechDPOConfig, *, ref_model=None, peft_config=None, processing_class=None,
+                 data_collator=None, **kwargs):
+        if args.bf16 is None:
+            args.bf16 = not args.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if _deeptalk_model(model).config.num_audio_streams == 0:
+            raise ValueError("Speech DPO needs a model with audio streams (model.add_speech).")
+        ref_model = ref_model if ref_model is not None else copy.deepcopy(_deeptalk_model(model))
+        ref_model.requires_grad_(False).eval()
+        plan = plan_for_phase("dpo", train_embeddings=args.train_embeddings)
+        model = self._setup_phase(model, plan, peft_config)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        collator = data_collator or SpeechPreferenceCollator(processing_class)
+        super().__init__(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
+                         data_collator=collator, **kwargs)
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return dataset  # already encoded by `encode_preference_pairs`
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**forward, routing_mode="free", output_router_logits=False)
+        with torch.no_grad():
+            reference = self.ref_model(**forward, routing_mode="free").logits
+        policy_logps = sequence_logps(model, outputs.logits, labels)
+        reference_logps = sequence_logps(model, reference, labels)
+        pairs = labels.shape[0] // 2
+        margin = (policy_logps[:pairs] - policy_logps[pairs:]) - (reference_logps[:pairs] - reference_logps[pairs:])
+        dpo_per_stream = -F.logsigmoid(self.args.beta * margin[:, 1:]).mean(dim=0)  # [N]
+        text_ce = _deeptalk_model(model).stream_losses(outputs.logits[:pairs], labels[:pairs])[0]
+        loss = torch.cat([text_ce.reshape(1), dpo_per_stream]).mean()
+        if model.training:
+            self._stream_metrics["loss_text"].append(float(text_ce.detach()))
+            for stream, value in enumerate(dpo_per_stream.tolist(), 1):
+                self._stream_metrics[f"dpo_audio_{stream}"].append(value)
+            self._stream_metrics["reward_margin"].append(float((self.args.beta * margin[:, 1:]).mean().detach()))
+        return (loss, outputs) if return_outputs else loss
+
+
+def rank_by_wer(reference_text: str, candidates: list, transcribe, sampling_rate: int) -> list[int]:
+    """Indices of `candidates` (waveforms) from best to worst by the WER of `transcribe(waveform,
+    sampling_rate)` against `reference_text`; ties keep the candidates' order. The first and last
+    make a (chosen, rejected) pair."""
+    from ..evaluation.metrics import word_error_rate
+
+    errors = [word_error_rate([reference_text], [transcribe(c, sampling_rate)]) for c in candidates]
+    return sorted(range(len(candidates)), key=lambda i: (errors[i], i))
+
+
+def model_asr_transcriber(model, processor, instruction: str | None = None):
+    """A `transcribe(waveform, sampling_rate) -> text` callable that uses the DeepTalk model's own ASR
+    path (the offline stand-in for the paper's Whisper-large)."""
+    from ..evaluation.metrics import generate_text_answers
+    from ..recipes.demo_data import ASR_INSTRUCTION, asr_conversation
+
+    def transcribe(waveform, sampling_rate):
+        audio = {"array": waveform, "sampling_rate": sampling_rate}
+        conversation = asr_conversation(audio, instruction=ASR_INSTRUCTION if instruction is None else instruction)
+        return generate_text_answers(model, processor, [conversation], max_new_tokens=16)[0]
+
+    return transcribe
+
+
+def demo_preference_pairs(processor, codec, records, transcribe, *, distractors=1, seed=0):
+    """Preference pairs on the demo corpus, offline: for each spoken question, candidate spoken
+    answers are the right answer's audio and `distractors` other answers' audio (all in the
+    assistant voice); `rank_by_wer` against the answer text picks chosen (best) and rejected (worst).
+    Returns the columns of `encode_preference_pairs`."""
+    import random
+
+    import soundfile
+
+    rng = random.Random(seed)
+    answer_audio = sorted({r["answer_audio"] if isinstance(r["answer_audio"], str) else r["answer_audio"]["path"] for r in records})
+    prompts, chosen, rejected = [], [], []
+    for record in records:
+        own = record["answer_audio"] if isinstance(record["answer_audio"], str) else record["answer_audio"]["path"]
+        paths = [own] + rng.sample([p for p in answer_audio if p != own], distractors)
+        waves = [soundfile.read(p, dtype="float32") for p in paths]
+        order = rank_by_wer(record["answer_text"], [w for w, _ in waves], transcribe, waves[0][1])
+        codes = [codec.encode(torch.from_numpy(w), sr) for w, sr in waves]
+        question = record["question_audio"] if isinstance(record["question_audio"], str) else record["question_audio"]["path"]
+        prompts.append([{"role": "user", "content": [{"type": "audio", "audio": question}]}])
+        for side, index in ((chosen, order[0]), (rejected, order[-1])):
+            side.append({"role": "assistant", "content": [{"type": "text", "text": record["answer_text"]},
+                                                           {"type": "audio", "audio_codes": codes[index]}]})
+    return encode_preference_pairs(processor, prompts, chosen, rejected)
