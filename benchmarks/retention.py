@@ -22,10 +22,16 @@ steps (both, shuffled), batch 16:
                  form the speech bank, then the same 2a / 2b / 3 schedule;
 * ``full_ft``    PureMoE: no modality split, free routing, everything but Whisper/adapter trains
                  (the joint plan, ``DeepTalkJointTrainer``) in every stage;
-* ``lora``       LoRA-PureMoE: LoRA on attention, the dense MLP, the shared experts and the
+* ``lora``       LoRA-PureMoE: LoRA (r 8) on attention, the dense MLP, the shared experts and the
                  routed-expert bank (peft ``target_parameters``), plus the new audio rows of the
                  embedding table and head (the new vocabulary has to be learned by every
-                 strategy), free routing, every stage.
+                 strategy), free routing, every stage; merged before evaluation;
+* ``adaptive_bank_only`` (ablation, not run by default): ``adaptive`` with DeepSeek's dense first
+                 layer frozen in 2a (``train_dense_layers=False``), so 2a trains the speech bank and the
+                 audio rows only.
+
+Every stage runs in fp32 on the CPU (TRL's config would turn bf16 autocast on for the joint
+trainer even on a CPU; it is set off explicitly).
 
 With ``--baseline-schedule staged`` (default) the two PureMoE baselines follow the same three stages
 (same data, learning rates and steps as 2a / 2b / 3), so the ONLY difference from ``adaptive`` is
@@ -36,10 +42,14 @@ Metrics per branch, on the validation + test splits (``--eval-splits``; nothing 
 them): text QA accuracy and its relative drop vs the original LLM ((base - new) / base, the
 paper's headline), the change in teacher-forced cross-entropy of the text answers (a continuous
 companion of the exact-match accuracy, less noisy on ~240 questions), spoken question -> text
-answer accuracy, teacher-forced audio-token accuracy on held-out spoken answers. Mean +- half the
-min-max range over ``--seeds``; ``--json`` keeps every seed and stage (losses, steps, seconds).
+answer accuracy, teacher-forced audio-token accuracy on held-out spoken answers, and the text
+metrics once more right after each branch's first (speech-data-only) stage, where forgetting shows
+before the text and joint stages repair it. Mean +- half the min-max range over ``--seeds``, plus a
+paired table: per seed, strategy minus ``adaptive`` (same original LLM and phase-1 model, so most of
+the seed-to-seed noise cancels). ``--json`` keeps every seed and stage (losses, steps, seconds);
+``--replot JSON`` redraws table and plot from it.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/retention.py                   # 2 seeds, ~12 min on 2 idle cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/retention.py                   # 2 seeds, 12-15 min on 2 CPU cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/retention.py --seeds 0 --steps-scale 0.25   # smoke run
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/retention.py --json retention.json --strategies adaptive,full_ft
 
@@ -60,10 +70,12 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 STRATEGIES = ("adaptive", "random", "moextend", "full_ft", "lora")
+EXTRA_STRATEGIES = ("adaptive_bank_only",)  # ablation, not run by default
 LABELS = {
     "original": "original LLM (text only)",
     "phase1": "after phase 1 (shared start)",
     "adaptive": "adaptive experts (DeepTalk)",
+    "adaptive_bank_only": "adaptive, 2a without the dense layer",
     "random": "random experts",
     "moextend": "MoExtend (new experts)",
     "full_ft": "PureMoE full fine-tune",
@@ -346,7 +358,7 @@ class SeedRun:
         torch.manual_seed(seed)
         model = clone(self.phase1)
         speech_experts = None
-        if strategy == "adaptive":
+        if strategy in ("adaptive", "adaptive_bank_only"):
             speech_experts = assign_speech_experts(model, self.load, k, strategy="adaptive")
         elif strategy == "random":
             speech_experts = assign_speech_experts(model, None, k, strategy="random", seed=seed)
@@ -356,7 +368,7 @@ class SeedRun:
         log(f"seed {seed} / {strategy}: " + (f"speech experts {speech_experts}" if speech_experts else "no modality split"))
 
         records, mid = [], {}
-        if strategy in ("adaptive", "random", "moextend"):
+        if strategy in ("adaptive", "adaptive_bank_only", "random", "moextend"):
             for modality, recipe, dataset_name in STAGES:
                 dataset = self._dataset(dataset_name)
                 if modality == "joint":
@@ -364,6 +376,8 @@ class SeedRun:
                     records.append(self._stage(DeepTalkJointTrainer, config, model, dataset, "3 joint (free)"))
                 else:
                     config = DeepTalkExpertsConfig(**self._recipe_args(recipe, self.steps[recipe], f"{strategy}_{modality}"))
+                    if strategy == "adaptive_bank_only" and modality == "speech":
+                        config.train_dense_layers = False  # 2a trains the speech bank + audio rows only
                     records.append(self._stage(DeepTalkExpertsTrainer, config, model, dataset,
                                                f"2{'a' if modality == 'speech' else 'b'} {modality} experts ({modality}_only)"))
                     if modality == "speech":
@@ -479,6 +493,46 @@ def markdown_table(agg: dict) -> str:
     return "\n".join(lines)
 
 
+PAIRED_KEYS = (("text_acc", "text acc", "{:+.3f}"), ("text_ce_delta", "Δ text answer CE", "{:+.3f}"),
+               ("text_ce_delta_after_speech", "Δ text CE after the speech stage", "{:+.3f}"),
+               ("spoken_text_acc", "spoken→text acc", "{:+.3f}"), ("audio_token_acc", "audio-token acc", "{:+.3f}"))
+
+
+def paired(runs: dict, rows: list[str], reference: str = "adaptive") -> dict:
+    """Per-seed differences `strategy - reference` (same seed = same original LLM, data and phase-1
+    model, so most of the seed-to-seed noise cancels): mean, min, max, and how many seeds had the
+    sign of the mean."""
+    out = {}
+    for row in rows:
+        if row == reference or row in ("original", "phase1"):
+            continue
+        seeds = [s for s in runs if row in runs[s] and reference in runs[s]]
+        if not seeds:
+            continue
+        out[row] = {}
+        for key, _, _ in PAIRED_KEYS:
+            diffs = [runs[s][row].get(key) - runs[s][reference].get(key) for s in seeds
+                     if runs[s][row].get(key) is not None and runs[s][reference].get(key) is not None]
+            if diffs:
+                mean = sum(diffs) / len(diffs)
+                out[row][key] = {"mean": mean, "min": min(diffs), "max": max(diffs), "n": len(diffs),
+                                 "same_sign": sum((d > 0) == (mean > 0) and d != 0 for d in diffs)}
+    return out
+
+
+def paired_table(diffs: dict, reference: str = "adaptive") -> str:
+    lines = [f"| strategy − {LABELS.get(reference, reference)}, per seed | " + " | ".join(name for _, name, _ in PAIRED_KEYS) + " |",
+             "|---|" + "---:|" * len(PAIRED_KEYS)]
+    for row, values in diffs.items():
+        cells = []
+        for key, _, fmt in PAIRED_KEYS:
+            v = values.get(key)
+            cells.append("—" if v is None else f"{fmt.format(v['mean'])} [{fmt.format(v['min'])}, {fmt.format(v['max'])}] "
+                                                f"({v['same_sign']}/{v['n']})")
+        lines.append(f"| {LABELS.get(row, row)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(agg: dict, runs: dict, path: str, title: str):
     """Three panels against the text-ability loss: spoken->text accuracy and audio-token accuracy vs
     the relative text QA drop, and audio-token accuracy vs the text answer CE change. Big markers:
@@ -488,8 +542,8 @@ def plot(agg: dict, runs: dict, path: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"adaptive": "C0", "random": "C1", "moextend": "C2", "full_ft": "C3", "lora": "C4"}
-    markers = {"adaptive": "o", "random": "v", "moextend": "D", "full_ft": "s", "lora": "P"}
+    colors = {"adaptive": "C0", "random": "C1", "moextend": "C2", "full_ft": "C3", "lora": "C4", "adaptive_bank_only": "C9"}
+    markers = {"adaptive": "o", "random": "v", "moextend": "D", "full_ft": "s", "lora": "P", "adaptive_bank_only": "^"}
     panels = (("relative_drop", 100, "relative text QA drop vs the original LLM (%)  (← better)",
                "spoken_text_acc", "spoken question → text answer accuracy"),
               ("relative_drop", 100, "relative text QA drop vs the original LLM (%)  (← better)",
@@ -530,6 +584,8 @@ def replot(json_path: str, plot_path: str):
     settings = payload["settings"]
     agg = aggregate(runs, ["original", "phase1"] + list(settings["strategies"]))
     print(markdown_table(agg))
+    if "adaptive" in settings["strategies"] and len(settings["strategies"]) > 1:
+        print("\n" + paired_table(paired(runs, list(settings["strategies"]))))
     plot(agg, runs, plot_path, plot_title(settings, settings["steps"]))
     log(f"plot: {plot_path}")
 
@@ -545,7 +601,9 @@ def plot_title(settings: dict, steps: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {','.join(STRATEGIES)}")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"subset of {','.join(STRATEGIES)}, plus the ablation {','.join(EXTRA_STRATEGIES)} (2a trains "
+                             "the speech bank and audio rows only, DeepSeek's dense first layer stays frozen)")
     parser.add_argument("--steps-scale", type=float, default=1.0,
                         help="scale the tiny_cpu recipes' steps (align 300, speech 300, text 60, joint 200)")
     parser.add_argument("--pretrain-steps", type=int, default=1500, help="steps teaching the original LLM (quickstart: 1500)")
@@ -567,9 +625,9 @@ def main(argv=None):
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     args.eval_splits = [s.strip() for s in args.eval_splits.split(",") if s.strip()]
-    unknown = set(args.strategies) - set(STRATEGIES)
+    unknown = set(args.strategies) - set(STRATEGIES) - set(EXTRA_STRATEGIES)
     if unknown:
-        parser.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+        parser.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES + EXTRA_STRATEGIES}")
 
     notes = []
     if "moextend" in args.strategies and not moextend_available(args.moextend_wait):
@@ -619,6 +677,11 @@ def main(argv=None):
           f"'after the speech stage' = measured right after the branch's first (speech-only data) stage. "
           f"{eval_sizes}. Branch train steps come on top of the shared start (text pretraining + phase 1). "
           f"Total wall time {time.perf_counter() - _START:.0f}s.")
+    diffs = paired(runs, rows) if "adaptive" in args.strategies and len(args.strategies) > 1 else {}
+    if diffs:
+        print("\n" + paired_table(diffs))
+        print("Mean [min, max] over seeds of the per-seed difference to the adaptive branch of the same seed; "
+              "(k/n) = seeds whose difference has the sign of the mean.")
     for note in notes:
         print(note)
     plot(agg, runs, args.plot, plot_title(vars(args), steps))
@@ -626,6 +689,7 @@ def main(argv=None):
     if args.json:
         payload = {"settings": {**vars(args), "steps": steps}, "machine": info, "notes": notes, "aggregate": agg,
                    "runs": {str(s): r for s, r in runs.items()}, "markdown": table,
+                   "paired_vs_adaptive": diffs,
                    "wall_s": round(time.perf_counter() - _START, 1)}
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2, default=str)
