@@ -420,6 +420,8 @@ class DeepTalkSparseMoeBlock(nn.Module):
         cannot be packed (an empty bank, meta or distributed tensors).
         """
         banks = (self.text_bank, self.speech_bank)
+        if not all(isinstance(bank, DeepTalkExperts) for bank in banks):
+            return None  # e.g. an unmerged PEFT adapter wraps a bank: packing raw weights would skip it
         params = [getattr(bank, name) for name in ("gate_up_proj", "down_proj") for bank in banks]
         if any(p.numel() == 0 or p.is_meta or type(p) is not nn.Parameter for p in params):
             return None

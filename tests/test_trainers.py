@@ -178,3 +178,16 @@ def test_lora_on_the_speech_bank_only(setup, tmp_path):
             assert not torch.equal(value, after[name]), name
         else:
             assert torch.equal(value, after[name]), name
+
+
+def test_lora_model_runs_inference_and_phase_trainers_accept_peft_models(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    processor, dataset, collator = setup
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["speech_bank.gate_up_proj", "speech_bank.down_proj"])
+    peft_model = get_peft_model(speech_model(processor), lora)
+    batch = collator([dataset[i] for i in range(2)])
+    with torch.no_grad():  # free-mode inference with an unmerged adapter on a bank
+        assert torch.isfinite(peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits).all()
+    args = DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="speech", max_steps=1, **COMMON)
+    DeepTalkExpertsTrainer(peft_model, args, train_dataset=dataset, data_collator=collator).train()

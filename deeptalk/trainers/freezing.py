@@ -165,11 +165,11 @@ def _train_embeddings(base, choice: str) -> dict[str, int]:
 
 def _deeptalk_model(model):
     """The `DeepTalkForCausalLM` inside `model` (itself, or the base model of a PeftModel)."""
+    inner = getattr(type(model), "get_base_model", None)  # a PeftModel forwards moe_blocks: unwrap it first
+    if inner is not None:
+        return _deeptalk_model(model.get_base_model())
     if hasattr(model, "moe_blocks"):
         return model
-    inner = getattr(model, "get_base_model", None)
-    if inner is not None:
-        return _deeptalk_model(inner())
     raise TypeError(f"Expected a DeepTalkForCausalLM (or a PeftModel around one), got {type(model).__name__}.")
 
 
