@@ -54,14 +54,6 @@ class QuickstartSettings:
     extra: dict = field(default_factory=dict)
 
 
-def _tiny_whisper_config():
-    from transformers import WhisperConfig
-
-    return WhisperConfig(num_mel_bins=80, d_model=64, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128,
-                         vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                         decoder_start_token_id=1)
-
-
 class TextStreamCollator:
     """Plain causal-LM batches (text stream only) for teaching the original LLM."""
 
@@ -107,7 +99,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
     from .generation import generate_speech_answer
     from .processing.processing_deeptalk import DeepTalkDataCollator
     from .recipes.demo_data import build_demo_data, build_demo_processor, build_demo_tokenizer, fit_demo_codec
-    from .tiny import tiny_text_moe_config
+    from .tiny import tiny_text_moe_config, tiny_whisper_config
     from .trainers import DeepTalkAlignmentConfig, DeepTalkAlignmentTrainer, DeepTalkExpertsConfig, DeepTalkExpertsTrainer
     from .trainers.assignment import assign_speech_experts, measure_modality_load, save_load_report
     from .trainers.joint import DeepTalkJointConfig, DeepTalkJointTrainer
@@ -166,7 +158,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
 
     # ---- conversion ------------------------------------------------------------------------------
     model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, num_speech_experts=settings.num_speech_experts)
-    audio_config = _tiny_whisper_config()
+    audio_config = tiny_whisper_config(d_model=64, encoder_layers=2)
     if settings.audio_encoder:
         from transformers import WhisperConfig
 

@@ -48,3 +48,12 @@ def tiny_text_moe(family: str = "qwen3_moe", seed: int = 0, **config_kwargs) -> 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_text_moe_config(family, **config_kwargs))
     return model.eval()
+
+
+def tiny_whisper_config(d_model: int = 32, encoder_layers: int = 1):
+    """A tiny random Whisper encoder config (80 mel bins, 30 s window) for offline demos and tests."""
+    from transformers import WhisperConfig
+
+    return WhisperConfig(num_mel_bins=80, d_model=d_model, encoder_layers=encoder_layers, encoder_attention_heads=4,
+                         encoder_ffn_dim=2 * d_model, vocab_size=100, max_source_positions=1500, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)

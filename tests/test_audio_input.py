@@ -6,7 +6,6 @@ demo corpus and a real ``datasets.Dataset.map`` are used. Everything is CPU-only
 
 import io
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

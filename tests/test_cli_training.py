@@ -6,8 +6,9 @@ import sys
 
 import torch
 from conftest import convert
-from transformers import AutoModelForCausalLM, WhisperConfig
+from transformers import AutoModelForCausalLM
 
+from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
@@ -22,9 +23,7 @@ def _write_model_and_data(tmp_path):
     corpus = load_demo_corpus("spoken_qa", decode_audio=False)
     tokenizer = train_demo_tokenizer([r["question_text"] + " " + r["answer_text"] for r in corpus["train"]])
     processor = DeepTalkProcessor.from_codec_layout(tokenizer, 2, 16)
-    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=1)
+    whisper = tiny_whisper_config()
     model = convert(tiny_text_moe("qwen3_moe", vocab_size=len(tokenizer), num_experts=8), experts=None)
     model.config.num_speech_experts = 2
     model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())

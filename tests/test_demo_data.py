@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import convert
-from transformers import WhisperConfig
 
+from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator
 from deeptalk.data import read_demo_records
 from deeptalk.data.demo_corpus import _read_audio
@@ -163,9 +163,7 @@ def test_phase_datasets_collate_and_train_a_tiny_model(data, tiny_source):
         data.phase_dataset("4")
 
     processor = data.processor
-    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=1)
+    whisper = tiny_whisper_config()
     model = convert(tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer)))
     model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())
     batch = DeepTalkDataCollator(processor)([joint[i] for i in range(4)] + [data.asr["train"][0]])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import convert
 from torch import nn
-from transformers import WhisperConfig
 
+from deeptalk.tiny import tiny_whisper_config
 from deeptalk.data import load_demo_corpus, read_demo_records
 from deeptalk.evaluation import (
     answer_accuracy,
@@ -35,10 +35,6 @@ from deeptalk.recipes import (
     text_qa_conversation,
 )
 
-WHISPER = dict(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-               vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-               decoder_start_token_id=1)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -59,7 +55,7 @@ def speech_model(processor):
 
     processor, _ = processor
     model = convert(tiny_text_moe("qwen3_moe", vocab_size=len(processor.tokenizer)))
-    model.add_speech(audio_config=WhisperConfig(**WHISPER), **processor.model_speech_kwargs())
+    model.add_speech(audio_config=tiny_whisper_config(), **processor.model_speech_kwargs())
     return model.eval()
 
 

@@ -7,8 +7,9 @@ import sys
 import torch
 import yaml
 from conftest import convert, random_ids
-from transformers import AutoProcessor, WhisperConfig
+from transformers import AutoProcessor
 
+from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkProcessor
 from deeptalk.hub import export_for_hub, logits_via_remote_code
 from deeptalk.processing.tokenizer import train_demo_tokenizer
@@ -18,9 +19,7 @@ from deeptalk.tiny import tiny_text_moe
 def _model_and_processor():
     tokenizer = train_demo_tokenizer(["what is two plus two", "four", "is seven bigger than three", "yes"] * 5)
     processor = DeepTalkProcessor.from_codec_layout(tokenizer, 2, 16)
-    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=1)
+    whisper = tiny_whisper_config()
     model = convert(tiny_text_moe("deepseek_v2", vocab_size=len(tokenizer)), experts=(2, 5))
     model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())
     return model, processor

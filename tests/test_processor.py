@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import convert
-from transformers import AutoModelForCausalLM, AutoProcessor, WhisperConfig
+from transformers import AutoModelForCausalLM, AutoProcessor
 
+from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
@@ -77,9 +78,7 @@ def test_batch_padding_and_model_forward(processor, corpus, tiny_source):
                      padding_side="left")
     assert left["attention_mask"][1, 0] == 0 and left["attention_mask"][1, -1] == 1
 
-    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=1)
+    whisper = tiny_whisper_config()
     model = convert(tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer)))
     model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())
     out = model(**batch, output_expert_load=True)
@@ -90,9 +89,7 @@ def test_batch_padding_and_model_forward(processor, corpus, tiny_source):
 
 
 def test_model_and_processor_save_and_reload_together(processor, corpus, tiny_source, tmp_path):
-    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=1)
+    whisper = tiny_whisper_config()
     model = convert(tiny_source("olmoe", vocab_size=len(processor.tokenizer)))
     model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())
     model.save_pretrained(tmp_path)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 from conftest import convert, random_ids
-from transformers import AutoModelForCausalLM, WhisperConfig
+from transformers import AutoModelForCausalLM
 
+from deeptalk.tiny import tiny_whisper_config
 from deeptalk.hub import logits_via_remote_code
 from deeptalk.processing.layout import SpeechTokenLayout
 
@@ -12,9 +13,7 @@ STREAMS, CODEBOOK = 3, 16
 
 
 def whisper_config():
-    return WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4,
-                         encoder_ffn_dim=64, vocab_size=100, max_source_positions=1500,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    return tiny_whisper_config(d_model=32, encoder_layers=2)
 
 
 @pytest.fixture

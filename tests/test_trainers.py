@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import convert
 from datasets import Dataset
-from transformers import WhisperConfig
 
+from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
@@ -42,9 +42,7 @@ def setup():
 
 
 def speech_model(processor, speech_experts=(1, 5)):
-    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=1)
+    whisper = tiny_whisper_config()
     model = convert(tiny_text_moe("deepseek_v2", vocab_size=len(processor.tokenizer)), experts=speech_experts)
     return model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())
 

@@ -9,8 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import WhisperConfig  # noqa: E402
 
+from deeptalk.tiny import tiny_whisper_config  # noqa: E402
 import deeptalk  # noqa: E402
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor  # noqa: E402
 from deeptalk.data import load_demo_corpus  # noqa: E402
@@ -34,9 +34,7 @@ def main(output_dir: str):
     dataset = Dataset.from_dict(processor.encode_batch(conversations))
     source = tiny_text_moe("qwen3_moe", vocab_size=len(tokenizer))
     model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, speech_experts=[[1, 5]] * 3, progress=False)
-    whisper = WhisperConfig(num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=4, encoder_ffn_dim=64,
-                            vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                            decoder_start_token_id=1)
+    whisper = tiny_whisper_config()
     model.add_speech(audio_config=whisper, **processor.model_speech_kwargs())
     args = DeepTalkExpertsConfig(output_dir=output_dir, modality="speech", max_steps=3, per_device_train_batch_size=2,
                                  use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, seed=0,
