@@ -178,26 +178,34 @@ def _load_model_processor_codec(model_dir: str, codec_dir: str | None):
 
 
 def cmd_chat(args) -> int:
-    import time
-
     import soundfile
 
-    from .generation import generate_speech_answer
+    from .generation import AudioChunk, ChatReply, SpeechChat, SpeechDecodingConfig, TextDelta
 
-    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
     if (args.audio is None) == (args.text is None):
         raise ValueError("Give the question as --audio FILE or as --text '...', one of the two.")
-    content = [{"type": "audio", "audio": args.audio}] if args.audio else args.text
-    started = time.perf_counter()
-    answer = generate_speech_answer(model, processor, [{"role": "user", "content": content}], max_steps=args.max_steps)
-    seconds = time.perf_counter() - started
-    print(answer.text)
-    if answer.codes.shape[1] and codec is not None:
-        soundfile.write(args.out, codec.decode(answer.codes).cpu().numpy(), codec.sampling_rate)
-        spoken = f"{answer.codes.shape[1]} codec frames -> {args.out}"
+    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
+    config = SpeechDecodingConfig(strategy=args.strategy, max_steps=args.max_steps, audio_top_k=args.audio_top_k,
+                                  text_repetition_penalty=args.repetition_penalty, seed=args.seed, voice=args.voice,
+                                  cache_implementation=args.cache)
+    chat = SpeechChat(model, processor, codec, config, chunk_frames=args.chunk_frames)
+    for event in chat.stream(audio=args.audio, text=args.text):
+        if isinstance(event, TextDelta):  # the text as it is decoded
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, AudioChunk) and event.index == 0:
+            print(f"\n[first audio chunk after {event.elapsed_s * 1000:.0f} ms]", file=sys.stderr)
+        elif isinstance(event, ChatReply):
+            reply = event
+    print()
+    if reply.waveform is not None and reply.waveform.size:
+        soundfile.write(args.out, reply.waveform, reply.sampling_rate)
+        spoken = f"{reply.codes.shape[1]} codec frames ({reply.waveform.size / reply.sampling_rate:.2f} s) -> {args.out}"
     else:
         spoken = "no speech frames generated" if codec is not None else "no codec found (pass --codec) so no WAV"
-    print(f"[{answer.steps} decode steps in {seconds:.2f} s; {spoken}]", file=sys.stderr)
+    t = reply.timings
+    latency = ", ".join(f"{name} {t[name] * 1000:.0f} ms" for name in ("features", "prefill", "first_text", "first_audio_chunk", "total") if name in t)
+    print(f"[{reply.steps} decode steps ({args.strategy}); {latency}; {spoken}]", file=sys.stderr)
     return 0
 
 
@@ -255,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--out", default="reply.wav")
     chat.add_argument("--codec", help="codec folder (default: <model>/codec)")
     chat.add_argument("--max-steps", type=int, default=200)
+    chat.add_argument("--strategy", default="single_pass", choices=["single_pass", "batch_parallel"],
+                      help="single_pass: one sequence; batch_parallel: the authors' text-only copy supplies the text")
+    chat.add_argument("--audio-top-k", type=int, default=10, help="sample audio among the top k codes (1 = greedy)")
+    chat.add_argument("--repetition-penalty", type=float, default=1.2, help="text repetition penalty (1.0 = off)")
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--voice", help="voice token name, for models trained with voices")
+    chat.add_argument("--chunk-frames", type=int, default=8, help="codec frames per streamed audio chunk")
+    chat.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="KV cache implementation")
     chat.set_defaults(func=cmd_chat)
 
     evaluate = sub.add_parser("evaluate", help="text QA, spoken QA, ASR and audio-token metrics -> JSON")

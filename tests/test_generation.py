@@ -1,29 +1,196 @@
-"""Single-pass text + speech decoding."""
+"""Speech decoding: single-pass and batch-parallel strategies, static cache, the stream rules, and the
+`SpeechChat` API (streamed text and audio, timings, expert load, history, loading from a folder)."""
 
+import numpy as np
+import pytest
 import torch
-from test_trainers import speech_model  # noqa: F401  (shared tiny speech model builder)
+from test_trainers import speech_model
 
-from deeptalk import DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
-from deeptalk.generation import generate_speech_answer
-from deeptalk.processing.tokenizer import train_demo_tokenizer
+from deeptalk.evaluation import generate_text_answers
+from deeptalk.generation import (
+    AudioChunk,
+    ChatReply,
+    SpeechChat,
+    SpeechDecodingConfig,
+    TextDelta,
+    generate_speech_answer,
+)
+from deeptalk.recipes import build_demo_processor, build_demo_tokenizer, fit_demo_codec, single_thread
 
 
-def test_cached_decoding_equals_full_recompute_and_respects_the_layout():
-    corpus = load_demo_corpus("spoken_qa")
-    tokenizer = train_demo_tokenizer([r["question_text"] + " " + r["answer_text"] for r in corpus["train"]])
-    processor = DeepTalkProcessor.from_codec_layout(tokenizer, 3, 16)
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def setup():
+    codec = fit_demo_codec(iters=3)
+    processor = build_demo_processor(build_demo_tokenizer(), codec)
     torch.manual_seed(0)
     model = speech_model(processor).eval()
-    conversation = [{"role": "user", "content": [{"type": "audio", "audio": corpus["test"][0]["question_audio"]}]}]
-    cached = generate_speech_answer(model, processor, conversation, max_steps=12)
-    full = generate_speech_answer(model, processor, conversation, max_steps=12, use_cache=False)
-    assert torch.equal(cached.layout, full.layout)
-    layout = processor.layout
-    grid = cached.layout
-    for i, delay in enumerate(layout.delays):  # each audio stream is PAD_A before its delay
-        assert (grid[1 + i, :delay] == layout.audio_special_id("<|pad_a|>", i)).all()
-        start, end = layout.stream_range(1 + i)
-        assert ((grid[1 + i] >= start) & (grid[1 + i] < end)).all()
+    question = load_demo_corpus("spoken_qa", decode_audio=False)["test"][0]["question_audio"]
+    return model, processor, codec, question
+
+
+def spoken(question):
+    return [{"role": "user", "content": [{"type": "audio", "audio": question}]}]
+
+
+def check_layout_rules(grid, layout):
+    """Every stream keeps to the delayed layout: PAD_A before its delay, codes, then at most one EOA at
+    the same frame for all streams, PAD_A after it; text ids in the text vocabulary."""
     assert ((grid[0] >= 0) & (grid[0] < layout.text_vocab_size)).all()
-    assert cached.codes.shape[0] == 3
+    ends = set()
+    for i, delay in enumerate(layout.delays):
+        pad_a, eoa = layout.audio_special_id("<|pad_a|>", i), layout.audio_special_id("<|eoa|>", i)
+        assert (grid[1 + i, :delay] == pad_a).all()
+        codes = grid[1 + i, delay:] - layout.stream_offset(1 + i)
+        is_code = (codes >= 0) & (codes < layout.codebook_size)
+        first_special = int((~is_code).nonzero()[0]) if (~is_code).any() else len(codes)
+        if first_special < len(codes):
+            assert int(grid[1 + i, delay + first_special]) == eoa
+            assert (grid[1 + i, delay + first_special + 1 :] == pad_a).all()
+        ends.add(first_special if first_special < len(codes) else None)
+    assert len(ends - {None}) <= 1, f"streams ended at different frames: {ends}"
+
+
+def test_cached_decoding_equals_full_recompute_and_respects_the_layout(setup):
+    model, processor, _, question = setup
+    # greedy: sampling among near-tied logits would amplify float noise between the two paths
+    cached = generate_speech_answer(model, processor, spoken(question), max_steps=12, audio_top_k=1)
+    full = generate_speech_answer(model, processor, spoken(question), max_steps=12, audio_top_k=1, use_cache=False)
+    assert torch.equal(cached.layout, full.layout)
+    check_layout_rules(cached.layout, processor.layout)
+    assert cached.codes.shape[0] == processor.layout.num_audio_streams
+    assert cached.steps == 12 and set(cached.timings) >= {"features", "prefill", "decode", "total"}
+
+
+@pytest.mark.parametrize("strategy", ["single_pass", "batch_parallel"])
+def test_static_cache_gives_the_same_answer_as_the_dynamic_cache(setup, strategy):
+    model, processor, _, question = setup
+    dynamic = generate_speech_answer(model, processor, spoken(question), max_steps=10, strategy=strategy, audio_top_k=1)
+    static = generate_speech_answer(model, processor, spoken(question), max_steps=10, strategy=strategy, audio_top_k=1,
+                                    cache_implementation="static")
+    assert torch.equal(dynamic.layout, static.layout)
+
+
+def test_batch_parallel_text_is_the_text_only_answer(setup):
+    """The authors' decoding: the text stream comes from a text-only copy, so it equals the plain
+    greedy text answer, while the audio streams still speak (and differ from single-pass audio)."""
+    model, processor, _, question = setup
+    steps = 10
+    parallel = generate_speech_answer(model, processor, spoken(question), max_steps=steps, strategy="batch_parallel",
+                                      text_repetition_penalty=1.0, audio_top_k=1)
+    text_only = generate_text_answers(model, processor, [spoken(question)], max_new_tokens=steps)[0]
+    assert parallel.text == text_only
+    single = generate_speech_answer(model, processor, spoken(question), max_steps=steps, text_repetition_penalty=1.0,
+                                    audio_top_k=1)
+    assert not torch.equal(single.layout[0], parallel.layout[0])  # one sequence's text is conditioned on its audio
+    check_layout_rules(parallel.layout, processor.layout)
+
+
+def test_expert_load_counts_every_routed_token(setup):
+    model, processor, _, question = setup
+    top_k = model.config.text_config.num_experts_per_tok
+    for strategy in ("single_pass", "batch_parallel"):
+        config = SpeechDecodingConfig(strategy=strategy, max_steps=8)
+        from deeptalk.generation import DecodeResult, decode_steps
+
+        result = DecodeResult()
+        list(decode_steps(model, processor, spoken(question), config, result, output_expert_load=True))
+        per_layer = result.expert_load.sum(dim=(1, 2))
+        expected = (result.prompt_length + result.forward_rows) * top_k
+        assert torch.equal(per_layer, torch.full_like(per_layer, expected)), strategy
+        assert result.expert_load[:, 1].sum() > 0  # the spoken question's positions are speech tokens
+    assert result.forward_rows > 7  # batch-parallel ran the text-only copy too
+
+
+def test_sampling_is_seeded(setup):
+    model, processor, _, question = setup
+    a = generate_speech_answer(model, processor, spoken(question), max_steps=8, seed=3)
+    b = generate_speech_answer(model, processor, spoken(question), max_steps=8, seed=3)
+    c = generate_speech_answer(model, processor, spoken(question), max_steps=8, seed=4)
+    assert torch.equal(a.layout, b.layout) and not torch.equal(a.layout[1:], c.layout[1:])
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        (dict(strategy="beam"), ["strategy", "single_pass"]),
+        (dict(cache_implementation="paged"), ["cache_implementation", "static"]),
+        (dict(audio_top_k=0), ["audio_top_k"]),
+        (dict(max_steps=0), ["max_steps"]),
+        (dict(audio_temperature=0), ["temperature"]),
+    ],
+)
+def test_bad_decoding_options_are_named(options, words):
+    with pytest.raises(ValueError) as err:
+        SpeechDecodingConfig(**options)
+    assert all(w in str(err.value) for w in words)
+
+
+def test_unknown_voice_is_refused_with_the_known_voices(setup):
+    model, processor, _, question = setup
+    with pytest.raises(ValueError, match="Unknown voice 'alice'"):
+        generate_speech_answer(model, processor, spoken(question), max_steps=4, voice="alice")
+
+
+# ---------------------------------------------------------------------------------------------- SpeechChat
+def test_chat_stream_events_add_up_to_the_reply(setup):
+    model, processor, codec, question = setup
+    chat = SpeechChat(model, processor, codec, chunk_frames=4, first_chunk_frames=2)
+    events = list(chat.stream(audio=question, max_steps=30))
+    reply = events[-1]
+    assert isinstance(reply, ChatReply)
+    texts = [e for e in events if isinstance(e, TextDelta)]
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert "".join(t.text for t in texts) == reply.text
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    spf = codec.samples_per_frame
+    assert chunks[0].waveform.size == 2 * spf and all(c.waveform.size == 4 * spf for c in chunks[1:-1])
+    assert np.array_equal(np.concatenate([c.waveform for c in chunks]), reply.waveform)
+    offline = codec.decode(reply.codes).numpy()
+    assert reply.waveform.shape == offline.shape == (reply.codes.shape[1] * spf,)
+    snr = 10 * np.log10((offline**2).sum() / ((reply.waveform - offline) ** 2).sum())
+    assert snr > 35, f"streamed audio differs from the offline decode ({snr:.1f} dB)"
+    t = reply.timings
+    assert 0 < t["first_audio_chunk"] <= t["total"] and t["steps_to_first_audio_chunk"] == max(processor.layout.delays) + 2 + codec.default_decode_context
+    assert chunks[0].elapsed_s == pytest.approx(t["first_audio_chunk"], abs=1e-3)
+    assert reply.expert_load.shape == (len(model.config.moe_layer_indices), 2, model.config.num_routed_experts)
+    assert reply.history[-1] == {"role": "assistant", "content": reply.text}
+
+
+def test_chat_takes_arrays_text_and_history(setup):
+    import soundfile
+
+    model, processor, codec, question = setup
+    chat = SpeechChat(model, processor, codec)
+    array, rate = soundfile.read(question, dtype="float32")
+    from_file = chat(audio=question, max_steps=6)
+    from_array = chat(audio=(array, rate), max_steps=6)
+    from_gradio = chat(audio=(rate, array), max_steps=6)  # gradio's (rate, array) order
+    assert from_file.text == from_array.text == from_gradio.text
+    assert torch.equal(from_file.layout, from_array.layout)
+    follow_up = chat(text="why", history=from_file.history, max_steps=6)
+    assert len(follow_up.history) == 4 and follow_up.history[:2] == from_file.history
+    with pytest.raises(ValueError, match="Ask something"):
+        chat(max_steps=4)
+    with pytest.raises(ValueError, match="audio must be"):
+        chat(audio=123, max_steps=4)
+    with pytest.raises(ValueError, match="Unknown decoding option"):
+        chat(audio=question, temperature=0.5)
+
+
+def test_chat_from_pretrained_folder_gives_the_same_reply(setup, tmp_path):
+    model, processor, codec, question = setup
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    codec.save_pretrained(tmp_path / "codec")
+    loaded = SpeechChat.from_pretrained(str(tmp_path))
+    in_memory = SpeechChat(model, processor, codec)(audio=question, max_steps=8)
+    reply = loaded(audio=question, max_steps=8)
+    assert torch.equal(reply.layout, in_memory.layout)
+    assert np.allclose(reply.waveform, in_memory.waveform, atol=1e-5)

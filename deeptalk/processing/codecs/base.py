@@ -348,10 +348,19 @@ class SpeechCodec(nn.Module, abc.ABC):
         if start == end:
             return torch.zeros(0, dtype=torch.float32, device=self.device)
         ctx = self.default_decode_context if context is None else int(context)
-        lo, hi = max(0, start - ctx), min(total, end + ctx)
-        audio = self.decode(codes[:, lo:hi])
+        lo, hi = self._decode_window(max(0, start - ctx), min(total, end + ctx), total)
+        audio = self._decode_at(codes[:, lo:hi], lo)
         spf = self.samples_per_frame
         return audio[(start - lo) * spf : (end - lo) * spf]
+
+    def _decode_window(self, lo: int, hi: int, total: int) -> tuple[int, int]:
+        """Widen the frames ``[lo, hi)`` a chunk is decoded from, e.g. to whole attention windows."""
+        return lo, hi
+
+    def _decode_at(self, codes: torch.Tensor, first_frame: int) -> torch.Tensor:
+        """Decode a window of frames that starts at absolute frame ``first_frame`` (codecs whose
+        decoder depends on absolute position, e.g. SNAC's seeded noise, override this)."""
+        return self.decode(codes)
 
     # ------------------------------------------------------------------ to implement
     @abc.abstractmethod

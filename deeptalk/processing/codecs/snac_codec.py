@@ -131,6 +131,12 @@ class SNACCodec(SpeechCodec):
         attn = model.attn_window_size or 1
         # SNAC needs the latent length (coarse frames x stride_0) to be a multiple of lcm(stride_0, attn_window)
         self._frame_multiple = math.lcm(self.vq_strides[0], attn) // self.vq_strides[0]
+        # Decoder noise as a fixed function of absolute position (see _positional_noise), so a chunk
+        # decoded on its own gets the same noise as the same frames inside a full decode.
+        self._noise_window = {"first_frame": 0, "frames": 1}
+        noise_blocks = [m for m in model.decoder.modules() if type(m).__name__ == "NoiseBlock"]
+        for index, block in enumerate(noise_blocks):
+            block.forward = _PositionalNoiseForward(block, self, index)
         self.eval()
 
     @classmethod
@@ -194,6 +200,7 @@ class SNACCodec(SpeechCodec):
         if pad:  # attention windows need whole windows: repeat the last frame, crop afterwards
             codes = torch.cat([codes, codes[:, -1:].expand(-1, pad)], dim=1)
         level_codes = self.unflatten(codes)
+        self._noise_window["frames"] = codes.shape[1]
         if self.decode_seed is None:
             audio = self.model.decode(level_codes)
         else:
@@ -209,6 +216,17 @@ class SNACCodec(SpeechCodec):
                     torch.random.default_generator.manual_seed(self.decode_seed)
                     audio = self.model.decode(level_codes)
         return audio.reshape(-1)[: n * self.samples_per_frame]
+
+    def _decode_window(self, lo: int, hi: int, total: int) -> Tuple[int, int]:
+        # local attention works on whole windows counted from frame 0: decode from a window boundary
+        return lo - lo % self._frame_multiple, hi
+
+    def _decode_at(self, codes: torch.Tensor, first_frame: int) -> torch.Tensor:
+        self._noise_window["first_frame"] = first_frame
+        try:
+            return self.decode(codes)
+        finally:
+            self._noise_window["first_frame"] = 0
 
     # ------------------------------------------------------------------ persistence
     def _extra_codec_config(self) -> Dict[str, Any]:
@@ -293,3 +311,38 @@ def _snac_config_of(model: "torch.nn.Module") -> Dict[str, Any]:
         "noise": bool(noise),
         "depthwise": bool(depthwise),
     }
+
+
+class _PositionalNoiseForward:
+    """`NoiseBlock.forward` with noise that depends on the absolute position, not on the call.
+
+    SNAC's decoder adds `randn * linear(x)` after some upsampling layers. Drawn per call, that noise
+    differs between one full decode and the same frames decoded in chunks, which makes streaming
+    audible at the joins. Here position p of noise block b always gets the same value: the noise is
+    cut from fixed 4096-sample pages, each drawn from a generator seeded by (decode_seed, b, page).
+    With `decode_seed=None` the block keeps SNAC's own per-call noise.
+    """
+
+    PAGE = 4096
+
+    def __init__(self, block, codec, index: int):
+        self.block, self.codec, self.index = block, codec, index
+        self.original_forward = block.forward
+
+    def __call__(self, x):
+        seed = self.codec.decode_seed
+        if seed is None:
+            return self.original_forward(x)
+        window = self.codec._noise_window
+        per_frame = x.shape[-1] // window["frames"]
+        noise = self.noise(seed, window["first_frame"] * per_frame, x.shape[-1]).to(device=x.device, dtype=x.dtype)
+        return x + noise.view(1, 1, -1) * self.block.linear(x)
+
+    def noise(self, seed: int, start: int, length: int) -> torch.Tensor:
+        first, last = start // self.PAGE, (start + length - 1) // self.PAGE
+        pages = []
+        for page in range(first, last + 1):
+            generator = torch.Generator().manual_seed((seed * 1_000_003 + self.index * 65_537 + page) % (2**63))
+            pages.append(torch.randn(self.PAGE, generator=generator))
+        offset = start - first * self.PAGE
+        return torch.cat(pages)[offset : offset + length]

@@ -1,0 +1,32 @@
+"""Speaking: decode a text + speech answer (single-pass or batch-parallel), stream it as audio chunks,
+and chat with a model (`SpeechChat`)."""
+
+from .chat import ChatReply, SpeechChat, user_message
+from .decoding import (
+    STRATEGIES,
+    DecodeResult,
+    DecodeStep,
+    SpeechAnswer,
+    SpeechDecodingConfig,
+    decode_steps,
+    generate_speech_answer,
+    voice_token_name,
+)
+from .streaming import AudioChunk, IncrementalSpeechDecoder, TextDelta
+
+__all__ = [
+    "AudioChunk",
+    "ChatReply",
+    "IncrementalSpeechDecoder",
+    "SpeechChat",
+    "TextDelta",
+    "user_message",
+    "STRATEGIES",
+    "DecodeResult",
+    "DecodeStep",
+    "SpeechAnswer",
+    "SpeechDecodingConfig",
+    "decode_steps",
+    "generate_speech_answer",
+    "voice_token_name",
+]

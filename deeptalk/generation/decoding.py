@@ -1,0 +1,337 @@
+"""Speaking: step-by-step multi-stream decoding of a text + speech answer.
+
+Each decoder step emits one *column*: one token per stream (text, then the N audio streams) in the
+delayed layout of :mod:`deeptalk.processing.layout`. The layout is enforced by rule, so the model
+only ever chooses among the tokens the layout allows:
+
+* audio stream i is PAD_A (or the voice token at step 0) before its delay `d_i`, PAD_A after its EOA;
+* the first audio stream decides when speech ends (it may pick EOA); every later stream is forced to
+  EOA at the same frame, so the streams always undelay into a rectangular `[N, frames]` code grid;
+* the text stream is PAD_T after EOT.
+
+Two strategies (``SpeechDecodingConfig.strategy``):
+
+``"single_pass"``
+    One sequence; the text and audio tokens of a step come from the same forward pass. One forward
+    per step: the cheapest, and the variant the paper's reviewers asked to see.
+``"batch_parallel"``
+    The authors' (Mini-Omni style) decoding: a batch of two over the same prompt. Item 1 is a
+    text-only copy (its audio streams are PAD_A, so it answers as the text LLM would); its text token
+    is fed to both items. Item 0 produces the audio, conditioned on that text. The text-only copy is
+    dropped from the batch (and from the KV cache) once the text ends. The prompt is prefilled once
+    and the cache repeated, so the extra cost is the second row of each decode step while text lasts.
+
+Sampling follows the authors' code by default: text greedy with repetition penalty 1.2, audio top-k 10
+(``audio_top_k=1`` is greedy). Sampling uses its own seeded generator, so replies are reproducible.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+STRATEGIES = ("single_pass", "batch_parallel")
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
+
+
+@dataclass
+class SpeechDecodingConfig:
+    """How to decode a spoken answer. Defaults are the authors' sampling settings.
+
+    Args:
+        strategy: ``"single_pass"`` or ``"batch_parallel"`` (see the module docstring).
+        max_steps: decoder steps at most (one step = one codec frame once speech has started).
+        text_repetition_penalty: CTRL-style penalty on text ids already in the answer (authors: 1.2).
+        audio_top_k: sample each audio token among the k most likely codes (authors: 10; 1 = greedy).
+        audio_temperature: softmax temperature for the audio sampling.
+        seed: seed of the sampling generator (None: a fresh, unseeded generator).
+        voice: name of a voice token (``<|voice:NAME|>`` among the model's audio specials) placed at
+            step 0 of the audio streams, as the authors' speaker tokens; None leaves PAD_A there.
+        cache_implementation: ``"dynamic"`` (transformers' DynamicCache) or ``"static"`` (a
+            pre-allocated StaticCache sized prompt + max_steps; fixed shapes, for ``compile``).
+        compile: run the per-step forward through ``torch.compile`` (worth it with a static cache on
+            GPU; compilation itself costs seconds to minutes, paid on the first reply).
+    """
+
+    strategy: str = "single_pass"
+    max_steps: int = 200
+    text_repetition_penalty: float = 1.2
+    audio_top_k: int = 10
+    audio_temperature: float = 1.0
+    seed: int | None = 0
+    voice: str | None = None
+    cache_implementation: str = "dynamic"
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown decoding strategy {self.strategy!r}; choose one of {STRATEGIES}.")
+        if self.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(
+                f"Unknown cache_implementation {self.cache_implementation!r}; choose one of {CACHE_IMPLEMENTATIONS}."
+            )
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}.")
+        if self.audio_top_k < 1:
+            raise ValueError(f"audio_top_k must be >= 1 (1 = greedy), got {self.audio_top_k}.")
+        if self.audio_temperature <= 0:
+            raise ValueError(f"audio_temperature must be > 0, got {self.audio_temperature}.")
+        if self.text_repetition_penalty <= 0:
+            raise ValueError(f"text_repetition_penalty must be > 0 (1.0 = off), got {self.text_repetition_penalty}.")
+
+
+@dataclass
+class DecodeStep:
+    """One decoder step: the column of global ids `[1 + N]` and when it was ready."""
+
+    step: int
+    column: list[int]
+    text_token: int | None  # the step's new text id; None once the text has ended
+    elapsed_s: float  # since the decode started (prompt encoding included)
+
+
+@dataclass
+class DecodeResult:
+    """Everything the steps add up to; filled in as decoding runs."""
+
+    columns: list[list[int]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    expert_load: torch.Tensor | None = None  # [num_moe_layers, 2, num_routed_experts], prompt + answer
+    prompt_length: int = 0
+    forward_rows: int = 0  # decoder rows run after the prefill (2 per step while batch-parallel text lasts)
+
+    @property
+    def layout(self) -> torch.Tensor:
+        return torch.tensor(self.columns, dtype=torch.long).T if self.columns else torch.empty(0, 0, dtype=torch.long)
+
+
+@dataclass
+class SpeechAnswer:
+    text: str
+    codes: torch.Tensor  # [N, frames]
+    layout: torch.Tensor  # [1 + N, steps] the generated answer in the delayed layout
+    steps: int
+    timings: dict[str, float] = field(default_factory=dict)
+    expert_load: torch.Tensor | None = None
+
+
+def voice_token_name(voice: str) -> str:
+    return f"<|voice:{voice}|>"
+
+
+def _synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _StreamRules:
+    """The layout rules of one answer: which token each audio stream may or must emit at a step."""
+
+    def __init__(self, layout, voice: str | None):
+        self.layout = layout
+        n = layout.num_audio_streams
+        self.eoa = [layout.audio_special_id("<|eoa|>", i) for i in range(n)]
+        self.pad_a = [layout.audio_special_id("<|pad_a|>", i) for i in range(n)]
+        self.starts = [layout.stream_range(i + 1)[0] for i in range(n)]
+        self.before_start = list(self.pad_a)
+        if voice is not None:
+            name = voice_token_name(voice)
+            if name not in layout.audio_special_tokens:
+                known = [t[len("<|voice:") : -2] for t in layout.audio_special_tokens if t.startswith("<|voice:")]
+                raise ValueError(
+                    f"Unknown voice {voice!r}: this model's voices are {known or 'none'}. Train with "
+                    "`add_speech(..., voices=[...])` and assistant turns carrying 'voice', or pass voice=None."
+                )
+            self.before_start = [layout.audio_special_id(name, i) for i in range(n)]
+        self.frames: int | None = None  # set when the first audio stream emits EOA
+
+
+def _penalized_text_logits(model, logits, history: list[int], penalty: float) -> torch.Tensor:
+    text_logits = model.stream_logits(logits, 0).float()
+    if penalty != 1.0 and history:
+        text_logits = text_logits.clone()
+        seen = torch.tensor(sorted(set(history)), device=text_logits.device)
+        values = text_logits[seen]
+        text_logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return text_logits
+
+
+def _pick_audio(model, logits, stream: int, allow_eoa: bool, config: SpeechDecodingConfig, generator) -> int:
+    """A codebook index (or `codebook_size` for EOA) for audio `stream` (1-based) from its logits."""
+    codebook = model.config.audio_codebook_size
+    allowed = model.stream_logits(logits, stream)[: codebook + 1].float()  # the codes, then EOA
+    if not allow_eoa:
+        allowed = allowed[:codebook]
+    if config.audio_top_k == 1:
+        return int(allowed.argmax())
+    values, indices = allowed.topk(min(config.audio_top_k, allowed.numel()))
+    probs = torch.softmax(values / config.audio_temperature, dim=-1)
+    return int(indices[torch.multinomial(probs, 1, generator=generator)])
+
+
+def _next_audio_tokens(model, logits, step: int, rules: _StreamRules, config, generator) -> list[int]:
+    layout = rules.layout
+    tokens = []
+    for i, delay in enumerate(layout.delays):
+        frame = step - delay
+        if frame < 0:
+            tokens.append(rules.before_start[i])
+        elif rules.frames is not None and frame > rules.frames:
+            tokens.append(rules.pad_a[i])
+        elif rules.frames is not None and frame == rules.frames:
+            tokens.append(rules.eoa[i])
+        else:
+            code = _pick_audio(model, logits, i + 1, allow_eoa=(i == 0), config=config, generator=generator)
+            if code == layout.codebook_size:  # the first stream ends the speech
+                rules.frames = frame
+                tokens.append(rules.eoa[i])
+            else:
+                tokens.append(rules.starts[i] + code)
+    return tokens
+
+
+def _prepare_prompt(model, processor, conversation, device):
+    batch = processor(conversation, add_generation_prompt=True)
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
+
+
+def _new_cache(model, kind: str, max_length: int):
+    if kind == "dynamic":
+        return None  # the model creates a DynamicCache
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config.text_config, max_cache_len=max_length)
+
+
+def _check_delays(layout):
+    if list(layout.delays) != sorted(layout.delays):
+        raise ValueError(
+            f"Decoding needs non-decreasing stream delays (the first audio stream leads), got {layout.delays}."
+        )
+
+
+@torch.no_grad()
+def decode_steps(model, processor, conversation: list[dict], config: SpeechDecodingConfig | None = None,
+                 result: DecodeResult | None = None, *, output_expert_load: bool = False,
+                 use_cache: bool = True) -> Iterator[DecodeStep]:
+    """Yield the answer to `conversation` (ending with a user turn) one column at a time.
+
+    `result` (a :class:`DecodeResult`) collects the columns, `timings` (seconds: ``features``,
+    ``prefill`` (audio encoder + LLM prompt), ``decode``) and, with `output_expert_load`, the router's
+    selections per expert and token modality. `use_cache=False` re-runs the whole sequence every step
+    (single-pass only): the reference the cached path is tested against.
+    """
+    config = config or SpeechDecodingConfig()
+    result = result if result is not None else DecodeResult()
+    layout = processor.layout
+    _check_delays(layout)
+    rules = _StreamRules(layout, config.voice)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device)
+    if config.seed is not None:
+        generator.manual_seed(config.seed)
+    else:
+        generator.seed()
+    batch_parallel = config.strategy == "batch_parallel"
+    if batch_parallel and not use_cache:
+        raise ValueError("use_cache=False is the single-pass reference path; use strategy='single_pass'.")
+    model.eval()
+
+    started = time.perf_counter()
+    prompt = _prepare_prompt(model, processor, conversation, device)
+    result.timings["features"] = time.perf_counter() - started
+    prompt_length = prompt["input_ids"].shape[-1]
+    result.prompt_length = prompt_length
+    static = config.cache_implementation == "static"
+    if static and not use_cache:
+        raise ValueError("cache_implementation='static' needs use_cache=True.")
+    cache = _new_cache(model, config.cache_implementation, prompt_length + config.max_steps + 1)
+    if static and batch_parallel:  # a static cache cannot be repeated along the batch: prefill both rows
+        prompt = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in prompt.items()}
+    step_forward = torch.compile(model, dynamic=False) if config.compile else model
+
+    def record_load(out):
+        if output_expert_load and out.expert_load is not None:
+            load = out.expert_load.float().cpu()
+            result.expert_load = load if result.expert_load is None else result.expert_load + load
+
+    out = model(**prompt, cache=cache, use_cache=use_cache, logits_to_keep=1, output_expert_load=output_expert_load)
+    _synchronize(device)
+    record_load(out)
+    result.timings["prefill"] = time.perf_counter() - started - result.timings["features"]
+    cache = out.cache
+    if batch_parallel and not static:
+        cache.batch_repeat_interleave(2)  # the prompt is shared: prefill once, then two rows
+    two_rows = batch_parallel  # row 0 speaks, row 1 is the text-only copy
+    attention_mask = prompt["attention_mask"][:1]
+    sequence = prompt["input_ids"]
+    text_done, history = False, []
+    logits = out.logits[:, -1]  # [rows, vocab]; a prefill shared by both rows has one row
+    for step in range(config.max_steps):
+        if text_done:
+            text_token = None
+            text_id = layout.pad_t_id
+        else:
+            text_row = logits.shape[0] - 1  # the text-only copy when batch-parallel, else the one row
+            text_logits = _penalized_text_logits(model, logits[text_row], history, config.text_repetition_penalty)
+            text_id = int(text_logits.argmax())
+            history.append(text_id)
+            text_token = text_id
+            text_done = text_id == layout.eot_id
+        column = [text_id] + _next_audio_tokens(model, logits[0], step, rules, config, generator)
+        result.columns.append(column)
+        yield DecodeStep(step=step, column=column, text_token=text_token, elapsed_s=time.perf_counter() - started)
+        speech_done = rules.frames is not None and step - layout.delays[-1] >= rules.frames
+        if (text_done and (speech_done or layout.num_audio_streams == 0)) or step == config.max_steps - 1:
+            break
+        step_ids = torch.tensor(column, device=device).view(1, -1, 1)
+        if two_rows and text_done and not static:  # the text is complete: drop the text-only copy
+            cache.batch_select_indices(torch.tensor([0], device=device))
+            two_rows = False
+        if two_rows:  # the copy gets the same text token and silent audio streams
+            text_only = torch.tensor([text_id] + rules.pad_a, device=device).view(1, -1, 1)
+            step_ids = torch.cat([step_ids, text_only])
+        live_rows = 2 if two_rows else 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
+        result.forward_rows += live_rows
+        if use_cache:
+            out = step_forward(input_ids=step_ids, attention_mask=attention_mask.expand(live_rows, -1), cache=cache,
+                               use_cache=True, output_expert_load=output_expert_load)
+            cache = out.cache
+        else:
+            sequence = torch.cat([sequence, step_ids], dim=-1)
+            audio_mask = torch.nn.functional.pad(prompt["audio_input_mask"], (0, sequence.shape[-1] - prompt_length)) \
+                if "audio_input_mask" in prompt else None
+            inputs = {**prompt, "input_ids": sequence, "attention_mask": attention_mask}
+            if audio_mask is not None:
+                inputs["audio_input_mask"] = audio_mask
+            out = model(**inputs, use_cache=False, logits_to_keep=1)
+        record_load(out)
+        logits = out.logits[:, -1]
+    _synchronize(device)
+    result.timings["decode"] = time.perf_counter() - started - result.timings["features"] - result.timings["prefill"]
+    result.timings["total"] = time.perf_counter() - started
+
+
+def generate_speech_answer(model, processor, conversation: list[dict], config: SpeechDecodingConfig | None = None, *,
+                           use_cache: bool = True, output_expert_load: bool = False, **config_kwargs) -> SpeechAnswer:
+    """Text + speech answer to `conversation` (ending with a user turn), decoded to the end.
+
+    Decoding options are a :class:`SpeechDecodingConfig` or its fields as keywords, e.g.
+    ``generate_speech_answer(model, processor, conv, strategy="batch_parallel", max_steps=120)``.
+    """
+    if config is None:
+        config = SpeechDecodingConfig(**config_kwargs)
+    elif config_kwargs:
+        raise ValueError("Pass decoding options either as config=SpeechDecodingConfig(...) or as keywords, not both.")
+    result = DecodeResult()
+    steps = 0
+    for steps, _ in enumerate(decode_steps(model, processor, conversation, config, result, use_cache=use_cache,
+                                           output_expert_load=output_expert_load), start=1):
+        pass
+    text, codes = processor.decode_turn(result.layout)
+    return SpeechAnswer(text=text, codes=codes, layout=result.layout, steps=steps, timings=result.timings,
+                        expert_load=result.expert_load)
