@@ -194,3 +194,34 @@ def test_chat_from_pretrained_folder_gives_the_same_reply(setup, tmp_path):
     reply = loaded(audio=question, max_steps=8)
     assert torch.equal(reply.layout, in_memory.layout)
     assert np.allclose(reply.waveform, in_memory.waveform, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- voices
+def test_voice_tokens_condition_training_and_generation(setup):
+    _, _, codec, question = setup
+    processor = build_demo_processor(build_demo_tokenizer(), codec, voices=["assistant", "f10"])
+    layout = processor.layout
+    assert layout.voices == ["assistant", "f10"]
+    codes = torch.randint(0, codec.codebook_size, (codec.num_streams, 5))
+    conversation = spoken(question) + [{"role": "assistant", "voice": "f10",
+                                        "content": [{"type": "text", "text": "yes"}, {"type": "audio", "audio_codes": codes}]}]
+    encoded = processor(conversation)
+    ids, labels = encoded["input_ids"][0], encoded["labels"][0]
+    answer_start = int((labels[0] != -100).nonzero()[0])  # the first answer step
+    assert ids[1:, answer_start].tolist() == layout.voice_ids("f10")
+    assert (labels[1:, answer_start] == -100).all()  # the voice is a condition, not a target
+    assert torch.equal(layout.undelay_layout(layout.build_delayed_layout([5], codes, voice="f10"))[1], codes)
+
+    torch.manual_seed(0)
+    model = speech_model(processor).eval()
+    with torch.no_grad():  # as after training: the voices' embeddings differ (fresh rows start near the mean)
+        embeddings = model.get_input_embeddings().weight
+        embeddings[layout.voice_ids("f10")] += torch.randn(codec.num_streams, embeddings.shape[1]) * 0.5
+    by_voice = {v: generate_speech_answer(model, processor, spoken(question), max_steps=6, voice=v, audio_top_k=1)
+                for v in ("assistant", "f10")}
+    assert by_voice["f10"].layout[1:, 0].tolist() == layout.voice_ids("f10")
+    assert not torch.equal(by_voice["f10"].layout[1:, 1:], by_voice["assistant"].layout[1:, 1:])
+    reply = SpeechChat(model, processor, codec, SpeechDecodingConfig(audio_top_k=1))(audio=question, max_steps=6)
+    assert torch.equal(reply.layout, by_voice["assistant"].layout)  # the model's first voice by default
+    with pytest.raises(ValueError, match=r"voices are \['assistant', 'f10'\]"):
+        generate_speech_answer(model, processor, spoken(question), max_steps=2, voice="m29")

@@ -10,7 +10,6 @@ from .decoding import (
     SpeechDecodingConfig,
     decode_steps,
     generate_speech_answer,
-    voice_token_name,
 )
 from .streaming import AudioChunk, IncrementalSpeechDecoder, TextDelta
 
@@ -28,5 +27,4 @@ __all__ = [
     "SpeechDecodingConfig",
     "decode_steps",
     "generate_speech_answer",
-    "voice_token_name",
 ]

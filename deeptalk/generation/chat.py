@@ -77,6 +77,8 @@ class SpeechChat:
                  chunk_frames: int = 8, first_chunk_frames: int | None = None, lookahead_frames: int | None = None):
         self.model, self.processor, self.codec = model.eval(), processor, codec
         self.config = config or SpeechDecodingConfig()
+        if self.config.voice is None and processor.layout.voices:  # a model trained with voices expects one
+            self.config = replace(self.config, voice=processor.layout.voices[0])
         self.chunk_frames, self.first_chunk_frames, self.lookahead_frames = chunk_frames, first_chunk_frames, lookahead_frames
 
     @classmethod

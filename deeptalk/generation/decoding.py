@@ -48,8 +48,10 @@ class SpeechDecodingConfig:
         audio_top_k: sample each audio token among the k most likely codes (authors: 10; 1 = greedy).
         audio_temperature: softmax temperature for the audio sampling.
         seed: seed of the sampling generator (None: a fresh, unseeded generator).
-        voice: name of a voice token (``<|voice:NAME|>`` among the model's audio specials) placed at
-            step 0 of the audio streams, as the authors' speaker tokens; None leaves PAD_A there.
+        voice: name of a voice (speaker) token (``<|voice:NAME|>`` among the model's audio specials, see
+            ``DeepTalkProcessor.from_codec_layout(voices=...)``) placed at step 0 of the audio streams,
+            as the authors' speaker tokens; None leaves PAD_A there (`SpeechChat` picks the model's
+            first voice when it has any).
         cache_implementation: ``"dynamic"`` (transformers' DynamicCache) or ``"static"`` (a
             pre-allocated StaticCache sized prompt + max_steps; fixed shapes, for ``compile``).
         compile: run the per-step forward through ``torch.compile`` (worth it with a static cache on
@@ -118,10 +120,6 @@ class SpeechAnswer:
     expert_load: torch.Tensor | None = None
 
 
-def voice_token_name(voice: str) -> str:
-    return f"<|voice:{voice}|>"
-
-
 def _synchronize(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -136,16 +134,8 @@ class _StreamRules:
         self.eoa = [layout.audio_special_id("<|eoa|>", i) for i in range(n)]
         self.pad_a = [layout.audio_special_id("<|pad_a|>", i) for i in range(n)]
         self.starts = [layout.stream_range(i + 1)[0] for i in range(n)]
-        self.before_start = list(self.pad_a)
-        if voice is not None:
-            name = voice_token_name(voice)
-            if name not in layout.audio_special_tokens:
-                known = [t[len("<|voice:") : -2] for t in layout.audio_special_tokens if t.startswith("<|voice:")]
-                raise ValueError(
-                    f"Unknown voice {voice!r}: this model's voices are {known or 'none'}. Train with "
-                    "`add_speech(..., voices=[...])` and assistant turns carrying 'voice', or pass voice=None."
-                )
-            self.before_start = [layout.audio_special_id(name, i) for i in range(n)]
+        # the voice (speaker) token opens the audio streams at step 0, as in training (layout.py)
+        self.voice_ids = layout.voice_ids(voice) if voice is not None else None
         self.frames: int | None = None  # set when the first audio stream emits EOA
 
 
@@ -178,7 +168,7 @@ def _next_audio_tokens(model, logits, step: int, rules: _StreamRules, config, ge
     for i, delay in enumerate(layout.delays):
         frame = step - delay
         if frame < 0:
-            tokens.append(rules.before_start[i])
+            tokens.append(rules.voice_ids[i] if rules.voice_ids is not None and step == 0 else rules.pad_a[i])
         elif rules.frames is not None and frame > rules.frames:
             tokens.append(rules.pad_a[i])
         elif rules.frames is not None and frame == rules.frames:

@@ -23,6 +23,15 @@ import torch
 
 from ..configuration_deeptalk import AUDIO_SPECIAL_TOKENS, stream_range
 
+VOICE_PREFIX = "<|voice:"
+
+
+def voice_token(voice: str) -> str:
+    """The audio special token of a voice (speaker) name: `<|voice:NAME|>`."""
+    if not voice or any(c in voice for c in "<|>") or voice != voice.strip():
+        raise ValueError(f"A voice name is a plain non-empty word such as 'assistant' or 'f10', got {voice!r}.")
+    return f"{VOICE_PREFIX}{voice}|>"
+
 
 @dataclass
 class SpeechTokenLayout:
@@ -86,15 +95,36 @@ class SpeechTokenLayout:
         """`[N]` global ids of special `name`, one per audio stream."""
         return torch.tensor([self.audio_special_id(name, i) for i in range(self.num_audio_streams)])
 
+    @property
+    def voices(self) -> list[str]:
+        """Names of the voice (speaker) tokens `<|voice:NAME|>` among the audio specials."""
+        return [t[len(VOICE_PREFIX) : -2] for t in self.audio_special_tokens if t.startswith(VOICE_PREFIX)]
+
+    def voice_ids(self, voice: str) -> list[int]:
+        """Global ids of `voice`'s token, one per audio stream; ValueError naming the known voices."""
+        name = voice_token(voice)
+        if name not in self.audio_special_tokens:
+            raise ValueError(
+                f"Unknown voice {voice!r}: this layout's voices are {self.voices or 'none'}. Build the processor with "
+                "`DeepTalkProcessor.from_codec_layout(..., voices=[...])` (and the model with its "
+                "`model_speech_kwargs()`), or leave the voice out."
+            )
+        return [self.audio_special_id(name, i) for i in range(self.num_audio_streams)]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     # ---- layout ------------------------------------------------------------------------------
-    def build_delayed_layout(self, text_ids, codes) -> torch.Tensor:
+    def build_delayed_layout(self, text_ids, codes, voice: str | None = None) -> torch.Tensor:
         """`[1 + N, T]` global ids of one assistant turn from text ids `[L]` and codes `[N, F]`.
 
         Codes are codebook indices in `[0, codebook_size)`; out-of-range codes raise ValueError.
+        `voice` puts that voice's token at step 0 of every delayed audio stream (the authors' speaker
+        token at the answer start): a condition the model reads, never a label.
         """
+        voice_ids = self.voice_ids(voice) if voice is not None else None
+        if voice_ids is not None and not any(self.delays):
+            raise ValueError("A voice token sits before the audio starts: it needs stream delays > 0.")
         text_ids = torch.as_tensor(text_ids, dtype=torch.long).reshape(-1)
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.dim() != 2 or codes.shape[0] != self.num_audio_streams:
@@ -117,6 +147,8 @@ class SpeechTokenLayout:
         for i, delay in enumerate(self.delays):
             offset = self.stream_offset(i + 1)
             layout[i + 1] = self.audio_special_id("<|pad_a|>", i)
+            if voice_ids is not None and delay > 0:
+                layout[i + 1, 0] = voice_ids[i]
             layout[i + 1, delay : delay + frames] = codes[i] + offset
             layout[i + 1, delay + frames] = self.audio_special_id("<|eoa|>", i)
         return layout

@@ -29,7 +29,8 @@ import torch
 from transformers import BatchFeature, ProcessorMixin, WhisperFeatureExtractor
 
 from .audio import WHISPER_SAMPLING_RATE, load_audio
-from .layout import SpeechTokenLayout
+from ..configuration_deeptalk import AUDIO_SPECIAL_TOKENS
+from .layout import SpeechTokenLayout, voice_token
 from .tokenizer import TEXT_SPECIAL_TOKENS, add_deeptalk_tokens
 
 IGNORE_INDEX = -100
@@ -110,10 +111,13 @@ class DeepTalkProcessor(ProcessorMixin):
         delays: list[int] | None = None,
         text_vocab_size: int | None = None,
         feature_extractor=None,
+        voices: Sequence[str] = (),
         **kwargs,
     ) -> DeepTalkProcessor:
         """Processor for a codec's layout (e.g. `codec.num_streams`, `codec.codebook_size`). Adds
-        DeepTalk's specials to `tokenizer`; the text block covers at least `len(tokenizer)` ids."""
+        DeepTalk's specials to `tokenizer`; the text block covers at least `len(tokenizer)` ids.
+        `voices` adds one voice (speaker) token per name to every audio stream; an assistant turn
+        picks one with `"voice": NAME` and generation with `voice=NAME`."""
         add_deeptalk_tokens(tokenizer)
         layout = SpeechTokenLayout(
             text_vocab_size=max(text_vocab_size or 0, len(tokenizer)),
@@ -122,6 +126,7 @@ class DeepTalkProcessor(ProcessorMixin):
             eot_id=tokenizer.convert_tokens_to_ids(TEXT_SPECIAL_TOKENS["eot"]),
             pad_t_id=tokenizer.convert_tokens_to_ids(TEXT_SPECIAL_TOKENS["pad_t"]),
             delays=list(delays or []),
+            audio_special_tokens=[*AUDIO_SPECIAL_TOKENS, *(voice_token(v) for v in voices)],
         )
         feature_extractor = feature_extractor or WhisperFeatureExtractor(feature_size=80, sampling_rate=WHISPER_SAMPLING_RATE)
         return cls(feature_extractor, tokenizer, speech_layout=layout.to_dict(), **kwargs)
@@ -206,8 +211,8 @@ class DeepTalkProcessor(ProcessorMixin):
                         label_columns.append([IGNORE_INDEX] * layout.num_streams)
                         audio_mask.append(is_input)
             elif token == special["speech_turn"]:
-                text_ids, codes = next(turns)
-                grid = layout.build_delayed_layout(text_ids, codes)
+                text_ids, codes, voice = next(turns)
+                grid = layout.build_delayed_layout(text_ids, codes, voice=voice)
                 learn = learning and learn_last_turn
                 labels = self._speech_turn_labels(grid, len(text_ids), codes.shape[1]) if learn else None
                 for step in range(grid.shape[1]):
@@ -247,7 +252,7 @@ class DeepTalkProcessor(ProcessorMixin):
         return load_audio(source, part.get("sampling_rate"), target_sampling_rate=WHISPER_SAMPLING_RATE,
                           max_seconds=self.max_audio_seconds)
 
-    def _assistant_turn(self, message: dict, codec, pending_audio: list) -> tuple[list[int], torch.Tensor]:
+    def _assistant_turn(self, message: dict, codec, pending_audio: list) -> tuple[list[int], torch.Tensor, str | None]:
         text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
         text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         audio_parts = [p for p in message["content"] if p["type"] == "audio"]
@@ -272,7 +277,7 @@ class DeepTalkProcessor(ProcessorMixin):
             raise ValueError(
                 f"audio_codes must be [num_audio_streams={self.layout.num_audio_streams}, frames], got {tuple(codes.shape)}."
             )
-        return text_ids, codes
+        return text_ids, codes, part.get("voice", message.get("voice"))
 
     def _check_turns(self, messages, add_generation_prompt: bool):
         if not isinstance(messages, (list, tuple)) or not messages:
