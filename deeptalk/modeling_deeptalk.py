@@ -246,6 +246,14 @@ class RoutingState:
     def end(self):
         self.recording = False
 
+    def __deepcopy__(self, memo):
+        # The records of the last forward hold non-leaf tensors (deepcopy refuses those): a copied
+        # model gets the routing inputs only, shared by all its blocks through `memo`.
+        state = RoutingState()
+        state.mode = self.mode
+        state.token_modality = None if self.token_modality is None else self.token_modality.detach().clone()
+        return state
+
 
 class DeepTalkSparseMoeBlock(nn.Module):
     """Router + text bank + speech bank + the source's shared experts, for one MoE layer."""

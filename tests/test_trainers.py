@@ -189,3 +189,27 @@ def test_lora_model_runs_inference_and_phase_trainers_accept_peft_models(setup, 
         assert torch.isfinite(peft_model(**{k: v for k, v in batch.items() if k != "labels"}).logits).all()
     args = DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="speech", max_steps=1, **COMMON)
     DeepTalkExpertsTrainer(peft_model, args, train_dataset=dataset, data_collator=collator).train()
+
+
+def test_model_can_be_deep_copied_after_a_training_forward(setup):
+    import copy
+
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    batch = collator([dataset[0], dataset[1]])
+    model(**batch, output_router_logits=True).loss.backward()
+    twin = copy.deepcopy(model)
+    blocks = [m for m in twin.modules() if type(m).__name__ == "DeepTalkSparseMoeBlock"]
+    assert len({id(b.routing_state) for b in blocks}) == 1  # the copy's blocks share one state
+    assert blocks[0].routing_state is twin.model.routing_state
+    with torch.no_grad():
+        assert torch.allclose(twin(**batch).loss, model(**batch).loss)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only default")
+def test_joint_and_dpo_configs_default_to_fp32_on_a_cpu_machine(tmp_path):
+    from deeptalk.trainers.dpo import DeepTalkSpeechDPOConfig
+    from deeptalk.trainers.joint import DeepTalkJointConfig
+
+    assert DeepTalkJointConfig(output_dir=str(tmp_path)).bf16 is False  # TRL would default it on and fail
+    assert DeepTalkSpeechDPOConfig(output_dir=str(tmp_path)).bf16 is False

@@ -19,6 +19,7 @@ from trl import DPOConfig, DPOTrainer
 
 from .base import DeepTalkTrainerMixin
 from .freezing import _deeptalk_model, plan_for_phase
+from .joint import bf16_supported
 
 
 @dataclass
@@ -33,6 +34,11 @@ class DeepTalkSpeechDPOConfig(DPOConfig):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's paired columns."})
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (off on CPU)."})
     train_embeddings: str = field(default="all", metadata={"help": "'all' (as phase 3), 'audio_rows' or 'none'."})
+
+    def __post_init__(self):
+        if self.bf16 is None:  # before TRL defaults it on (see DeepTalkJointConfig)
+            self.bf16 = bf16_supported(self.use_cpu)
+        super().__post_init__()
 
 
 def encode_preference_pairs(processor, prompts, chosen_turns, rejected_turns) -> dict:
@@ -82,8 +88,6 @@ class DeepTalkSpeechDPOTrainer(DeepTalkTrainerMixin, DPOTrainer):
 
     def __init__(self, model, args: DeepTalkSpeechDPOConfig, *, ref_model=None, peft_config=None, processing_class=None,
                  data_collator=None, **kwargs):
-        if args.bf16 is None:
-            args.bf16 = not args.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         if _deeptalk_model(model).config.num_audio_streams == 0:
             raise ValueError("Speech DPO needs a model with audio streams (model.add_speech).")
         ref_model = ref_model if ref_model is not None else copy.deepcopy(_deeptalk_model(model))

@@ -30,6 +30,13 @@ class DeepTalkJointConfig(SFTConfig):
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (TRL's default on; off on CPU)."})
     train_embeddings: str = field(default="all", metadata={"help": "'all' (paper), 'audio_rows' or 'none'."})
 
+    def __post_init__(self):
+        # TRL turns an unset bf16 on before transformers checks the hardware: decide here, so the
+        # config builds on a CPU-only machine and trains in bf16 where the GPU supports it.
+        if self.bf16 is None:
+            self.bf16 = bf16_supported(self.use_cpu)
+        super().__post_init__()
+
 
 class DeepTalkJointTrainer(DeepTalkTrainerMixin, SFTTrainer):
     """Phase 3: everything but Whisper and the adapter trains; routing is free."""
@@ -38,8 +45,6 @@ class DeepTalkJointTrainer(DeepTalkTrainerMixin, SFTTrainer):
     _tag_names = DeepTalkTrainerMixin._tag_names + ["joint", "sft", "trl"]
 
     def __init__(self, model, args: DeepTalkJointConfig, *, peft_config=None, processing_class=None, **kwargs):
-        if args.bf16 is None:
-            args.bf16 = not args.use_cpu and _bf16_available()
         plan = plan_for_phase("joint", train_embeddings=args.train_embeddings)
         model = self._setup_phase(model, plan, peft_config)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
@@ -51,7 +56,7 @@ class DeepTalkJointTrainer(DeepTalkTrainerMixin, SFTTrainer):
         return DeepTalkTrainerMixin.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
-def _bf16_available() -> bool:
+def bf16_supported(use_cpu: bool) -> bool:
     import torch
 
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return not use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
