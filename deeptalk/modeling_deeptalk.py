@@ -318,11 +318,20 @@ class DeepTalkSparseMoeBlock(nn.Module):
         """Fill the banks from source-layout fused experts, optionally re-placing experts first."""
         if expert_modality is not None:
             self._build_banks(expert_modality, device="meta")  # no throwaway random init
-        for modality, bank in self.banks().items():
-            members = torch.tensor(self.bank_members[modality], dtype=torch.long, device=gate_up_proj.device)
-            bank.gate_up_proj = nn.Parameter(gate_up_proj.index_select(0, members).contiguous())
-            bank.down_proj = nn.Parameter(down_proj.index_select(0, members).contiguous())
+        for bank_name, (gate_up, down) in self.split_source_experts(gate_up_proj, down_proj).items():
+            bank = getattr(self, bank_name)
+            bank.gate_up_proj = nn.Parameter(gate_up.contiguous())
+            bank.down_proj = nn.Parameter(down.contiguous())
         self._packed_cache = None
+
+    def split_source_experts(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> dict:
+        """Source-order fused expert weights -> `{"text_bank": (gate_up, down), "speech_bank": ...}`,
+        each in its bank's order (the one place the expert map splits weights)."""
+        split = {}
+        for modality, bank_name in ((TEXT_MODALITY, "text_bank"), (SPEECH_MODALITY, "speech_bank")):
+            members = torch.tensor(self.bank_members[modality], dtype=torch.long, device=gate_up_proj.device)
+            split[bank_name] = (gate_up_proj.index_select(0, members), down_proj.index_select(0, members))
+        return split
 
     def _placement(self, device):
         """Per-device tensors, by source index: is the expert a speech expert; its index inside its
@@ -1168,10 +1177,9 @@ def _convert_state_dict(source, model: DeepTalkForCausalLM, copy: bool, progress
         source_prefix = _source_name(prefix)
         gate_up = source_state[source_prefix + "experts.gate_up_proj"]
         down = source_state[source_prefix + "experts.down_proj"]
-        for modality, bank_name in ((TEXT_MODALITY, "text_bank"), (SPEECH_MODALITY, "speech_bank")):
-            members = torch.tensor(block.bank_members[modality], dtype=torch.long, device=gate_up.device)
-            state[f"{prefix}{bank_name}.gate_up_proj"] = gate_up.index_select(0, members)
-            state[f"{prefix}{bank_name}.down_proj"] = down.index_select(0, members)
+        for bank_name, (bank_gate_up, bank_down) in block.split_source_experts(gate_up, down).items():
+            state[f"{prefix}{bank_name}.gate_up_proj"] = bank_gate_up
+            state[f"{prefix}{bank_name}.down_proj"] = bank_down
         state[prefix + "router.weight"] = source_state[source_prefix + "gate.weight"].float()
     for name in target_names:
         if name in state:

@@ -74,16 +74,22 @@ class DeepTalkTrainerMixin:
         if outputs.aux_loss is not None:
             metrics["aux_loss"].append(float(outputs.aux_loss.detach()))
         if outputs.expert_load is not None:
-            config = _deeptalk_model(self.model).config
-            is_speech = torch.tensor(
-                [config.expert_modality(layer) for layer in range(len(config.moe_layer_indices))],
-                device=outputs.expert_load.device,
-            ).bool()  # [layers, experts]
+            is_speech = self._speech_expert_mask(outputs.expert_load.device)
             for modality, name in ((0, "text"), (1, "speech")):
                 load = outputs.expert_load[:, modality]  # [layers, experts]
                 total = float(load.sum())
                 if total > 0:
                     metrics[f"load/{name}_tokens_to_speech_experts"].append(float(load[is_speech].sum()) / total)
+
+    def _speech_expert_mask(self, device) -> torch.Tensor:
+        """`[layers, experts]` True for speech experts; rebuilt only when the expert map changes."""
+        config = _deeptalk_model(self.model).config
+        key = (json.dumps(config.speech_experts), str(device))
+        if getattr(self, "_speech_mask_key", None) != key:
+            layers = range(len(config.moe_layer_indices))
+            self._speech_mask = torch.tensor([config.expert_modality(layer) for layer in layers], device=device).bool()
+            self._speech_mask_key = key
+        return self._speech_mask
 
     def log(self, logs: dict, *args, **kwargs):
         if self._stream_metrics and "loss" in logs:
