@@ -1,9 +1,11 @@
 """deeptalk.evaluation: generation of text answers, QA accuracy, audio-token accuracy, relative drop,
-WER / CER (real tiny models, the real corpus and codec)."""
+WER / CER, spoken-answer scoring through pluggable ASRs, `deeptalk evaluate`'s JSON and its model-card
+entries (real tiny models, the real corpus and codec)."""
 
 import types
 from collections import Counter
 
+import numpy
 import pytest
 import torch
 from conftest import convert
@@ -12,19 +14,28 @@ from torch import nn
 from deeptalk.tiny import tiny_whisper_config
 from deeptalk.data import load_demo_corpus, read_demo_records
 from deeptalk.evaluation import (
+    ERROR_RATE_METRIC_PATH,
+    OWN_ASR,
     answer_accuracy,
     asr_error_rates,
     audio_token_accuracy,
     character_error_rate,
     dataset_audio_token_accuracy,
     generate_text_answers,
+    load_error_rate_metric,
+    load_speech_recognizer,
     normalize_answer,
     relative_drop,
+    spoken_answers,
+    spoken_qa_speech_scores,
     spoken_qa_text_accuracy,
     stream_token_counts,
     text_qa_accuracy,
+    transcribe,
     word_error_rate,
 )
+from deeptalk.evaluation.evaluate import evaluate_on_demo_corpus
+from deeptalk.generation import generate_speech_answer
 from deeptalk.recipes import (
     build_demo_data,
     build_demo_processor,
@@ -243,3 +254,197 @@ def test_batched_left_padded_generation_equals_unpadded_greedy_decoding(processo
         assert generate_text_answers(speech_model, processor, conversations, max_new_tokens=4, batch_size=6) == expected
     finally:
         del speech_model.prepare_inputs_for_generation
+
+
+# ---------------------------------------------------------------------------------------------- the evaluate metric
+def test_error_rates_go_through_the_shipped_evaluate_metric_offline():
+    import os
+
+    import evaluate
+    import jiwer
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"  # loading must not need the Hub
+    refs, hyps = ["what is two plus two", "anna lives in paris"], ["what is two plus", "anna live in paris now"]
+    wer = evaluate.load(ERROR_RATE_METRIC_PATH)  # the folder, default config = WER
+    assert wer.compute(predictions=hyps, references=refs) == {"wer": pytest.approx(jiwer.wer(refs, hyps))}
+    cer = evaluate.load(f"{ERROR_RATE_METRIC_PATH}/error_rate.py", config_name="cer")  # the script itself
+    assert cer.compute(predictions=["abed"], references=["abcd"]) == {"cer": 0.25}
+    assert word_error_rate(refs, hyps, normalize=False) == wer.compute(predictions=hyps, references=refs)["wer"]
+    assert load_error_rate_metric("wer") is load_error_rate_metric("wer")  # loaded once per process
+    with pytest.raises(ValueError, match="config_name='wer' or 'cer'"):
+        evaluate.load(ERROR_RATE_METRIC_PATH, config_name="bleu")
+    with pytest.raises(ValueError, match="reference is empty"):
+        wer.compute(predictions=["a"], references=[" "])
+
+
+# ---------------------------------------------------------------------------------------------- spoken answers
+def reference_asr(records):
+    """An ASR callable that 'hears' each record's reference answer, in order, and keeps what it was given."""
+    answers, heard = iter([r["answer_text"] for r in records]), []
+
+    def hear(waveform, sampling_rate):
+        heard.append((waveform, sampling_rate))
+        return next(answers)
+
+    return hear, heard
+
+
+def test_speech_recognizer_specs_and_their_errors(processor, speech_model, tiny_source):
+    processor, codec = processor
+    calls = []
+    recognizer = load_speech_recognizer(lambda waveform, rate: calls.append(rate) or f"{len(waveform)} at {rate}")
+    loud = torch.full((160,), 0.5)
+    assert recognizer(loud, 16000) == "160 at 16000"  # torch waveforms arrive as numpy
+    assert recognizer.transcribe([(numpy.zeros(80), 24000), (numpy.zeros(0), 16000), (2 * loud.numpy(), 8000)]) == ["", "", "160 at 8000"]
+    assert calls == [16000, 8000]  # silent / empty clips never reach the ASR
+    assert load_speech_recognizer(recognizer) is recognizer
+    own = load_speech_recognizer("own", model=speech_model, processor=processor)
+    assert own.name == OWN_ASR and load_speech_recognizer(None, model=speech_model, processor=processor).name == OWN_ASR
+    with pytest.raises(ValueError, match="not str"):
+        load_speech_recognizer(lambda waveform, rate: 3)(loud, 16000)
+    for bad in (3, ["openai/whisper-small"]):
+        with pytest.raises(ValueError, match=r"is not an ASR: pass asr=None .* or a callable \(waveform, sampling_rate\) -> str"):
+            load_speech_recognizer(bad)
+    with pytest.raises(ValueError, match="(?s)must be cached or reachable.*HF_HUB_OFFLINE=1.*callable"):
+        load_speech_recognizer("nobody/no-such-asr-model")
+    with pytest.raises(ValueError, match="No ASR checkpoint folder at '/no/such/folder'.*asr=None"):
+        load_speech_recognizer("/no/such/folder")
+    with pytest.raises(ValueError, match="no audio encoder.*add_speech.*or pass asr="):
+        load_speech_recognizer(None, model=tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer)), processor=processor)
+    with pytest.raises(ValueError, match="is not an ASR"):  # fails before any metric is computed
+        evaluate_on_demo_corpus(speech_model, processor, codec=codec, asr=12, limit=1)
+
+
+def test_spoken_qa_speech_accuracy_is_one_when_the_asr_hears_the_reference(processor, speech_model):
+    processor, codec = processor
+    records = read_demo_records("spoken_qa", "test")[:3]
+    hear, heard = reference_asr(records)
+    scores = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=hear, max_steps=12, return_predictions=True)
+    expected = [generate_speech_answer(speech_model, processor, spoken_question_conversation(r["question_audio"]), max_steps=12)
+                for r in records]
+    assert scores["text_answers"] == [a.text for a in expected]
+    for (waveform, rate), answer in zip(heard, expected):  # the ASR got the codec's decoding of the spoken answer
+        assert rate == codec.sampling_rate and waveform.dtype == numpy.float32 and waveform.ndim == 1
+        assert numpy.allclose(waveform, codec.decode(answer.codes).clamp(-1, 1).numpy())
+    references = [r["answer_text"] for r in records]
+    said = [i for i, text in enumerate(scores["text_answers"]) if normalize_answer(text)]
+    assert said, "the tiny model wrote no text: TTS WER is not exercised"
+    assert scores["accuracy"] == 1.0 and scores["transcripts"] == references
+    assert scores["tts_wer"] == pytest.approx(word_error_rate([scores["text_answers"][i] for i in said], [references[i] for i in said]))
+    assert scores["num_examples"] == 3 and scores["num_tts_wer_examples"] == len(said)
+    assert scores["asr"].endswith("reference_asr.<locals>.hear")
+    # an ASR that hears exactly the text answer: the speech says what the text says, TTS WER 0
+    texts = iter(scores["text_answers"])
+    faithful = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=lambda w, r: next(texts), max_steps=12)
+    assert faithful["tts_wer"] == 0.0
+    assert faithful["accuracy"] == answer_accuracy(scores["text_answers"], references)
+    # an ASR that hears two extra words: 2 insertions per answer over the *text answer's* words (the reference side)
+    texts = iter(scores["text_answers"])
+    wordy = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=lambda w, r: next(texts) + " and more",
+                                    max_steps=12)
+    words = sum(len(normalize_answer(scores["text_answers"][i]).split()) for i in said)
+    assert wordy["tts_wer"] == pytest.approx(2 * len(said) / words)
+
+
+def test_own_asr_path_transcribes_the_decoded_spoken_answers(processor, speech_model):
+    processor, codec = processor
+    records = read_demo_records("spoken_qa", "test")[3:8]  # answers twelve, ben, no, yes, yes
+    head = rig(speech_model, token_id(processor, "no"))  # text "nono...", audio code 0 every frame (never EOA)
+    try:
+        scores = spoken_qa_speech_scores(speech_model, processor, codec, records, max_steps=10, asr_max_new_tokens=1,
+                                         return_predictions=True)
+    finally:
+        speech_model.set_output_embeddings(head)
+    assert scores["asr"] == OWN_ASR and scores["text_answers"] == ["no" * 10] * 5
+    assert scores["transcripts"] == ["no"] * 5  # heard through the (rigged) own ASR path: the clips were audible
+    assert scores["accuracy"] == pytest.approx(1 / 5) and scores["tts_wer"] == 1.0
+    # unrigged: the own path is `transcribe` on the decoded waveforms
+    scores = spoken_qa_speech_scores(speech_model, processor, codec, records[:2], max_steps=10, return_predictions=True)
+    _, waveforms = spoken_answers(speech_model, processor, codec, records[:2], max_steps=10)
+    clips = [(numpy.clip(w, -1, 1), codec.sampling_rate) for w in waveforms]
+    assert scores["transcripts"] == [t.strip() for t in transcribe(speech_model, processor, clips)]
+
+
+def tiny_ctc_checkpoint(folder):
+    """A real (random) transformers CTC ASR checkpoint folder: what `asr="<folder>"` loads with `pipeline`."""
+    import json
+
+    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
+                              Wav2Vec2Processor)
+
+    folder.mkdir()
+    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, return_attention_mask=False)
+    config = Wav2Vec2Config(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 4),
+                            num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, pad_token_id=0)
+    torch.manual_seed(0)
+    Wav2Vec2ForCTC(config).save_pretrained(folder)
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_transformers_asr_checkpoint_folder_transcribes_the_spoken_answers(processor, speech_model, tmp_path):
+    from transformers import pipeline
+
+    processor, codec = processor
+    folder = tiny_ctc_checkpoint(tmp_path / "ctc")
+    records = read_demo_records("spoken_qa", "test")[:2]
+    scores = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=folder, max_steps=10, return_predictions=True)
+    assert scores["asr"] == folder
+    _, waveforms = spoken_answers(speech_model, processor, codec, records, max_steps=10)
+    asr = pipeline("automatic-speech-recognition", model=folder)
+    assert scores["transcripts"] == [asr({"raw": numpy.clip(w, -1, 1), "sampling_rate": codec.sampling_rate})["text"].strip()
+                                     for w in waveforms]
+    assert any(scores["transcripts"])  # the random CTC head says something
+    results = evaluate_on_demo_corpus(speech_model, processor, codec=codec, limit=1, asr=folder, max_speech_steps=5,
+                                      max_new_tokens=1)
+    assert results["speech_answer_asr"] == folder and results["num_examples"]["spoken_qa_speech_accuracy"] == 1
+
+
+def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(processor, speech_model, tiny_source, tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    from deeptalk.evaluation.evaluate import write_results
+    from deeptalk.hub import render_model_card
+
+    processor, codec = processor
+    base = tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer))
+    rig(base, token_id(processor, "four"))  # text_qa test answers: twenty, fourteen, four
+    hear, _ = reference_asr(read_demo_records("spoken_qa", "test")[:3])
+    results = evaluate_on_demo_corpus(speech_model, processor, base_model=base, codec=codec, limit=3, asr=hear,
+                                      max_speech_steps=10, max_new_tokens=1)
+    assert results["base_text_qa_accuracy"] == pytest.approx(1 / 3)
+    assert results["text_relative_drop"] == pytest.approx(relative_drop(1 / 3, results["text_qa_accuracy"]))
+    assert results["spoken_qa_speech_accuracy"] == 1.0 and results["tts_wer"] >= 0.0
+    assert set(results["asr"]) == {"wer", "cer"} and 0.0 <= results["audio_token_accuracy"] <= 1.0
+    assert results["speech_answer_asr"].endswith("hear") and results["max_speech_steps"] == 10
+    assert results["skipped"] == {}
+    assert set(results["num_examples"]) == {"text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy", "asr",
+                                            "audio_token_accuracy", "spoken_qa_speech_accuracy", "tts_wer"}
+    assert all(0 < n <= 3 for n in results["num_examples"].values())
+    write_results(results, str(tmp_path / "eval.json"))
+    assert json.loads((tmp_path / "eval.json").read_text()) == results
+    card = ModelCard(str(render_model_card(speech_model, repo_id="me/tiny", eval_results=results)))
+    shown = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert shown == {key.replace(".", "_"): value for key, value in [
+        ("text_qa_accuracy", results["text_qa_accuracy"]), ("text_relative_drop", results["text_relative_drop"]),
+        ("spoken_qa_text_accuracy", results["spoken_qa_text_accuracy"]), ("spoken_qa_speech_accuracy", 1.0),
+        ("audio_token_accuracy", results["audio_token_accuracy"]), ("tts_wer", results["tts_wer"]),
+        ("asr.wer", results["asr"]["wer"]), ("asr.cer", results["asr"]["cer"])]}
+
+    # without a codec the speech-out metrics are skipped, with the reason; text/ASR metrics stay
+    no_codec = evaluate_on_demo_corpus(speech_model, processor, limit=2, max_new_tokens=1)
+    for key in ("audio_token_accuracy", "spoken_qa_speech_accuracy", "tts_wer"):
+        assert key not in no_codec and "no codec" in no_codec["skipped"][key]
+    assert "no base model" in no_codec["skipped"]["text_relative_drop"]
+    assert set(no_codec["asr"]) == {"wer", "cer"} and "speech_answer_asr" not in no_codec
+    card = ModelCard(str(render_model_card(speech_model, eval_results=no_codec)))
+    assert {r.metric_name for r in card.data.eval_results} == {"text_qa_accuracy", "spoken_qa_text_accuracy", "asr_wer", "asr_cer"}
+    assert "(no codec: pass codec=" in card.text
+    quiet = evaluate_on_demo_corpus(speech_model, processor, codec=codec, limit=2, speech_answers=False, max_new_tokens=1)
+    assert "audio_token_accuracy" in quiet and quiet["skipped"]["tts_wer"] == "speech_answers=False"

@@ -1,9 +1,20 @@
 """`deeptalk evaluate`: the paper's metrics for a DeepTalk model, written as JSON.
 
-Offline it scores the shipped demo corpus's test split: text QA accuracy (text ability), spoken
-question -> text answer accuracy (the paper's S2T), ASR WER/CER through the model's own ASR path,
-audio-token accuracy on held-out spoken answers (when a codec is available to encode them), and the
-relative text drop against a base model. The same functions take other record lists.
+Offline it scores the shipped demo corpus's test split:
+
+* text ability: text QA accuracy, and with a base model its accuracy and the paper's relative drop;
+* speech in: spoken question -> text answer accuracy (the paper's S2T) and ASR WER/CER through the
+  model's own ASR path;
+* speech out (needs the codec): audio-token accuracy on held-out spoken answers, spoken question ->
+  spoken answer accuracy (S2S: the answer is generated, decoded, transcribed by an ASR and matched)
+  and TTS WER (the transcript of the spoken answer against the model's own text answer).
+
+Keys of the JSON (each metric is either a number under its key or absent with its reason in
+``"skipped"``): ``dataset``, ``text_qa_accuracy``, ``base_text_qa_accuracy``, ``text_relative_drop``,
+``spoken_qa_text_accuracy``, ``asr`` (``{"wer", "cer"}`` of the model's own ASR), ``audio_token_accuracy``,
+``spoken_qa_speech_accuracy``, ``tts_wer``, ``speech_answer_asr`` (which ASR transcribed the spoken
+answers: ``"own"`` or the checkpoint / callable name), ``max_speech_steps``, ``num_examples``
+(examples scored per metric) and ``skipped`` (metric -> reason). The same functions take other record lists.
 """
 
 from __future__ import annotations
@@ -12,27 +23,89 @@ import json
 import os
 
 
-def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, limit: int | None = None) -> dict:
+def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, limit: int | None = None, asr=None,
+                            speech_answers: bool = True, max_speech_steps: int = 200, max_new_tokens: int = 8) -> dict:
+    """Score `model` on the demo corpus's test split (the first `limit` records of each task).
+
+    Args:
+        base_model: the text LLM the model was built from; adds its text QA accuracy and the relative drop.
+        codec: the model's speech codec; without it the speech-out metrics are skipped.
+        asr: what transcribes the spoken answers: None (the model's own ASR path), a transformers ASR
+            checkpoint id or folder, or a callable `(waveform, sampling_rate) -> str`
+            (see :func:`~deeptalk.evaluation.load_speech_recognizer`).
+        speech_answers: generate spoken answers for `spoken_qa_speech_accuracy` and `tts_wer` (the slow part).
+        max_speech_steps: decoding steps per spoken answer.
+        max_new_tokens: length limit of the greedy text answers (text QA and spoken question -> text).
+    """
     from ..data import load_demo_corpus
     from .metrics import asr_error_rates, dataset_audio_token_accuracy, relative_drop, spoken_qa_text_accuracy, text_qa_accuracy
+    from .speech import OWN_ASR, load_speech_recognizer, spoken_qa_speech_scores
+
+    if speech_answers and codec is not None and asr is not None and asr != OWN_ASR:
+        # a wrong ASR fails here, before minutes of other metrics; a checkpoint runs where the model runs
+        asr = load_speech_recognizer(asr, device=next(model.parameters()).device)
 
     def records(task):
         rows = [dict(r) for r in load_demo_corpus(task, decode_audio=False)["test"]]
         return rows[:limit] if limit else rows
 
-    results = {"dataset": "deeptalk demo corpus (test split)", "text_qa_accuracy": text_qa_accuracy(model, processor, records("text_qa"))}
+    text_records = records("text_qa")
+    results = {"dataset": "deeptalk demo corpus (test split)",
+               "text_qa_accuracy": text_qa_accuracy(model, processor, text_records, max_new_tokens=max_new_tokens)}
+    num_examples = {"text_qa_accuracy": len(text_records)}
+    skipped = {}
     if base_model is not None:
-        results["base_text_qa_accuracy"] = text_qa_accuracy(base_model, processor, records("text_qa"))
-        base = results["base_text_qa_accuracy"]
-        results["text_relative_drop"] = relative_drop(base, results["text_qa_accuracy"]) if base else None
-    if getattr(model.config, "audio_config", None) is not None:
-        results["spoken_qa_text_accuracy"] = spoken_qa_text_accuracy(model, processor, records("spoken_qa"))
-        results["asr"] = asr_error_rates(model, processor, records("asr"))
-    if codec is not None and model.config.num_audio_streams:
+        base = text_qa_accuracy(base_model, processor, text_records, max_new_tokens=max_new_tokens)
+        results["base_text_qa_accuracy"] = base
+        num_examples["base_text_qa_accuracy"] = len(text_records)
+        if base:
+            results["text_relative_drop"] = relative_drop(base, results["text_qa_accuracy"])
+        else:
+            skipped["text_relative_drop"] = "the base model scores 0 on text QA, so a relative drop is undefined"
+    else:
+        skipped["text_relative_drop"] = "no base model given (deeptalk evaluate --base-model)"
+
+    hears = getattr(model.config, "audio_config", None) is not None
+    speaks = bool(getattr(model.config, "num_audio_streams", 0))
+    if hears:
+        spoken_records, asr_records = records("spoken_qa"), records("asr")
+        results["spoken_qa_text_accuracy"] = spoken_qa_text_accuracy(model, processor, spoken_records,
+                                                                     max_new_tokens=max_new_tokens)
+        results["asr"] = asr_error_rates(model, processor, asr_records)
+        num_examples.update(spoken_qa_text_accuracy=len(spoken_records), asr=len(asr_records))
+    else:
+        skipped["spoken_qa_text_accuracy"] = skipped["asr"] = "the model has no audio encoder (add_speech)"
+
+    speech_metrics = ("audio_token_accuracy", "spoken_qa_speech_accuracy", "tts_wer")
+    if codec is None or not speaks:
+        reason = ("no codec: pass codec= (deeptalk evaluate --codec) to encode and decode spoken answers" if speaks
+                  else "the model has no audio streams (add_speech with a codec layout)")
+        skipped.update(dict.fromkeys(speech_metrics, reason))
+    else:
         from ..recipes.demo_data import build_demo_data
 
         data = build_demo_data(processor, codec, splits=("test",), tasks=("spoken_qa_speech",), limit=limit)
         results["audio_token_accuracy"] = dataset_audio_token_accuracy(model, processor, data.spoken_qa_speech["test"])
+        num_examples["audio_token_accuracy"] = len(data.spoken_qa_speech["test"])
+        if not speech_answers:
+            skipped.update(dict.fromkeys(speech_metrics[1:], "speech_answers=False"))
+        elif not hears:
+            skipped.update(dict.fromkeys(speech_metrics[1:], "the model has no audio encoder to hear spoken questions"))
+        else:
+            spoken_records = records("spoken_qa")
+            scores = spoken_qa_speech_scores(model, processor, codec, spoken_records, asr=asr,
+                                             max_steps=max_speech_steps)
+            results["spoken_qa_speech_accuracy"] = scores["accuracy"]
+            num_examples["spoken_qa_speech_accuracy"] = scores["num_examples"]
+            if scores["tts_wer"] is not None:
+                results["tts_wer"] = scores["tts_wer"]
+                num_examples["tts_wer"] = scores["num_tts_wer_examples"]
+            else:
+                skipped["tts_wer"] = "every text answer was empty, so WER against it is undefined"
+            results["speech_answer_asr"] = scores["asr"]
+            results["max_speech_steps"] = max_speech_steps
+    results["num_examples"] = num_examples
+    results["skipped"] = skipped
     return results
 
 

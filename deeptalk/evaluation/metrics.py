@@ -15,11 +15,14 @@ ids outside the text vocabulary are masked, so the answer is what the text head 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 import string
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -70,21 +73,34 @@ def _prepare_transcripts(references, hypotheses, normalize: bool):
     return references, hypotheses
 
 
-def word_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> float:
-    """Corpus-level WER (jiwer: total edits / total reference words). With `normalize`, both sides go
-    through :func:`normalize_answer` first."""
-    import jiwer
+ERROR_RATE_METRIC_PATH = str(Path(__file__).with_name("error_rate"))
+"""The shipped `evaluate` metric (WER, or CER with ``config_name="cer"``): ``evaluate.load(ERROR_RATE_METRIC_PATH)``
+works offline because it is a local module, not the Hub's `wer` / `cer`."""
 
+
+@functools.lru_cache(maxsize=None)
+def load_error_rate_metric(rate: str = "wer"):
+    """The shipped error-rate metric loaded with `evaluate.load` (config "wer" or "cer"), once per process.
+
+    Kept in memory: `evaluate` would otherwise write an Arrow cache file for every `compute`."""
+    if rate not in ("wer", "cer"):
+        raise ValueError(f"Unknown error rate {rate!r}: use 'wer' or 'cer'.")
+    import evaluate
+
+    return evaluate.load(ERROR_RATE_METRIC_PATH, config_name=rate, keep_in_memory=True)
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> float:
+    """Corpus-level WER (total edits / total reference words) through the shipped `evaluate` metric
+    (jiwer). With `normalize`, both sides go through :func:`normalize_answer` first."""
     references, hypotheses = _prepare_transcripts(references, hypotheses, normalize)
-    return float(jiwer.wer(references, hypotheses))
+    return load_error_rate_metric("wer").compute(predictions=hypotheses, references=references)["wer"]
 
 
 def character_error_rate(references: Sequence[str], hypotheses: Sequence[str], normalize: bool = True) -> float:
-    """Corpus-level CER (jiwer), normalised like :func:`word_error_rate`."""
-    import jiwer
-
+    """Corpus-level CER through the shipped `evaluate` metric, normalised like :func:`word_error_rate`."""
     references, hypotheses = _prepare_transcripts(references, hypotheses, normalize)
-    return float(jiwer.cer(references, hypotheses))
+    return load_error_rate_metric("cer").compute(predictions=hypotheses, references=references)["cer"]
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -261,15 +277,40 @@ def spoken_qa_text_accuracy(model, processor, records, *, max_new_tokens: int = 
     return (accuracy, predictions) if return_predictions else accuracy
 
 
-def asr_error_rates(model, processor, records, *, instruction: str | None = None, max_new_tokens: int = 16,
-                    batch_size: int = 16, return_predictions: bool = False):
-    """Transcribe asr records (`audio`, `text`) with the demo ASR prompt; `{"wer", "cer"}`."""
+def _clip_source(clip):
+    """A `(waveform, sampling_rate)` pair becomes the processor's `{"array", "sampling_rate"}` dict;
+    paths and dicts pass through as :func:`_audio_source` reads them."""
+    if isinstance(clip, tuple) and len(clip) == 2:
+        waveform, sampling_rate = clip
+        if isinstance(waveform, torch.Tensor):
+            waveform = waveform.detach().to("cpu", torch.float32).numpy()
+        return {"array": np.asarray(waveform, dtype=np.float32), "sampling_rate": sampling_rate}
+    return _audio_source(clip)
+
+
+def transcribe(model, processor, audio: Sequence, *, instruction: str | None = None, max_new_tokens: int = 16,
+               batch_size: int = 16) -> list[str]:
+    """Transcripts of `audio` through the DeepTalk model's own ASR path: the demo ASR prompt
+    (`instruction` + the clip, :func:`~deeptalk.recipes.demo_data.asr_conversation`) answered greedily
+    by the text head.
+
+    Each clip is a `(waveform, sampling_rate)` pair (numpy or torch, 1-D), a `{"array",
+    "sampling_rate"}` dict or an audio file path; the processor resamples it to Whisper's 16 kHz and
+    rejects empty, silent or over-long clips with a message naming the fix.
+    """
     from ..recipes.demo_data import ASR_INSTRUCTION, asr_conversation
 
-    records = _records_list(records)
     instruction = ASR_INSTRUCTION if instruction is None else instruction
-    conversations = [asr_conversation(_audio_source(r["audio"]), instruction=instruction) for r in records]
-    predictions = generate_text_answers(model, processor, conversations, max_new_tokens, batch_size)
+    conversations = [asr_conversation(_clip_source(clip), instruction=instruction) for clip in audio]
+    return generate_text_answers(model, processor, conversations, max_new_tokens, batch_size)
+
+
+def asr_error_rates(model, processor, records, *, instruction: str | None = None, max_new_tokens: int = 16,
+                    batch_size: int = 16, return_predictions: bool = False):
+    """Transcribe asr records (`audio`, `text`) with :func:`transcribe`; `{"wer", "cer"}`."""
+    records = _records_list(records)
+    predictions = transcribe(model, processor, [_audio_source(r["audio"]) for r in records], instruction=instruction,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
     references = [r["text"] for r in records]
     rates = {"wer": word_error_rate(references, predictions), "cer": character_error_rate(references, predictions)}
     return (rates, predictions) if return_predictions else rates

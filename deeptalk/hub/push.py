@@ -10,6 +10,7 @@ modality-load report, and a model card rendered from `model_card.md` with huggin
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -17,11 +18,52 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).with_name("model_card.md")
-EVAL_METRICS = {  # evaluate-JSON key -> (metric type, dataset key, task type)
+EVAL_METRICS = {  # evaluate-JSON key ("asr.wer" = results["asr"]["wer"]) -> (metric type, dataset key, task type)
     "text_qa_accuracy": ("accuracy", "text_qa", "question-answering"),
+    "text_relative_drop": ("relative_drop", "text_qa", "question-answering"),
     "spoken_qa_text_accuracy": ("accuracy", "spoken_qa", "automatic-speech-recognition"),
+    "spoken_qa_speech_accuracy": ("accuracy", "spoken_qa", "audio-to-audio"),
     "audio_token_accuracy": ("accuracy", "spoken_qa_speech", "text-to-speech"),
+    "tts_wer": ("wer", "spoken_qa", "text-to-speech"),
+    "asr.wer": ("wer", "asr", "automatic-speech-recognition"),
+    "asr.cer": ("cer", "asr", "automatic-speech-recognition"),
 }
+
+
+def _metric_value(eval_results: dict, key: str):
+    """`eval_results[key]`, following "a.b" into nested dicts; None when absent or not a finite number
+    (a skipped metric, or NaN audio-token accuracy without audio labels, has no place in the card)."""
+    value = eval_results
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def eval_results_for_card(eval_results: dict | None) -> list[EvalResult]:
+    """The `EVAL_METRICS` found in `deeptalk evaluate`'s JSON as `huggingface_hub.EvalResult`s (the card's
+    model-index), named by their JSON key with "." -> "_" (e.g. `asr_wer`)."""
+    results = []
+    for key, (metric, dataset, task) in EVAL_METRICS.items():
+        value = _metric_value(eval_results or {}, key)
+        if value is not None:
+            results.append(EvalResult(task_type=task, dataset_type=f"deeptalk/{dataset}", dataset_name=eval_results.get(
+                "dataset", "deeptalk demo corpus"), metric_type=metric, metric_value=value,
+                metric_name=key.replace(".", "_")))
+    return results
+
+
+def _evaluation_section(eval_results: dict) -> str:
+    """The card's evaluation list: one line per JSON key; nested dicts (ASR rates, example counts, skip
+    reasons) on one line each."""
+    def show(value):
+        return f"{value:.3f}" if isinstance(value, float) else f"({value})" if isinstance(value, str) else str(value)
+
+    lines = [f"- **{k}**: {v}" for k, v in eval_results.items() if not isinstance(v, dict)]
+    lines += [f"- **{k}**: " + ", ".join(f"{m} {show(x)}" for m, x in v.items()) for k, v in eval_results.items()
+              if isinstance(v, dict) and v]
+    return "\n".join(lines)
 
 
 def render_model_card(model, *, repo_id: str | None = None, base_model: str | None = None, license: str = "apache-2.0",
@@ -30,11 +72,7 @@ def render_model_card(model, *, repo_id: str | None = None, base_model: str | No
     """The model card: metadata (base model, pipeline tag, tags, datasets, license, eval results)
     plus the expert map, the heatmap and a section per training phase."""
     config = model.config
-    results = []
-    for key, (metric, dataset, task) in EVAL_METRICS.items():
-        if eval_results and eval_results.get(key) is not None:
-            results.append(EvalResult(task_type=task, dataset_type=f"deeptalk/{dataset}", dataset_name=eval_results.get(
-                "dataset", "deeptalk demo corpus"), metric_type=metric, metric_value=float(eval_results[key]), metric_name=key))
+    results = eval_results_for_card(eval_results)
     card_data = ModelCardData(
         base_model=base_model or config.text_config.name_or_path or None,
         library_name="transformers",
@@ -46,10 +84,7 @@ def render_model_card(model, *, repo_id: str | None = None, base_model: str | No
         eval_results=results or None,
     )
     phase_text = "\n".join(p.get("card", "") for p in phases or []) or None
-    evaluation = None
-    if eval_results:
-        evaluation = "\n".join(f"- **{k}**: {v}" for k, v in eval_results.items() if not isinstance(v, dict)) + "\n" + "\n".join(
-            f"- **{k}**: " + ", ".join(f"{m} {x:.3f}" for m, x in v.items()) for k, v in eval_results.items() if isinstance(v, dict))
+    evaluation = _evaluation_section(eval_results) if eval_results else None
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
