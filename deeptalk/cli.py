@@ -6,6 +6,7 @@
     deeptalk train {align,experts,joint,dpo} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
     deeptalk quickstart                    # the whole recipe offline on tiny models
     deeptalk chat --audio question.wav --out reply.wav      deeptalk evaluate --output results.json
+    deeptalk push USER/REPO [--export-only DIR]             deeptalk space DIR [--push USER/SPACE]
 
 SRC is a transformers MoE LLM (a local folder or a Hub id), or `tiny:FAMILY` for a tiny random one
 (offline; FAMILY is one of deepseek_v2, qwen3_moe, qwen2_moe, olmoe, mixtral).
@@ -216,7 +217,9 @@ def cmd_evaluate(args) -> int:
 
     model, processor, codec = _load_model_processor_codec(args.model, args.codec)
     base = AutoModelForCausalLM.from_pretrained(args.base_model).eval() if args.base_model else None
-    results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit)
+    results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit, asr=args.asr,
+                                      speech_answers=not args.no_speech_answers, max_speech_steps=args.max_speech_steps,
+                                      max_new_tokens=args.max_new_tokens)
     write_results(results, args.output)
     print(json.dumps(results, indent=2))
     return 0
@@ -234,6 +237,17 @@ def cmd_push(args) -> int:
         return 0
     url = push_to_hub(model, processor, args.repo_id, private=args.private, **kwargs)
     print(f"Pushed {args.model} to {args.repo_id}: {url}")
+    return 0
+
+
+def cmd_space(args) -> int:
+    from .hub import create_space
+
+    folder = create_space(args.folder, args.model, max_steps=args.max_steps, strategy=args.strategy,
+                          example_audio=args.example or (), bundle_model=args.bundle_model,
+                          deeptalk_requirement=args.deeptalk_requirement, push=bool(args.push), repo_id=args.push)
+    where = f"and pushed to the Space {args.push}" if args.push else f"run it with: cd {folder} && python app.py"
+    print(f"Wrote a gradio Space for {args.model} into {folder}; {where}")
     return 0
 
 
@@ -279,6 +293,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--codec", help="codec folder (default: <model>/codec)")
     evaluate.add_argument("--output", default="deeptalk_output/evaluation.json")
     evaluate.add_argument("--limit", type=int, help="score only the first N test records per task")
+    evaluate.add_argument("--asr", help="ASR for the spoken answers: 'own' (default, the model's ASR path) or a "
+                                        "transformers ASR checkpoint (Hub id or folder, e.g. openai/whisper-large-v3)")
+    evaluate.add_argument("--max-speech-steps", type=int, default=200, help="decode steps per spoken answer")
+    evaluate.add_argument("--max-new-tokens", type=int, default=8, help="tokens per greedy text answer")
+    evaluate.add_argument("--no-speech-answers", action="store_true", help="skip speech->speech accuracy and TTS WER")
     evaluate.set_defaults(func=cmd_evaluate)
 
     push = sub.add_parser("push", help="export to a Hub-ready folder and upload it (huggingface_hub)")
@@ -291,6 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true")
     push.add_argument("--export-only", metavar="FOLDER", help="write the repository folder and stop before uploading")
     push.set_defaults(func=cmd_push)
+
+    space = sub.add_parser("space", help="write a gradio Space (spoken chat + expert view) for a model, optionally push it")
+    space.add_argument("folder", help="where to write the Space")
+    space.add_argument("--model", default="deeptalk_output/quickstart/model", help="model repo id or folder")
+    space.add_argument("--max-steps", type=int, default=200)
+    space.add_argument("--strategy", default="single_pass", choices=["single_pass", "batch_parallel"])
+    space.add_argument("--example", action="append", help="a spoken question offered as an example (repeatable)")
+    space.add_argument("--bundle-model", action="store_true", help="copy a local model folder into the Space")
+    space.add_argument("--deeptalk-requirement", help="pip requirement for deeptalk (default: bundle the package)")
+    space.add_argument("--push", metavar="REPO_ID", help="upload the Space to this repo id (huggingface_hub)")
+    space.set_defaults(func=cmd_space)
 
     convert = sub.add_parser("convert", help="convert a transformers MoE LLM into a DeepTalk model")
     convert.add_argument("source", help="folder, Hub id, or tiny:FAMILY")

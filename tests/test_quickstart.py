@@ -44,9 +44,18 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
         assert soundfile.info(str(tmp_path / "reply.wav")).samplerate == 16000
     evaluation = subprocess.run([sys.executable, "-m", "deeptalk", "evaluate", "--model", str(tmp_path / "model"),
                                  "--base-model", str(tmp_path / "original_llm"), "--output", str(tmp_path / "eval.json"),
-                                 "--limit", "8"], capture_output=True, text=True, timeout=300)
+                                 "--limit", "8", "--max-speech-steps", "30"], capture_output=True, text=True, timeout=300)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     results = json.loads((tmp_path / "eval.json").read_text())
     for key in ("text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy", "audio_token_accuracy"):
         assert 0.0 <= results[key] <= 1.0, key
     assert set(results["asr"]) == {"wer", "cer"}
+    assert 0.0 <= results["spoken_qa_speech_accuracy"] <= 1.0 and results["speech_answer_asr"] == "own"
+    assert results["max_speech_steps"] == 30
+
+    # the Space for this model (the browser test is tests/test_space.py)
+    space = subprocess.run([sys.executable, "-m", "deeptalk", "space", str(tmp_path / "space"), "--model",
+                            str(tmp_path / "model")], capture_output=True, text=True, timeout=120)
+    assert space.returncode == 0, space.stderr[-2000:]
+    assert {"app.py", "requirements.txt", "README.md"} <= {p.name for p in (tmp_path / "space").iterdir()}
+    assert "sdk: gradio" in (tmp_path / "space" / "README.md").read_text()

@@ -135,16 +135,13 @@ def rank_by_wer(reference_text: str, candidates: list, transcribe, sampling_rate
 
 def model_asr_transcriber(model, processor, instruction: str | None = None):
     """A `transcribe(waveform, sampling_rate) -> text` callable that uses the DeepTalk model's own ASR
-    path (the offline stand-in for the paper's Whisper-large)."""
-    from ..evaluation.metrics import generate_text_answers
-    from ..recipes.demo_data import ASR_INSTRUCTION, asr_conversation
+    path (the offline stand-in for the paper's Whisper-large; :func:`deeptalk.evaluation.transcribe`)."""
+    from ..evaluation.metrics import transcribe
 
-    def transcribe(waveform, sampling_rate):
-        audio = {"array": waveform, "sampling_rate": sampling_rate}
-        conversation = asr_conversation(audio, instruction=ASR_INSTRUCTION if instruction is None else instruction)
-        return generate_text_answers(model, processor, [conversation], max_new_tokens=16)[0]
+    def transcribe_one(waveform, sampling_rate):
+        return transcribe(model, processor, [(waveform, sampling_rate)], instruction=instruction)[0]
 
-    return transcribe
+    return transcribe_one
 
 
 def demo_preference_pairs(processor, codec, records, transcribe, *, distractors=1, seed=0):
