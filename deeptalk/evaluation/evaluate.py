@@ -24,7 +24,8 @@ import os
 
 
 def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, limit: int | None = None, asr=None,
-                            speech_answers: bool = True, max_speech_steps: int = 200, max_new_tokens: int = 8) -> dict:
+                            speech_answers: bool = True, max_speech_steps: int = 200, max_new_tokens: int = 8,
+                            decoding: dict | None = None) -> dict:
     """Score `model` on the demo corpus's test split (the first `limit` records of each task).
 
     Args:
@@ -36,6 +37,7 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
         speech_answers: generate spoken answers for `spoken_qa_speech_accuracy` and `tts_wer` (the slow part).
         max_speech_steps: decoding steps per spoken answer.
         max_new_tokens: length limit of the greedy text answers (text QA and spoken question -> text).
+        decoding: `SpeechDecodingConfig` fields for the spoken answers, e.g. `{"strategy": "batch_parallel"}`.
     """
     from ..data import load_demo_corpus
     from .metrics import asr_error_rates, dataset_audio_token_accuracy, relative_drop, spoken_qa_text_accuracy, text_qa_accuracy
@@ -94,7 +96,8 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
         else:
             spoken_records = records("spoken_qa")
             scores = spoken_qa_speech_scores(model, processor, codec, spoken_records, asr=asr,
-                                             max_steps=max_speech_steps)
+                                             max_steps=max_speech_steps, decoding=decoding)
+            results["speech_decoding"] = {"strategy": "single_pass", **(decoding or {})}
             results["spoken_qa_speech_accuracy"] = scores["accuracy"]
             num_examples["spoken_qa_speech_accuracy"] = scores["num_examples"]
             if scores["tts_wer"] is not None:

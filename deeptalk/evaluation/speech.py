@@ -158,17 +158,20 @@ def load_speech_recognizer(asr=None, *, model=None, processor=None, max_new_toke
     raise ValueError(f"asr={asr!r} ({type(asr).__name__}) is not an ASR: {ASR_SPEC_HELP}.")
 
 
-def spoken_answers(model, processor, codec, records, *, max_steps: int = 200) -> tuple[list[str], list[np.ndarray]]:
-    """Text + spoken answers to spoken_qa records (`question_audio`), one single-pass greedy decoding each
-    (:func:`deeptalk.generation.generate_speech_answer`); the speech is decoded with `codec` to 1-D float32
-    waveforms at `codec.sampling_rate` (empty when the answer has no frames)."""
+def spoken_answers(model, processor, codec, records, *, max_steps: int = 200,
+                   decoding: dict | None = None) -> tuple[list[str], list[np.ndarray]]:
+    """Text + spoken answers to spoken_qa records (`question_audio`), one decoding each
+    (:func:`deeptalk.generation.generate_speech_answer`; `decoding` holds `SpeechDecodingConfig` fields,
+    e.g. `{"strategy": "batch_parallel"}`; default: single-pass with the authors' sampling); the speech
+    is decoded with `codec` to 1-D float32 waveforms at `codec.sampling_rate` (empty when the answer
+    has no frames)."""
     from ..generation import generate_speech_answer
     from ..recipes.demo_data import spoken_question_conversation
 
     texts, waveforms = [], []
     for record in _records_list(records):
         conversation = spoken_question_conversation(_audio_source(record["question_audio"]))
-        answer = generate_speech_answer(model, processor, conversation, max_steps=max_steps)
+        answer = generate_speech_answer(model, processor, conversation, max_steps=max_steps, **(decoding or {}))
         texts.append(answer.text)
         waveform = codec.decode(answer.codes) if answer.codes.shape[-1] else torch.zeros(0)
         waveforms.append(waveform.detach().to("cpu", torch.float32).numpy())
@@ -176,7 +179,8 @@ def spoken_answers(model, processor, codec, records, *, max_steps: int = 200) ->
 
 
 def spoken_qa_speech_scores(model, processor, codec, records, *, asr=None, max_steps: int = 200,
-                            asr_max_new_tokens: int = 16, return_predictions: bool = False) -> dict:
+                            asr_max_new_tokens: int = 16, return_predictions: bool = False,
+                            decoding: dict | None = None) -> dict:
     """Speech question -> spoken answer scores on spoken_qa records (`question_audio`, `answer_text`).
 
     Every spoken answer (decoded with `codec`) is transcribed by `asr` (see :func:`load_speech_recognizer`).
@@ -190,7 +194,7 @@ def spoken_qa_speech_scores(model, processor, codec, records, *, asr=None, max_s
     """
     recognizer = load_speech_recognizer(asr, model=model, processor=processor, max_new_tokens=asr_max_new_tokens)
     records = _records_list(records)
-    text_answers, waveforms = spoken_answers(model, processor, codec, records, max_steps=max_steps)
+    text_answers, waveforms = spoken_answers(model, processor, codec, records, max_steps=max_steps, decoding=decoding)
     transcripts = recognizer.transcribe([(waveform, codec.sampling_rate) for waveform in waveforms])
     said = [i for i, text in enumerate(text_answers) if normalize_answer(text)]
     scores = {
