@@ -241,7 +241,8 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     cache = _new_cache(model, config.cache_implementation, prompt_length + config.max_steps + 1)
     if static and batch_parallel:  # a static cache cannot be repeated along the batch: prefill both rows
         prompt = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in prompt.items()}
-    step_forward = torch.compile(model, dynamic=False) if config.compile else model
+    # default dynamic shapes: the growing attention mask becomes symbolic after one recompile
+    step_forward = torch.compile(model) if config.compile else model
 
     def record_load(out):
         if output_expert_load and out.expert_load is not None:
