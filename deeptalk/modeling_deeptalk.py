@@ -686,12 +686,18 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         embeddings = self.get_input_embeddings()(input_ids)
         if self.config.stream_embedding_mean == "all":
             return embeddings.mean(dim=1)
-        pad_ids = torch.tensor(
-            [-1] + [self.config.audio_special_id("<|pad_a|>", i) for i in range(input_ids.shape[1] - 1)],
-            device=input_ids.device,
-        )
+        pad_ids = self._pad_a_ids(input_ids.shape[1] - 1, input_ids.device)
         weight = (input_ids != pad_ids[None, :, None]).to(embeddings.dtype).unsqueeze(-1)
         return (embeddings * weight).sum(dim=1) / weight.sum(dim=1)
+
+    def _pad_a_ids(self, num_audio_streams: int, device) -> torch.Tensor:
+        """`[1 + N]` PAD_A id per stream (-1 for the text slot), cached: it is needed every decode step."""
+        key = (num_audio_streams, str(device), self.config.text_vocab_size, self.config.audio_codebook_size)
+        cache = self.__dict__.setdefault("_pad_a_ids_cache", {})
+        if key not in cache:
+            ids = [-1] + [self.config.audio_special_id("<|pad_a|>", i) for i in range(num_audio_streams)]
+            cache[key] = torch.tensor(ids, device=device)
+        return cache[key]
 
     def embed_inputs(self, input_ids, input_features=None, audio_feature_lengths=None, audio_input_mask=None):
         """Input embeddings of text ids `[B, T]` or multi-stream ids `[B, 1 + N, T]` (the mean of the

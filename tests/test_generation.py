@@ -141,7 +141,7 @@ def test_unknown_voice_is_refused_with_the_known_voices(setup):
 # ---------------------------------------------------------------------------------------------- SpeechChat
 def test_chat_stream_events_add_up_to_the_reply(setup):
     model, processor, codec, question = setup
-    chat = SpeechChat(model, processor, codec, chunk_frames=4, first_chunk_frames=2)
+    chat = SpeechChat(model, processor, codec, chunk_frames=4, first_chunk_frames=2, output_expert_load=True)
     events = list(chat.stream(audio=question, max_steps=30))
     reply = events[-1]
     assert isinstance(reply, ChatReply)

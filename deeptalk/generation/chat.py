@@ -34,7 +34,7 @@ class ChatReply:
     layout: torch.Tensor  # [1 + N, steps]
     steps: int
     timings: dict[str, float] = field(default_factory=dict)
-    expert_load: torch.Tensor | None = None  # [num_moe_layers, 2 (text, speech), num_routed_experts]
+    expert_load: torch.Tensor | None = None  # [num_moe_layers, 2 (text, speech), num_routed_experts] (if asked)
     history: list[dict] = field(default_factory=list)  # the conversation, this reply's text included
 
 
@@ -71,11 +71,15 @@ class SpeechChat:
         config: a :class:`SpeechDecodingConfig` (strategy, sampling, voice, cache...).
         chunk_frames / first_chunk_frames / lookahead_frames: streaming chunk sizes in codec frames
             (see :class:`IncrementalSpeechDecoder`).
+        output_expert_load: count the router's selections per expert and token modality over the
+            prompt and the reply (`ChatReply.expert_load`; the Space's expert view).
     """
 
     def __init__(self, model, processor, codec=None, config: SpeechDecodingConfig | None = None, *,
-                 chunk_frames: int = 8, first_chunk_frames: int | None = None, lookahead_frames: int | None = None):
+                 chunk_frames: int = 8, first_chunk_frames: int | None = None, lookahead_frames: int | None = None,
+                 output_expert_load: bool = False):
         self.model, self.processor, self.codec = model.eval(), processor, codec
+        self.output_expert_load = output_expert_load  # counting costs ~0.5 ms per step (and a GPU sync)
         self.config = config or SpeechDecodingConfig()
         if self.config.voice is None and processor.layout.voices:  # a model trained with voices expects one
             self.config = replace(self.config, voice=processor.layout.voices[0])
@@ -141,7 +145,8 @@ class SpeechChat:
         waveform_parts: list[np.ndarray] = []
         timings: dict[str, float] = {}
         codec_seconds = 0.0
-        for step in decode_steps(self.model, self.processor, conversation, config, result, output_expert_load=True):
+        for step in decode_steps(self.model, self.processor, conversation, config, result,
+                                 output_expert_load=self.output_expert_load):
             if step.text_token is not None and step.text_token != layout.eot_id:
                 text_ids.append(step.text_token)
                 text_now = tokenizer.decode(text_ids, skip_special_tokens=True)

@@ -53,7 +53,10 @@ class SpeechDecodingConfig:
             as the authors' speaker tokens; None leaves PAD_A there (`SpeechChat` picks the model's
             first voice when it has any).
         cache_implementation: ``"dynamic"`` (transformers' DynamicCache) or ``"static"`` (a
-            pre-allocated StaticCache sized prompt + max_steps; fixed shapes, for ``compile``).
+            pre-allocated StaticCache sized prompt + max_steps; fixed shapes, for ``compile``). A static
+            cache cannot change its batch, so batch-parallel decoding with it prefills both rows
+            (the clip is encoded twice) and keeps the text-only row to the end: measured 1.9x the
+            per-step cost (benchmarks/README.md, Latency). Use the dynamic cache for batch-parallel.
         compile: run the per-step forward through ``torch.compile`` (worth it with a static cache on
             GPU; compilation itself costs seconds to minutes, paid on the first reply).
     """

@@ -45,7 +45,7 @@ def load_chat():
     """The model, processor and codec, loaded once when the Space starts."""
     from deeptalk.generation import SpeechChat
 
-    return SpeechChat.from_pretrained(model_location())
+    return SpeechChat.from_pretrained(model_location(), output_expert_load=True)
 
 
 def wav_bytes(waveform, sampling_rate: int) -> bytes:
