@@ -736,7 +736,7 @@ def print_result(res: dict, machine: dict):
           f"steps{target}.")
     chat = res.get("chat_api")
     if chat:
-        print(f"\n`SpeechChat.stream` (public API, expert load on) with `{chat['variant']}`: first audio chunk "
+        print(f"\n`SpeechChat.stream` (public API) with `{chat['variant']}`: first audio chunk "
               f"{chat['ttfc_ms']:.1f} ms after {chat['steps_to_first_chunk']:.0f} steps, total {chat['e2e_ms']:.1f} ms "
               f"({chat['steps']:.0f} steps, {chat['audio_s']:.2f} s of audio).")
     if not res["source_interleaved"]:
