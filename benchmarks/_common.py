@@ -118,3 +118,42 @@ def load_flag(cores: float | None) -> str:
     if cores is None:
         return "?"
     return f"{cores:.2f}" + (" (!)" if cores > NOISY_FOREIGN_LOAD else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared model pieces
+# --------------------------------------------------------------------------------------------------
+WHISPER_SHAPES = {  # d_model, encoder layers, heads, ffn of openai/whisper-* encoders (+ a tiny smoke shape)
+    "smoke": (256, 2, 4, 512),
+    "tiny": (384, 4, 6, 1536),
+    "base": (512, 6, 8, 2048),
+    "small": (768, 12, 12, 3072),
+    "medium": (1024, 24, 16, 4096),
+}
+
+
+def whisper_config(shape: str):
+    """A random-init WhisperConfig with the encoder shape of `shape` (a key of WHISPER_SHAPES)."""
+    from transformers import WhisperConfig
+
+    d_model, layers, heads, ffn = WHISPER_SHAPES[shape]
+    return WhisperConfig(num_mel_bins=80, d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads,
+                         encoder_ffn_dim=ffn, decoder_layers=1, decoder_attention_heads=heads, decoder_ffn_dim=ffn,
+                         vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2, decoder_start_token_id=1)
+
+
+def step_timer():
+    """A no-op transformers LogitsProcessor that time-stamps every generate() step (it runs right
+    after each forward): `timer.stamps` are the per-step times."""
+    from transformers import LogitsProcessor
+
+    class StepTimer(LogitsProcessor):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.stamps.append(time.perf_counter())
+            return scores
+
+    return StepTimer()

@@ -53,7 +53,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transformers import WhisperConfig  # noqa: E402
 
 from deeptalk import DeepTalkForCausalLM, DeepTalkProcessor  # noqa: E402
 from deeptalk.data import DEMO_SAMPLING_RATE, load_demo_corpus  # noqa: E402
@@ -61,21 +60,14 @@ from deeptalk.processing.tokenizer import train_demo_tokenizer  # noqa: E402
 from deeptalk.tiny import tiny_text_moe  # noqa: E402
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
-    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, WHISPER_SHAPES, ForeignLoad, load_flag, machine_info, wait_for_idle, whisper_config
 except ModuleNotFoundError:
-    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, WHISPER_SHAPES, ForeignLoad, load_flag, machine_info, wait_for_idle, whisper_config
 
 GAP_S = 0.2  # silence between joined corpus clips
 SYSTEM_PROMPT = "answer the question"
 
 # Whisper encoder shapes (d_model, layers, heads, ffn). Only the encoder is built.
-ENCODER_SHAPES = {
-    "tiny": (384, 4, 6, 1536),
-    "base": (512, 6, 8, 2048),
-    "small": (768, 12, 12, 3072),
-    "medium": (1024, 24, 16, 4096),
-}
-
 # The LLM: a "small" qwen3_moe (as in bench_moe.py), vocabulary = the demo tokenizer's.
 LLM_KWARGS = dict(hidden_size=256, num_hidden_layers=4, num_experts=16, top_k=4, num_attention_heads=8,
                   num_key_value_heads=4, moe_intermediate_size=128, intermediate_size=512, head_dim=32,
@@ -102,12 +94,7 @@ def speech_clips(corpus, lengths_s: list[float]) -> dict[float, np.ndarray]:
     return {length: joined[: int(length * DEMO_SAMPLING_RATE)].copy() for length in lengths_s}
 
 
-def whisper_config(shape: str) -> WhisperConfig:
-    d_model, layers, heads, ffn = ENCODER_SHAPES[shape]
-    return WhisperConfig(num_mel_bins=80, d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads,
-                         encoder_ffn_dim=ffn, decoder_layers=1, decoder_attention_heads=heads, decoder_ffn_dim=ffn,
-                         vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, decoder_start_token_id=1)
+
 
 
 def encoder_params(model) -> int:
@@ -359,7 +346,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=parse_floats, default=[2.0, 5.0, 10.0], help="clip lengths in s (<= 30)")
     parser.add_argument("--strides", default="1,2,4,8", help="adapter strides for (b)")
-    parser.add_argument("--encoder", choices=sorted(ENCODER_SHAPES), default="base",
+    parser.add_argument("--encoder", choices=sorted(WHISPER_SHAPES), default="base",
                         help="Whisper encoder shape for (a) and (b) (random weights)")
     parser.add_argument("--no-medium", dest="medium", action="store_false",
                         help="skip (a) with the whisper-medium shape (~25 s)")
@@ -414,11 +401,11 @@ def main(argv=None) -> int:
 
     print()
     print_machine(info, args)
-    d, layers, heads, ffn = ENCODER_SHAPES[args.encoder]
+    d, layers, heads, ffn = WHISPER_SHAPES[args.encoder]
     print_encoder(f"whisper-{args.encoder} shape (d_model {d}, {layers} layers, {heads} heads, ffn {ffn}, "
                   f"{enc_params / 1e6:.1f} M params)", encoder)
     if medium is not None:
-        d, layers, heads, ffn = ENCODER_SHAPES["medium"]
+        d, layers, heads, ffn = WHISPER_SHAPES["medium"]
         print_encoder(f"whisper-medium shape (d_model {d}, {layers} layers, {medium_params / 1e6:.0f} M "
                       f"params; {args.medium_repeats} round(s), no padded warm-up, one padded call per round "
                       "compared with every length)", medium)
@@ -430,7 +417,7 @@ def main(argv=None) -> int:
         payload = {
             "machine": info, "args": {k: v for k, v in vars(args).items()}, "total_s": total,
             "llm_config": source.config.to_dict(), "streams": STREAMS, "codebook_size": CODEBOOK,
-            "encoder_shapes": {k: dict(zip(("d_model", "layers", "heads", "ffn"), v)) for k, v in ENCODER_SHAPES.items()},
+            "encoder_shapes": {k: dict(zip(("d_model", "layers", "heads", "ffn"), v)) for k, v in WHISPER_SHAPES.items()},
             "encoder": encoder, "encoder_medium": medium, "ttft": ttft,
         }
         with open(args.json, "w") as f:

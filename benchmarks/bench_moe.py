@@ -44,15 +44,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList  # noqa: E402
+from transformers import AutoModelForCausalLM, LogitsProcessorList  # noqa: E402
 
 from deeptalk import DeepTalkForCausalLM  # noqa: E402
 from deeptalk.tiny import TINY_FAMILIES, tiny_text_moe_config  # noqa: E402
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
-    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle
 except ModuleNotFoundError:
-    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, wait_for_idle
+    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle
 
 MODES = ("free", "speech_only", "text_only")
 FREE_MODE_TOLERANCE = 1e-4
@@ -154,17 +154,6 @@ def check_models(family, size, source, converted, input_ids, prompt_ids, new_tok
 # --------------------------------------------------------------------------------------------------
 # Timing
 # --------------------------------------------------------------------------------------------------
-class StepTimer(LogitsProcessor):
-    """No-op logits processor that time-stamps every generation step (it runs right after each forward)."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 def generate_kwargs(prompt_ids, new_tokens, timer=None):
     kw = dict(attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
               do_sample=False, pad_token_id=0, use_cache=True)
@@ -185,7 +174,7 @@ def time_prefill(model, variant, input_ids) -> float:
 
 
 def time_decode(model, variant, prompt_ids, new_tokens) -> float:
-    timer = StepTimer()
+    timer = step_timer()
     model.generate(prompt_ids, **generate_kwargs(prompt_ids, new_tokens, timer), **variant_kwargs(variant))
     stamps = timer.stamps
     assert len(stamps) == new_tokens, (len(stamps), new_tokens)

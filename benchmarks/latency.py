@@ -96,7 +96,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, WhisperConfig  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList  # noqa: E402
 
 from deeptalk import DeepTalkForCausalLM  # noqa: E402
 from deeptalk.generation import (  # noqa: E402
@@ -109,9 +109,9 @@ from deeptalk.generation import (  # noqa: E402
 )
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
-    from _common import ForeignLoad, load_flag, machine_info, wait_for_idle
+    from _common import ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle, whisper_config
 except ModuleNotFoundError:
-    from benchmarks._common import ForeignLoad, load_flag, machine_info, wait_for_idle
+    from benchmarks._common import ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle, whisper_config
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 CONFIG_NAMES = ("tiny", "small", "v2lite")
@@ -147,20 +147,12 @@ SMALL_LLM = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, moe_
                  q_lora_rank=None, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, topk_method="greedy",
                  n_group=1, topk_group=1, first_k_dense_replace=1, norm_topk_prob=False,
                  max_position_embeddings=4096, tie_word_embeddings=False)
-WHISPER_SHAPES = {"base": (512, 6, 8, 2048), "medium": (1024, 24, 16, 4096), "smoke": (256, 2, 4, 512)}
 
 
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def whisper_config(shape: str) -> WhisperConfig:
-    d_model, layers, heads, ffn = WHISPER_SHAPES[shape]
-    return WhisperConfig(num_mel_bins=80, d_model=d_model, encoder_layers=layers, encoder_attention_heads=heads,
-                         encoder_ffn_dim=ffn, decoder_layers=1, decoder_attention_heads=heads, decoder_ffn_dim=ffn,
-                         vocab_size=100, max_source_positions=1500, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=2, decoder_start_token_id=1)
 
 
 def speech_map(num_moe_layers: int, num_experts: int, count: int, seed: int) -> list[list[int]]:
@@ -499,20 +491,9 @@ def run_chat(setup: Setup, probe: Probe, variant: Variant, max_steps: int, chunk
             "audio_s": event.waveform.size / event.sampling_rate}
 
 
-class StepTimer(LogitsProcessor):
-    """No-op logits processor that time-stamps every generate() step (as bench_moe.py)."""
-
-    def __init__(self):
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.stamps.append(time.perf_counter())
-        return scores
-
-
 def run_source(setup: Setup, cache: str, prompt_ids: torch.Tensor, new_tokens: int) -> dict:
     """Greedy generate() of the source: per-token time (stamps) and the median forward of a step (hooks)."""
-    timer = StepTimer()
+    timer = step_timer()
     device, forward_s, started = setup.device, [], []
 
     def pre(module, args):
