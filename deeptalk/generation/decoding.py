@@ -54,9 +54,8 @@ class SpeechDecodingConfig:
             first voice when it has any).
         cache_implementation: ``"dynamic"`` (transformers' DynamicCache) or ``"static"`` (a
             pre-allocated StaticCache sized prompt + max_steps; fixed shapes, for ``compile``). A static
-            cache cannot change its batch, so batch-parallel decoding with it prefills both rows
-            (the clip is encoded twice) and keeps the text-only row to the end: measured 1.9x the
-            per-step cost (benchmarks/README.md, Latency). Use the dynamic cache for batch-parallel.
+            cache cannot shrink its batch, so batch-parallel decoding with it keeps the text-only row
+            to the end of the answer (2 rows every step); the dynamic cache drops it when the text ends.
         compile: run the per-step forward through ``torch.compile`` (worth it with a static cache on
             GPU; compilation itself costs seconds to minutes, paid on the first reply).
     """
@@ -199,6 +198,14 @@ def _new_cache(model, kind: str, max_length: int):
     return StaticCache(config=model.config.text_config, max_cache_len=max_length)
 
 
+def _two_row_static_cache(model, prefilled, max_length: int):
+    """A two-row StaticCache holding the one-row `prefilled` cache's keys and values in both rows."""
+    static = _new_cache(model, "static", max_length)
+    for layer_index, layer in enumerate(prefilled.layers):
+        static.update(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1), layer_index)
+    return static
+
+
 def _check_delays(layout):
     if list(layout.delays) != sorted(layout.delays):
         raise ValueError(
@@ -241,9 +248,10 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     static = config.cache_implementation == "static"
     if static and not use_cache:
         raise ValueError("cache_implementation='static' needs use_cache=True.")
-    cache = _new_cache(model, config.cache_implementation, prompt_length + config.max_steps + 1)
-    if static and batch_parallel:  # a static cache cannot be repeated along the batch: prefill both rows
-        prompt = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in prompt.items()}
+    max_length = prompt_length + config.max_steps + 1
+    # batch-parallel prefills one row into a dynamic cache and then gives it two rows (a static cache
+    # cannot be repeated in place: it is rebuilt with two rows below)
+    cache = None if batch_parallel else _new_cache(model, config.cache_implementation, max_length)
     # default dynamic shapes: the growing attention mask becomes symbolic after one recompile
     step_forward = torch.compile(model) if config.compile else model
 
@@ -257,8 +265,10 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     record_load(out)
     result.timings["prefill"] = time.perf_counter() - started - result.timings["features"]
     cache = out.cache
-    if batch_parallel and not static:
-        cache.batch_repeat_interleave(2)  # the prompt is shared: prefill once, then two rows
+    if batch_parallel:  # the prompt is shared: prefill once, then two rows
+        cache = _two_row_static_cache(model, cache, max_length) if static else cache
+        if not static:
+            cache.batch_repeat_interleave(2)
     two_rows = batch_parallel  # row 0 speaks, row 1 is the text-only copy
     attention_mask = prompt["attention_mask"][:1]
     sequence = prompt["input_ids"]
