@@ -219,7 +219,8 @@ def cmd_evaluate(args) -> int:
     base = AutoModelForCausalLM.from_pretrained(args.base_model).eval() if args.base_model else None
     results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit, asr=args.asr,
                                       speech_answers=not args.no_speech_answers, max_speech_steps=args.max_speech_steps,
-                                      max_new_tokens=args.max_new_tokens, decoding={"strategy": args.strategy})
+                                      max_new_tokens=args.max_new_tokens,
+                                      decoding={"strategy": args.strategy, "voice": args.voice})
     write_results(results, args.output)
     print(json.dumps(results, indent=2))
     return 0
@@ -300,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-speech-answers", action="store_true", help="skip speech->speech accuracy and TTS WER")
     evaluate.add_argument("--strategy", default="single_pass", choices=["single_pass", "batch_parallel"],
                           help="decoding of the spoken answers")
+    evaluate.add_argument("--voice", help="voice token for the spoken answers (default: the model's first voice, if any)")
     evaluate.set_defaults(func=cmd_evaluate)
 
     push = sub.add_parser("push", help="export to a Hub-ready folder and upload it (huggingface_hub)")

@@ -117,6 +117,9 @@ def _build(name: str) -> SpeechCodec:
     raise KeyError(name)
 
 
+# the real 32/44 kHz SNACs' shape: an attention window (32) spanning several frames (4)
+TINY_SNAC_WINDOW32 = dict(TINY_SNAC_ATTN, attn_window_size=32)
+
 CODEC_NAMES = ["snac", "snac_attn", "mimi", "dac", "encodec", "melvq"]
 EXPECTED = {  # (sampling_rate, num_streams, codebook_size, samples_per_frame)
     "snac": (24000, 7, 256, 2048),

@@ -225,3 +225,17 @@ def test_voice_tokens_condition_training_and_generation(setup):
     assert torch.equal(reply.layout, by_voice["assistant"].layout)  # the model's first voice by default
     with pytest.raises(ValueError, match=r"voices are \['assistant', 'f10'\]"):
         generate_speech_answer(model, processor, spoken(question), max_steps=2, voice="m29")
+
+
+def test_one_chat_serves_concurrent_requests_one_at_a_time(setup):
+    """Blocks share one RoutingState per model: two threads on one chat must not interleave."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, processor, codec, question = setup
+    chat = SpeechChat(model, processor, codec, output_expert_load=True)
+    expected = [chat(audio=question, max_steps=8, seed=s) for s in (0, 1)]
+    with ThreadPoolExecutor(2) as pool:
+        replies = list(pool.map(lambda s: chat(audio=question, max_steps=8, seed=s), (0, 1)))
+    for reply, reference in zip(replies, expected):
+        assert torch.equal(reply.layout, reference.layout)
+        assert torch.equal(reply.expert_load, reference.expert_load)

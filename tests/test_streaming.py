@@ -81,6 +81,41 @@ def test_lookahead_is_what_keeps_the_joins_exact():
     assert snr_db(offline, with_context) > 60 > snr_db(offline, without)
 
 
+def test_snac_with_wide_attention_windows_streams_exactly():
+    """Windows of 4 frames (window 32, stride 8, as the 32/44 kHz SNACs): chunks are decoded from
+    whole windows of real codes, so any chunking joins into the offline decode."""
+    from test_codecs import TINY_SNAC_WINDOW32
+
+    from deeptalk.processing.codecs import SNACCodec
+
+    torch.manual_seed(0)
+    codec = SNACCodec.from_config(**TINY_SNAC_WINDOW32)
+    assert codec.default_decode_context == 8
+    codes = codec.encode(synth_utterance(3, sr=codec.sampling_rate, seconds=1.2), codec.sampling_rate)
+    layout = layout_for(codec)
+    grid = layout.build_delayed_layout([3], codes)
+    offline = codec.decode(codes)
+    for first, size in ((1, 3), (2, 5)):
+        joined = torch.cat(stream(codec, grid, layout, chunk_frames=size, first_chunk_frames=first)[1])
+        assert snr_db(offline, joined) > 60
+
+
+def test_the_tail_is_not_held_back_once_speech_has_ended():
+    """Speech that ends before the text: at the step of the last EOA no more right context can come,
+    so the held-back frames go out then, not at flush() when the text ends."""
+    codec = _build("melvq")
+    codes = codec.encode(synth_utterance(3, sr=codec.sampling_rate, seconds=0.3), codec.sampling_rate)
+    layout = layout_for(codec)
+    grid = layout.build_delayed_layout([3] * 40, codes)  # 40 text tokens outlast the speech
+    decoder = IncrementalSpeechDecoder(codec, layout, chunk_frames=2, first_chunk_frames=1, lookahead_frames=4)
+    last_eoa_step = max(layout.delays) + codes.shape[1]
+    assert last_eoa_step + 1 < grid.shape[1]
+    for column in grid.T[: last_eoa_step + 1]:
+        decoder.push(column)
+    assert decoder.emitted_frames == codes.shape[1]
+    assert decoder.flush() == []
+
+
 def test_snac_noise_follows_the_absolute_position():
     """SNAC's decoder adds seeded noise; a chunk decoded alone must get the noise of its position."""
     codec = _build("snac")
@@ -99,3 +134,5 @@ def test_codec_must_match_the_layout():
         IncrementalSpeechDecoder(codec, wrong)
     with pytest.raises(ValueError, match="chunk_frames"):
         IncrementalSpeechDecoder(codec, layout_for(codec), chunk_frames=0)
+    with pytest.raises(ValueError, match="lookahead_frames must be >= 0"):
+        IncrementalSpeechDecoder(codec, layout_for(codec), lookahead_frames=-1)

@@ -97,7 +97,7 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
             spoken_records = records("spoken_qa")
             scores = spoken_qa_speech_scores(model, processor, codec, spoken_records, asr=asr,
                                              max_steps=max_speech_steps, decoding=decoding)
-            results["speech_decoding"] = {"strategy": "single_pass", **(decoding or {})}
+            results["speech_decoding"] = {"strategy": "single_pass", **{k: v for k, v in (decoding or {}).items() if v is not None}}
             results["spoken_qa_speech_accuracy"] = scores["accuracy"]
             num_examples["spoken_qa_speech_accuracy"] = scores["num_examples"]
             if scores["tts_wer"] is not None:

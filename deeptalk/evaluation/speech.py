@@ -162,16 +162,20 @@ def spoken_answers(model, processor, codec, records, *, max_steps: int = 200,
                    decoding: dict | None = None) -> tuple[list[str], list[np.ndarray]]:
     """Text + spoken answers to spoken_qa records (`question_audio`), one decoding each
     (:func:`deeptalk.generation.generate_speech_answer`; `decoding` holds `SpeechDecodingConfig` fields,
-    e.g. `{"strategy": "batch_parallel"}`; default: single-pass with the authors' sampling); the speech
+    e.g. `{"strategy": "batch_parallel"}`; default: single-pass with the authors' sampling, and the
+    model's first voice when it has voices); the speech
     is decoded with `codec` to 1-D float32 waveforms at `codec.sampling_rate` (empty when the answer
     has no frames)."""
     from ..generation import generate_speech_answer
     from ..recipes.demo_data import spoken_question_conversation
 
+    decoding = dict(decoding or {})
+    if decoding.get("voice") is None and processor.layout.voices:  # as SpeechChat: a voiced model expects one
+        decoding["voice"] = processor.layout.voices[0]
     texts, waveforms = [], []
     for record in _records_list(records):
         conversation = spoken_question_conversation(_audio_source(record["question_audio"]))
-        answer = generate_speech_answer(model, processor, conversation, max_steps=max_steps, **(decoding or {}))
+        answer = generate_speech_answer(model, processor, conversation, max_steps=max_steps, **decoding)
         texts.append(answer.text)
         waveform = codec.decode(answer.codes) if answer.codes.shape[-1] else torch.zeros(0)
         waveforms.append(waveform.detach().to("cpu", torch.float32).numpy())

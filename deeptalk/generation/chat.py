@@ -14,6 +14,7 @@ The reply's `timings` are measured on the request itself (seconds since it start
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -80,6 +81,9 @@ class SpeechChat:
                  output_expert_load: bool = False):
         self.model, self.processor, self.codec = model.eval(), processor, codec
         self.output_expert_load = output_expert_load  # counting costs ~0.5 ms per step (and a GPU sync)
+        # A model routes through one shared RoutingState (and SNAC decodes through shared noise state):
+        # concurrent requests on one model would mix them, so a chat answers one request at a time.
+        self._lock = threading.Lock()
         self.config = config or SpeechDecodingConfig()
         if self.config.voice is None and processor.layout.voices:  # a model trained with voices expects one
             self.config = replace(self.config, voice=processor.layout.voices[0])
@@ -128,8 +132,13 @@ class SpeechChat:
                chunk_frames: int | None = None, first_chunk_frames: int | None = None,
                lookahead_frames: int | None = None, **decoding) -> Iterator[TextDelta | AudioChunk | ChatReply]:
         """Yield the reply as it is decoded: :class:`TextDelta` and :class:`AudioChunk` events, and
-        last the :class:`ChatReply`. Keyword `decoding` options override the chat's config."""
+        last the :class:`ChatReply`. Keyword `decoding` options override the chat's config.
+        Requests on one `SpeechChat` run one at a time (a second thread waits for the first)."""
         config = self._config(decoding)
+        with self._lock:
+            yield from self._stream(config, audio, text, history, chunk_frames, first_chunk_frames, lookahead_frames)
+
+    def _stream(self, config, audio, text, history, chunk_frames, first_chunk_frames, lookahead_frames):
         started = time.perf_counter()
         conversation = list(history or []) + [user_message(audio, text)]
         chunker = None

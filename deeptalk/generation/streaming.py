@@ -55,8 +55,11 @@ class IncrementalSpeechDecoder:
 
     def __init__(self, codec, layout, chunk_frames: int = 8, first_chunk_frames: int | None = None,
                  lookahead_frames: int | None = None, context_frames: int | None = None):
-        if chunk_frames < 1:
-            raise ValueError(f"chunk_frames must be >= 1, got {chunk_frames}.")
+        if chunk_frames < 1 or (first_chunk_frames is not None and first_chunk_frames < 1):
+            raise ValueError(f"chunk_frames and first_chunk_frames must be >= 1, got {chunk_frames}, {first_chunk_frames}.")
+        for name, value in (("lookahead_frames", lookahead_frames), ("context_frames", context_frames)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = none), got {value}.")
         if codec.num_streams != layout.num_audio_streams or codec.codebook_size != layout.codebook_size:
             raise ValueError(
                 f"The codec ({codec.num_streams} streams x {codec.codebook_size} codes) does not match the model's "
@@ -100,8 +103,11 @@ class IncrementalSpeechDecoder:
             size = self.first_chunk_frames if self.num_chunks == 0 else self.chunk_frames
             ready = self.complete_frames - self.lookahead_frames
             if ready - self.emitted_frames < size:
-                return chunks
+                break
             chunks.append(self._decode(self.emitted_frames + size))
+        if all(self.ended):  # speech is over: no more right context can come, so hold nothing back
+            chunks += self.flush()
+        return chunks
 
     def flush(self) -> list[torch.Tensor]:
         """The remaining frames as a last chunk (call once decoding has ended)."""

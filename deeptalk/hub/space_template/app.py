@@ -45,7 +45,11 @@ def load_chat():
     """The model, processor and codec, loaded once when the Space starts."""
     from deeptalk.generation import SpeechChat
 
-    return SpeechChat.from_pretrained(model_location(), output_expert_load=True)
+    import torch
+
+    device = os.environ.get("DEEPTALK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else None  # GPU Spaces: bf16 weights, as in training
+    return SpeechChat.from_pretrained(model_location(), device=device, dtype=dtype, output_expert_load=True)
 
 
 def wav_bytes(waveform, sampling_rate: int) -> bytes:
@@ -149,8 +153,16 @@ def build_demo(chat) -> gr.Blocks:
         reply_text, first_audio = "", False
         # the question is asked: clear the inputs for the next turn, and the previous answer
         yield {question_audio: None, question_text: "", reply_box: "", status: "thinking ..."}
-        for event in chat.stream(audio=audio, text=text, history=history or None, strategy=strategy,
-                                 max_steps=int(max_steps), chunk_frames=CHUNK_FRAMES):
+        events = chat.stream(audio=audio, text=text, history=history or None, strategy=strategy,
+                             max_steps=int(max_steps), chunk_frames=CHUNK_FRAMES)
+        while True:
+            try:
+                event = next(events)
+            except StopIteration:
+                return
+            except (ValueError, FileNotFoundError) as err:  # bad input (silent, too long, unreadable audio...)
+                yield {status: f"**Could not answer:** {err}"}
+                raise gr.Error(str(err)) from None
             if isinstance(event, TextDelta):
                 reply_text += event.text
                 yield {reply_box: reply_text}
@@ -205,8 +217,9 @@ def build_demo(chat) -> gr.Blocks:
         outputs = [question_audio, question_text, reply_box, reply_audio, status, expert_plot, expert_rows,
                    history_state]
         inputs = [question_audio, question_text, history_state, strategy, max_steps]
-        ask.click(respond, inputs, outputs)
-        question_text.submit(respond, inputs, outputs)
+        # one model, one request at a time: SpeechChat serialises its requests, and so does the queue
+        ask.click(respond, inputs, outputs, concurrency_limit=1, concurrency_id="model")
+        question_text.submit(respond, inputs, outputs, concurrency_limit=1, concurrency_id="model")
         clear.click(new_conversation, None, [history_state, reply_audio, reply_box, expert_plot, status, expert_rows])
     return demo
 

@@ -131,6 +131,9 @@ class SNACCodec(SpeechCodec):
         attn = model.attn_window_size or 1
         # SNAC needs the latent length (coarse frames x stride_0) to be a multiple of lcm(stride_0, attn_window)
         self._frame_multiple = math.lcm(self.vq_strides[0], attn) // self.vq_strides[0]
+        # chunked decoding needs whole attention windows of real codes around a chunk: two windows of
+        # context (measured exact on window-32 SNAC) or the conv-only default of 2 frames
+        self.default_decode_context = max(type(self).default_decode_context, 2 * self._frame_multiple)
         # Decoder noise as a fixed function of absolute position (see _positional_noise), so a chunk
         # decoded on its own gets the same noise as the same frames inside a full decode.
         self._noise_window = {"first_frame": 0, "frames": 1}
@@ -218,8 +221,10 @@ class SNACCodec(SpeechCodec):
         return audio.reshape(-1)[: n * self.samples_per_frame]
 
     def _decode_window(self, lo: int, hi: int, total: int) -> Tuple[int, int]:
-        # local attention works on whole windows counted from frame 0: decode from a window boundary
-        return lo - lo % self._frame_multiple, hi
+        # local attention works on whole windows counted from frame 0: decode whole windows of real
+        # codes (the last window of the answer is padded by `_decode`, as in a full decode)
+        multiple = self._frame_multiple
+        return lo - lo % multiple, min(total, hi + (-hi) % multiple)
 
     def _decode_at(self, codes: torch.Tensor, first_frame: int) -> torch.Tensor:
         self._noise_window["first_frame"] = first_frame
