@@ -223,6 +223,8 @@ def cmd_evaluate(args) -> int:
                                       decoding={"strategy": args.strategy, "voice": args.voice})
     write_results(results, args.output)
     print(json.dumps(results, indent=2))
+    for metric, warning in results.get("warnings", {}).items():
+        print(f"deeptalk evaluate: warning: {metric}: {warning}", file=sys.stderr)
     return 0
 
 

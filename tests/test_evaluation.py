@@ -448,3 +448,16 @@ def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(pro
     assert "(no codec: pass codec=" in card.text
     quiet = evaluate_on_demo_corpus(speech_model, processor, codec=codec, limit=2, speech_answers=False, max_new_tokens=1)
     assert "audio_token_accuracy" in quiet and quiet["skipped"]["tts_wer"] == "speech_answers=False"
+
+
+def test_degenerate_speech_scores_are_flagged():
+    from deeptalk.evaluation.evaluate import degenerate_answer_warnings
+
+    same = {"text_answers": ["no", "No.", "no"], "asr": "own"}
+    found = degenerate_answer_warnings(same, {"wer": 1.0, "cer": 0.9})
+    assert "same answer ('no')" in found["spoken_qa_speech_accuracy"]
+    assert "WER on real speech is 1.00" in found["tts_wer"] and "--asr" in found["tts_wer"]
+    varied = {"text_answers": ["no", "yes"], "asr": "own"}
+    assert degenerate_answer_warnings(varied, {"wer": 0.1}) == {}
+    assert degenerate_answer_warnings({"text_answers": ["no", "no"], "asr": "openai/whisper"}, {"wer": 1.0}).keys() == {
+        "spoken_qa_speech_accuracy"}  # a named ASR is not the model's own

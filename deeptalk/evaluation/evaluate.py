@@ -22,6 +22,9 @@ from __future__ import annotations
 import json
 import os
 
+from .metrics import normalize_answer
+from .speech import OWN_ASR
+
 
 def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, limit: int | None = None, asr=None,
                             speech_answers: bool = True, max_speech_steps: int = 200, max_new_tokens: int = 8,
@@ -41,7 +44,7 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
     """
     from ..data import load_demo_corpus
     from .metrics import asr_error_rates, dataset_audio_token_accuracy, relative_drop, spoken_qa_text_accuracy, text_qa_accuracy
-    from .speech import OWN_ASR, load_speech_recognizer, spoken_qa_speech_scores
+    from .speech import load_speech_recognizer, spoken_qa_speech_scores
 
     if speech_answers and codec is not None and asr is not None and asr != OWN_ASR:
         # a wrong ASR fails here, before minutes of other metrics; a checkpoint runs where the model runs
@@ -55,7 +58,7 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
     results = {"dataset": "deeptalk demo corpus (test split)",
                "text_qa_accuracy": text_qa_accuracy(model, processor, text_records, max_new_tokens=max_new_tokens)}
     num_examples = {"text_qa_accuracy": len(text_records)}
-    skipped = {}
+    skipped, warnings = {}, {}
     if base_model is not None:
         base = text_qa_accuracy(base_model, processor, text_records, max_new_tokens=max_new_tokens)
         results["base_text_qa_accuracy"] = base
@@ -96,7 +99,8 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
         else:
             spoken_records = records("spoken_qa")
             scores = spoken_qa_speech_scores(model, processor, codec, spoken_records, asr=asr,
-                                             max_steps=max_speech_steps, decoding=decoding)
+                                             max_steps=max_speech_steps, decoding=decoding, return_predictions=True)
+            warnings.update(degenerate_answer_warnings(scores, results.get("asr")))
             results["speech_decoding"] = {"strategy": "single_pass", **{k: v for k, v in (decoding or {}).items() if v is not None}}
             results["spoken_qa_speech_accuracy"] = scores["accuracy"]
             num_examples["spoken_qa_speech_accuracy"] = scores["num_examples"]
@@ -109,7 +113,27 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
             results["max_speech_steps"] = max_speech_steps
     results["num_examples"] = num_examples
     results["skipped"] = skipped
+    results["warnings"] = warnings
     return results
+
+
+def degenerate_answer_warnings(scores: dict, own_asr_error_rates: dict | None) -> dict:
+    """Say when a speech score cannot mean what its name says: every spoken question got the same
+    answer (the accuracy is then that answer's share of the test set), or the ASR that transcribes
+    the spoken answers is the model's own and fails on real speech (so S2S accuracy and TTS WER only
+    compare the model with itself)."""
+    found = {}
+    answers = {normalize_answer(t) for t in scores.get("text_answers", [])}
+    if len(scores.get("text_answers", [])) > 1 and len(answers) == 1:
+        found["spoken_qa_speech_accuracy"] = (
+            f"every spoken question got the same answer ({answers.pop()!r}): the accuracy is that answer's share "
+            "of the test set, not understanding")
+    if scores.get("asr") == OWN_ASR and own_asr_error_rates and own_asr_error_rates.get("wer", 0.0) >= 0.5:
+        found["tts_wer"] = (
+            f"the spoken answers are transcribed by the model's own ASR path, whose WER on real speech is "
+            f"{own_asr_error_rates['wer']:.2f}: S2S accuracy and TTS WER are not trustworthy; pass an ASR "
+            "checkpoint (deeptalk evaluate --asr ...)")
+    return found
 
 
 def write_results(results: dict, path: str):
