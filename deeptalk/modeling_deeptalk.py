@@ -1186,7 +1186,9 @@ def _convert_state_dict(source, model: DeepTalkForCausalLM, copy: bool, progress
         for bank_name, (bank_gate_up, bank_down) in block.split_source_experts(gate_up, down).items():
             state[f"{prefix}{bank_name}.gate_up_proj"] = bank_gate_up
             state[f"{prefix}{bank_name}.down_proj"] = bank_down
-        state[prefix + "router.weight"] = source_state[source_prefix + "gate.weight"].float()
+        # `.float()` of an fp32 tensor is the tensor itself: copy explicitly, or training the router
+        # would silently train the source model's gate too
+        state[prefix + "router.weight"] = source_state[source_prefix + "gate.weight"].to(torch.float32, copy=copy)
     for name in target_names:
         if name in state:
             continue

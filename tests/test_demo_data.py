@@ -157,6 +157,9 @@ def test_phase_datasets_collate_and_train_a_tiny_model(data, tiny_source):
     assert data.phase_dataset("1") is data.asr["train"] and data.phase_dataset("2a") is data.spoken_qa_speech["train"]
     joint = data.phase_dataset("3")
     assert joint["id"] == data.phase_dataset("joint")["id"] and data.phase_dataset("align") is data.asr["train"]
+    assert joint["id"] == data.tasks_dataset(("spoken_qa_speech", "text_qa"))["id"]
+    with pytest.raises(ValueError, match="Unknown demo tasks"):
+        data.tasks_dataset(("spoken_qa", "asr"))
     assert len(joint) == len(data.spoken_qa_speech["train"]) + len(data.text_qa["train"])
     assert set(joint.select(range(32))["task"]) == {"spoken_qa_speech", "text_qa"}  # shuffled together
     with pytest.raises(ValueError, match="Unknown phase"):

@@ -4,12 +4,15 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import convert, random_ids
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 import deeptalk
+from deeptalk import DeepTalkForCausalLM
 from deeptalk.hub import logits_via_remote_code
+from deeptalk.tiny import tiny_text_moe
 
 
 def test_import_registers_auto_classes():
@@ -79,3 +82,15 @@ def test_cli_convert_rejects_a_bad_map_without_writing(tmp_path):
     assert not out.exists()
     result = _cli("convert", "tiny:qwen3_moe", str(out), "--speech-experts", "not json", cwd=tmp_path)
     assert result.returncode != 0 and "neither a JSON file nor inline JSON" in result.stderr
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "qwen3_moe", "mixtral"])
+def test_training_the_conversion_leaves_the_source_model_untouched(family):
+    """from_text_moe(instance) copies every tensor (the routers too): the source stays the original LLM."""
+    source = tiny_text_moe(family)
+    before = {name: p.detach().clone() for name, p in source.named_parameters()}
+    model = DeepTalkForCausalLM.from_text_moe(source)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    assert [n for n, p in source.named_parameters() if not torch.equal(p, before[n])] == []

@@ -262,12 +262,20 @@ class DemoData:
         """The `split` of every dataset phase `phase` uses (:data:`PHASES`; recipe names such as
         `"joint"` work too, :data:`PHASE_ALIASES`), concatenated and, when `seed` is not None and there
         are several, shuffled."""
-        import datasets
-
         phase = PHASE_ALIASES.get(phase, phase)
         if phase not in PHASES:
             raise ValueError(f"Unknown phase {phase!r}; choose one of {list(PHASES)} or {list(PHASE_ALIASES)}.")
-        parts = [self.dataset(name)[split] for name in PHASES[phase]]
+        return self.tasks_dataset(PHASES[phase], split, seed)
+
+    def tasks_dataset(self, tasks, split: str = "train", seed: int | None = 0):
+        """The `split` of the datasets `tasks` (names in :data:`DEMO_TASKS`), concatenated and, when
+        `seed` is not None and there are several, shuffled."""
+        import datasets
+
+        unknown = [t for t in tasks if t not in DEMO_TASKS]
+        if unknown or not tasks:
+            raise ValueError(f"Unknown demo tasks {unknown or tasks!r}; choose from {DEMO_TASKS}.")
+        parts = [self.dataset(name)[split] for name in tasks]
         if len(parts) == 1:
             return parts[0]
         joined = datasets.concatenate_datasets(parts)
