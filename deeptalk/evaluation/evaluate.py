@@ -22,8 +22,15 @@ from __future__ import annotations
 import json
 import os
 
-from .metrics import normalize_answer
-from .speech import OWN_ASR
+from .metrics import (
+    asr_error_rates,
+    dataset_audio_token_accuracy,
+    normalize_answer,
+    relative_drop,
+    spoken_qa_text_accuracy,
+    text_qa_accuracy,
+)
+from .speech import OWN_ASR, load_speech_recognizer, spoken_qa_speech_scores
 
 
 def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, limit: int | None = None, asr=None,
@@ -43,8 +50,6 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
         decoding: `SpeechDecodingConfig` fields for the spoken answers, e.g. `{"strategy": "batch_parallel"}`.
     """
     from ..data import load_demo_corpus
-    from .metrics import asr_error_rates, dataset_audio_token_accuracy, relative_drop, spoken_qa_text_accuracy, text_qa_accuracy
-    from .speech import load_speech_recognizer, spoken_qa_speech_scores
 
     if speech_answers and codec is not None and asr is not None and asr != OWN_ASR:
         # a wrong ASR fails here, before minutes of other metrics; a checkpoint runs where the model runs

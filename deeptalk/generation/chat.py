@@ -152,8 +152,14 @@ class SpeechChat:
         text_ids: list[int] = []
         shown = ""
         waveform_parts: list[np.ndarray] = []
-        timings: dict[str, float] = {}
-        codec_seconds = 0.0
+        timings: dict[str, float] = {"codec_decode": 0.0}
+
+        def audio_events(decode_chunks, step: int) -> list[AudioChunk]:
+            before = time.perf_counter()
+            chunks = decode_chunks()
+            timings["codec_decode"] += time.perf_counter() - before
+            return [self._audio_event(chunk, chunker, waveform_parts, timings, started, step) for chunk in chunks]
+
         for step in decode_steps(self.model, self.processor, conversation, config, result,
                                  output_expert_load=self.output_expert_load):
             if step.text_token is not None and step.text_token != layout.eot_id:
@@ -165,22 +171,13 @@ class SpeechChat:
                     yield TextDelta(text_now[len(shown):], time.perf_counter() - started)
                     shown = text_now
             if chunker is not None:
-                before = time.perf_counter()
-                chunks = chunker.push(step.column)
-                codec_seconds += time.perf_counter() - before
-                for chunk in chunks:
-                    yield self._audio_event(chunk, chunker, waveform_parts, timings, started, step.step)
+                yield from audio_events(lambda: chunker.push(step.column), step.step)
         if chunker is not None:
-            before = time.perf_counter()
-            chunks = chunker.flush()
-            codec_seconds += time.perf_counter() - before
-            for chunk in chunks:
-                yield self._audio_event(chunk, chunker, waveform_parts, timings, started, len(result.columns) - 1)
+            yield from audio_events(chunker.flush, len(result.columns) - 1)
         text, codes = self.processor.decode_turn(result.layout)
         if text != shown and text.startswith(shown) and text[len(shown):]:
             yield TextDelta(text[len(shown):], time.perf_counter() - started)
         timings.update({k: v for k, v in result.timings.items() if k in ("features", "prefill")})
-        timings["codec_decode"] = codec_seconds
         timings["total"] = time.perf_counter() - started
         waveform = None
         if self.codec is not None:

@@ -132,10 +132,9 @@ class _StreamRules:
 
     def __init__(self, layout, voice: str | None):
         self.layout = layout
-        n = layout.num_audio_streams
-        self.eoa = [layout.audio_special_id("<|eoa|>", i) for i in range(n)]
-        self.pad_a = [layout.audio_special_id("<|pad_a|>", i) for i in range(n)]
-        self.starts = [layout.stream_range(i + 1)[0] for i in range(n)]
+        self.eoa = layout.audio_special_ids("<|eoa|>").tolist()
+        self.pad_a = layout.audio_special_ids("<|pad_a|>").tolist()
+        self.starts = [layout.stream_offset(i + 1) for i in range(layout.num_audio_streams)]
         # the voice (speaker) token opens the audio streams at step 0, as in training (layout.py)
         self.voice_ids = layout.voice_ids(voice) if voice is not None else None
         self.frames: int | None = None  # set when the first audio stream emits EOA
@@ -187,7 +186,7 @@ def _next_audio_tokens(model, logits, step: int, rules: _StreamRules, config, ge
     return tokens
 
 
-def _prepare_prompt(model, processor, conversation, device):
+def _prepare_prompt(processor, conversation, device):
     batch = processor(conversation, add_generation_prompt=True)
     return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
@@ -243,7 +242,7 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     model.eval()
 
     started = time.perf_counter()
-    prompt = _prepare_prompt(model, processor, conversation, device)
+    prompt = _prepare_prompt(processor, conversation, device)
     result.timings["features"] = time.perf_counter() - started
     prompt_length = prompt["input_ids"].shape[-1]
     result.prompt_length = prompt_length
@@ -267,10 +266,10 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     record_load(out)
     result.timings["prefill"] = time.perf_counter() - started - result.timings["features"]
     cache = out.cache
-    if batch_parallel:  # the prompt is shared: prefill once, then two rows
-        cache = _two_row_static_cache(model, cache, max_length) if static else cache
-        if not static:
-            cache.batch_repeat_interleave(2)
+    if batch_parallel and static:  # the prompt is shared: prefill once, then two rows
+        cache = _two_row_static_cache(model, cache, max_length)
+    elif batch_parallel:
+        cache.batch_repeat_interleave(2)
     two_rows = batch_parallel  # row 0 speaks, row 1 is the text-only copy
     attention_mask = prompt["attention_mask"][:1]
     sequence = prompt["input_ids"]
@@ -334,10 +333,10 @@ def generate_speech_answer(model, processor, conversation: list[dict], config: S
     elif config_kwargs:
         raise ValueError("Pass decoding options either as config=SpeechDecodingConfig(...) or as keywords, not both.")
     result = DecodeResult()
-    steps = 0
-    for steps, _ in enumerate(decode_steps(model, processor, conversation, config, result, use_cache=use_cache,
-                                           output_expert_load=output_expert_load), start=1):
+    for _ in decode_steps(model, processor, conversation, config, result, use_cache=use_cache,
+                          output_expert_load=output_expert_load):
         pass
-    text, codes = processor.decode_turn(result.layout)
-    return SpeechAnswer(text=text, codes=codes, layout=result.layout, steps=steps, timings=result.timings,
+    layout = result.layout
+    text, codes = processor.decode_turn(layout)
+    return SpeechAnswer(text=text, codes=codes, layout=layout, steps=len(result.columns), timings=result.timings,
                         expert_load=result.expert_load)
