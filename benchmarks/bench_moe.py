@@ -124,7 +124,7 @@ def build_pair(family: str, size: str, impl: str, speech_fraction: float, seed: 
         "params": sum(p.numel() for p in source.parameters()),
         "experts_impl": impl,
         "attn_impl": {"source": source.config._attn_implementation,
-                      "converted": converted.model.language_model.config._attn_implementation},
+                      "converted": converted.config.text_config._attn_implementation},
     }
     return source, converted, config, info
 
@@ -242,7 +242,7 @@ def labelled_stages():
     wrap(md.DeepTalkSparseMoeBlock, "forward", "dt::moe_block")
     wrap(md.DeepTalkRouter, "forward", "dt::router_linear")
     wrap(md, "route_tokens", "dt::route_tokens")
-    wrap(md.DeepTalkSparseMoeBlock, "allowed_experts", "dt::allowed_experts")
+    wrap(md, "allowed_experts", "dt::allowed_experts")
     wrap(md.DeepTalkSparseMoeBlock, "_run_experts", "dt::run_experts(dispatch+banks)")
     # The experts kernels are looked up in ALL_EXPERTS_FUNCTIONS at every call: override them locally.
     interface = tf_moe.ALL_EXPERTS_FUNCTIONS

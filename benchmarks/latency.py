@@ -292,7 +292,7 @@ def finish_model_info(setup: Setup):
     model = setup.model
     setup.info.update(
         deeptalk_params=count_params(model), encoder_params=count_params(model.model.audio_encoder),
-        attn_impl=model.model.language_model.config._attn_implementation,
+        attn_impl=model.config.text_config._attn_implementation,
         routing_mode=model.config.routing_mode)
 
 
@@ -307,7 +307,7 @@ class Probe:
         self.model, self.device, self.text_tokens = model, device, text_tokens
         config = model.config
         start, _ = config.stream_range(1)
-        self.eoa = start + config.audio_codebook_size  # what decode_steps reads as EOA of the first stream
+        self.eoa = start + config.layout.codebook_size  # what decode_steps reads as EOA of the first stream
         assert self.eoa == layout.audio_special_id("<|eoa|>", 0)
         self.eot, self.text_vocab, self.text_used = layout.eot_id, layout.text_vocab_size, text_vocab_used
         self.biases: dict = {}

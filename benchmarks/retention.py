@@ -83,7 +83,7 @@ LABELS = {
 }
 STAGES = (("speech", "experts_speech", "spoken_qa_speech"), ("text", "experts_text", "text_qa"), ("joint", "joint", "joint"))
 # DeepSeek-V2 module names inside the language model (the Whisper encoder's q_proj/... are excluded)
-LORA_TARGET_MODULES = (r".*language_model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+LORA_TARGET_MODULES = (r".*model\.layers\.\d+\.(self_attn\.(q_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
                        r"|mlp\.(gate_proj|up_proj|down_proj)|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))")
 LORA_TARGET_PARAMETERS = ["text_bank.gate_up_proj", "text_bank.down_proj", "speech_bank.gate_up_proj", "speech_bank.down_proj"]
 

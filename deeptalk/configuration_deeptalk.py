@@ -1,84 +1,123 @@
 # Copyright 2026 The deeptalk authors. Apache-2.0.
-"""DeepTalk configuration.
+"""DeepTalk configuration, routing policy names and the speech token layout.
 
 This file is copied next to the weights by the Hub export (``trust_remote_code``), so it imports
-only ``transformers`` (and the standard library).
+only ``torch`` and ``transformers`` (and the standard library).
 
 A DeepTalk config wraps the config of a pre-trained Mixture-of-Experts text LLM (``text_config``)
 and adds what DeepTalk needs on top of it:
 
-* ``speech_experts``: the **expert→modality map**. One list per MoE layer (in layer order) of the
+* ``speech_experts``: the **expert->modality map**. One list per MoE layer (in layer order) of the
   routed experts, by their index *in the source model*, that serve speech. Every other routed
   expert serves text. This is the format of the authors' ``audio_experts_file``
-  (arXiv 2506.21864, DeepTalk/DeepOmni). ``None`` means "not assigned yet": every routed expert
-  is a text expert until the assignment step picks the speech ones.
-* ``routing_mode``: which experts a token may be routed to (see ``ROUTING_MODES``).
-* the speech vocabulary layout (codec streams, codebook size, special tokens), filled by the
-  speech processor.
+  (arXiv 2506.21864, DeepTalk/DeepOmni). ``None`` means "not assigned yet".
+* ``routing_mode``: which experts a token may be routed to (:class:`RoutingMode`).
+* ``speech_layout``: the multi-stream token layout (:class:`SpeechTokenLayout`), the one description
+  of the speech vocabulary that the processor, the model, the losses and decoding all read.
 """
 
 from __future__ import annotations
 
+import enum
+from dataclasses import asdict, dataclass, field
+
+import torch
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-# Which experts a token may be routed to. The rule itself lives in ``modeling_deeptalk.route_tokens``.
-ROUTING_MODES = {
-    "free": "top-k over all routed experts (the paper's phase 1, phase 3 and inference)",
-    "speech_only": "only speech experts can be chosen (the paper's phase 2a: train the speech bank)",
-    "text_only": "only text experts can be chosen (the paper's phase 2b: train the text bank)",
-    "by_token_modality": "each token chooses among its own modality's experts (the MoST/MAMoE variant; opt-in)",
-}
+FORMAT_VERSION = 2
+"""Version of the saved folder layout (``deeptalk_format_version`` in config.json). 1: deeptalk 0.1
+(decoder under ``model.language_model``, one embedding table, flat speech fields)."""
 
-# Token modality codes used by ``token_modality`` tensors and the per-modality expert load.
 TEXT_MODALITY, SPEECH_MODALITY, IGNORED_TOKEN = 0, 1, -1
+"""Token modality codes of ``token_modality`` tensors and of the per-modality expert load."""
 MODALITY_NAMES = ("text", "speech")
+
+
+class RoutingMode(str, enum.Enum):
+    """Which routed experts a token may choose. The rule itself is ``modeling_deeptalk.allowed_experts``."""
+
+    FREE = "free"
+    SPEECH_ONLY = "speech_only"
+    TEXT_ONLY = "text_only"
+    BY_TOKEN_MODALITY = "by_token_modality"
+
+    @property
+    def description(self) -> str:
+        return _ROUTING_DESCRIPTIONS[self]
+
+    @property
+    def needs_speech_experts(self) -> bool:
+        return self in (RoutingMode.SPEECH_ONLY, RoutingMode.BY_TOKEN_MODALITY)
+
+    @classmethod
+    def parse(cls, value) -> RoutingMode:
+        """The mode named by `value` (a `RoutingMode` or its string), or a ValueError listing the modes."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = "; ".join(f"{m.value!r} ({m.description})" for m in cls)
+            raise ValueError(f"Unknown routing mode {value!r}. Choose one of: {choices}.") from None
+
+
+_ROUTING_DESCRIPTIONS = {
+    RoutingMode.FREE: "top-k over all routed experts (the paper's phase 1, phase 3 and inference)",
+    RoutingMode.SPEECH_ONLY: "only speech experts can be chosen (the paper's phase 2a: train the speech bank)",
+    RoutingMode.TEXT_ONLY: "only text experts can be chosen (the paper's phase 2b: train the text bank)",
+    RoutingMode.BY_TOKEN_MODALITY: "each token chooses among its own modality's experts (MoST/MAMoE variant; opt-in)",
+}
+ROUTING_MODES = {mode.value: mode.description for mode in RoutingMode}
 
 
 def _qwen_moe_layers(cfg) -> list[int]:
     mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
     step = getattr(cfg, "decoder_sparse_step", 1) or 1
-    return [
-        i
-        for i in range(cfg.num_hidden_layers)
-        if i not in mlp_only and cfg.num_experts > 0 and (i + 1) % step == 0
-    ]
+    return [i for i in range(cfg.num_hidden_layers) if i not in mlp_only and cfg.num_experts > 0 and (i + 1) % step == 0]
 
 
-# Per supported source family: how many routed experts it has and which decoder layers are MoE
-# (mirroring each family's decoder-layer constructor in transformers).
+def _full_attention(cfg) -> list[str]:
+    return ["full_attention"] * cfg.num_hidden_layers
+
+
+def _sliding_if_windowed(cfg) -> list[str]:
+    kind = "full_attention" if getattr(cfg, "sliding_window", None) is None else "sliding_attention"
+    return [kind] * cfg.num_hidden_layers
+
+
+# Per supported source family (mirroring its transformers decoder): routed experts per layer, which
+# decoder layers are MoE, and each layer's attention mask kind.
 SUPPORTED_FAMILIES = {
     "deepseek_v2": {
         "num_experts": lambda cfg: cfg.num_experts,
         "moe_layers": lambda cfg: list(range(cfg.first_k_dense_replace or 0, cfg.num_hidden_layers)),
+        "layer_types": _full_attention,
     },
-    "qwen3_moe": {"num_experts": lambda cfg: cfg.num_experts, "moe_layers": _qwen_moe_layers},
-    "qwen2_moe": {"num_experts": lambda cfg: cfg.num_experts, "moe_layers": _qwen_moe_layers},
-    "olmoe": {"num_experts": lambda cfg: cfg.num_experts, "moe_layers": lambda cfg: list(range(cfg.num_hidden_layers))},
-    "mixtral": {
-        "num_experts": lambda cfg: cfg.num_local_experts,
-        "moe_layers": lambda cfg: list(range(cfg.num_hidden_layers)),
-    },
+    "qwen3_moe": {"num_experts": lambda cfg: cfg.num_experts, "moe_layers": _qwen_moe_layers,
+                  "layer_types": _sliding_if_windowed},
+    "qwen2_moe": {"num_experts": lambda cfg: cfg.num_experts, "moe_layers": _qwen_moe_layers,
+                  "layer_types": lambda cfg: list(cfg.layer_types)},
+    "olmoe": {"num_experts": lambda cfg: cfg.num_experts, "moe_layers": lambda cfg: list(range(cfg.num_hidden_layers)),
+              "layer_types": _full_attention},
+    "mixtral": {"num_experts": lambda cfg: cfg.num_local_experts,
+                "moe_layers": lambda cfg: list(range(cfg.num_hidden_layers)), "layer_types": _sliding_if_windowed},
 }
 
 AUDIO_SPECIAL_TOKENS = ("<|eoa|>", "<|pad_a|>", "<|boa|>", "<|audio_in|>")
 """Specials of every audio stream, at ids `codebook_size + j` of the stream's block: EOA ends a stream,
 PAD_A fills a stream before it starts and after it ends, BOA opens a user audio segment, AUDIO_IN
 marks the positions where the audio encoder's features are spliced in."""
+VOICE_PREFIX = "<|voice:"
 
 DEFAULT_NUM_SPEECH_EXPERTS = 6  # the paper: 6 of DeepSeek-V2-Lite's 64 routed experts per layer
 DEFAULT_ROUTER_AUX_LOSS_COEF = 0.001  # transformers' Mixtral/Qwen-MoE default; the family's own value wins
-
-
-def stream_range(text_vocab_size: int, audio_block_size: int, stream: int) -> tuple[int, int]:
-    """`[start, end)` of a stream's ids: the text block first, then one block per audio stream."""
-    if stream == 0:
-        return 0, text_vocab_size
-    start = text_vocab_size + (stream - 1) * audio_block_size
-    return start, start + audio_block_size
-
-
 WHISPER_MEL_FRAMES = 3000  # Whisper's 30 s window of 100 Hz log-mel frames
+
+
+def voice_token(voice: str) -> str:
+    """The audio special token of a voice (speaker) name: `<|voice:NAME|>`."""
+    if not isinstance(voice, str) or not voice or any(c in voice for c in "<|>") or voice != voice.strip():
+        raise ValueError(f"A voice name is a plain non-empty word such as 'assistant' or 'f10', got {voice!r}.")
+    return f"{VOICE_PREFIX}{voice}|>"
 
 
 def num_audio_positions(num_mel_frames: int, adapter_stride: int, pad_to_30s: bool = False) -> int:
@@ -90,6 +129,197 @@ def num_audio_positions(num_mel_frames: int, adapter_stride: int, pad_to_30s: bo
     return -(-encoder_frames // adapter_stride)
 
 
+@dataclass
+class SpeechTokenLayout:
+    """The multi-stream token layout: 1 text stream + N audio streams per decoder step.
+
+    All ids are *global* ids of one extended vocabulary: text ids first (`[0, text_vocab_size)`), then
+    one block of `codebook_size + len(audio_special_tokens)` ids per audio stream, so one embedding
+    table and one output head serve every stream. An assistant turn with text ids `x` and codes
+    `c [N, F]` is laid out with stream i delayed by `delays[i]` (paper: `i + 1`)::
+
+        step        0      1      2   ...  d_i+f  ...  d_i+F  ...
+        text        x0     x1     x2  ...  EOT  PAD_T  PAD_T  ...   text runs ahead, then pads
+        audio i   PAD_A  PAD_A   ...       c[i,f] ...   EOA  PAD_A  stream i starts at step d_i
+
+    `build_delayed_layout` and `undelay_layout` are exact inverses.
+    """
+
+    text_vocab_size: int
+    num_audio_streams: int
+    codebook_size: int
+    eot_id: int
+    pad_t_id: int
+    delays: list[int] = field(default_factory=list)
+    audio_special_tokens: list[str] = field(default_factory=lambda: list(AUDIO_SPECIAL_TOKENS))
+
+    def __post_init__(self):
+        for name in ("text_vocab_size", "num_audio_streams", "codebook_size", "eot_id", "pad_t_id"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"speech layout: {name} must be an integer, got {value!r}.")
+        if self.num_audio_streams < 1 or self.codebook_size < 1:
+            raise ValueError(
+                f"speech layout: num_audio_streams={self.num_audio_streams} and codebook_size={self.codebook_size} "
+                "must be >= 1 (take them from the codec: codec.num_streams, codec.codebook_size)."
+            )
+        self.delays = list(self.delays) or [i + 1 for i in range(self.num_audio_streams)]
+        self.audio_special_tokens = list(self.audio_special_tokens)
+        if len(self.delays) != self.num_audio_streams:
+            raise ValueError(f"{len(self.delays)} delays for {self.num_audio_streams} audio streams: give one delay per stream.")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.delays):
+            raise ValueError(f"Stream delays must be integers >= 0, got {self.delays}.")
+        for name, value in (("eot_id", self.eot_id), ("pad_t_id", self.pad_t_id)):
+            if not 0 <= value < self.text_vocab_size:
+                raise ValueError(f"{name}={value} is not a text id (text vocabulary has {self.text_vocab_size}).")
+        missing = [t for t in AUDIO_SPECIAL_TOKENS if t not in self.audio_special_tokens]
+        if missing:
+            raise ValueError(f"audio_special_tokens must include {missing}.")
+        if len(set(self.audio_special_tokens)) != len(self.audio_special_tokens):
+            raise ValueError(f"audio_special_tokens repeats a token: {self.audio_special_tokens}.")
+
+    # ---- vocabulary --------------------------------------------------------------------------
+    @property
+    def num_streams(self) -> int:
+        return 1 + self.num_audio_streams
+
+    @property
+    def audio_block_size(self) -> int:
+        return self.codebook_size + len(self.audio_special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.text_vocab_size + self.num_audio_streams * self.audio_block_size
+
+    def stream_range(self, stream: int) -> tuple[int, int]:
+        """`[start, end)` of `stream`'s ids (0 = text, 1..N = audio streams)."""
+        if stream == 0:
+            return 0, self.text_vocab_size
+        start = self.text_vocab_size + (stream - 1) * self.audio_block_size
+        return start, start + self.audio_block_size
+
+    def stream_offset(self, stream: int) -> int:
+        """First global id of `stream`."""
+        return self.stream_range(stream)[0]
+
+    def audio_special_id(self, name: str, audio_stream: int) -> int:
+        """Global id of special `name` in audio stream `audio_stream` (0-based among audio streams)."""
+        return self.stream_offset(audio_stream + 1) + self.codebook_size + self.audio_special_tokens.index(name)
+
+    def audio_special_ids(self, name: str) -> torch.Tensor:
+        """`[N]` global ids of special `name`, one per audio stream."""
+        return torch.tensor([self.audio_special_id(name, i) for i in range(self.num_audio_streams)])
+
+    def pad_column(self) -> torch.Tensor:
+        """`[1 + N]` ids of a step that carries nothing: PAD_T, then PAD_A in every audio stream."""
+        return torch.tensor([self.pad_t_id, *self.audio_special_ids("<|pad_a|>").tolist()])
+
+    @property
+    def voices(self) -> list[str]:
+        """Names of the voice (speaker) tokens `<|voice:NAME|>` among the audio specials."""
+        return [t[len(VOICE_PREFIX) : -2] for t in self.audio_special_tokens if t.startswith(VOICE_PREFIX)]
+
+    def voice_ids(self, voice: str) -> list[int]:
+        """Global ids of `voice`'s token, one per audio stream; ValueError naming the known voices."""
+        name = voice_token(voice)
+        if name not in self.audio_special_tokens:
+            raise ValueError(
+                f"Unknown voice {voice!r}: this layout's voices are {self.voices or 'none'}. Build the processor with "
+                "`DeepTalkProcessor.from_codec_layout(..., voices=[...])` and the model with `add_speech(processor.layout)`, "
+                "or leave the voice out."
+            )
+        return [self.audio_special_id(name, i) for i in range(self.num_audio_streams)]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # ---- layout ------------------------------------------------------------------------------
+    def build_delayed_layout(self, text_ids, codes, voice: str | None = None) -> torch.Tensor:
+        """`[1 + N, T]` global ids of one assistant turn from text ids `[L]` and codes `[N, F]`.
+
+        Codes are codebook indices in `[0, codebook_size)`; out-of-range codes raise ValueError.
+        `voice` puts that voice's token at step 0 of every delayed audio stream (the authors' speaker
+        token at the answer start): a condition the model reads, never a label.
+        """
+        voice_ids = self.voice_ids(voice) if voice is not None else None
+        if voice_ids is not None and not any(self.delays):
+            raise ValueError("A voice token sits before the audio starts: it needs stream delays > 0.")
+        text_ids = torch.as_tensor(text_ids, dtype=torch.long).reshape(-1)
+        codes = torch.as_tensor(codes, dtype=torch.long)
+        if codes.dim() != 2 or codes.shape[0] != self.num_audio_streams:
+            raise ValueError(f"codes must be [num_audio_streams={self.num_audio_streams}, frames], got {tuple(codes.shape)}.")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(
+                f"codes must lie in [0, {self.codebook_size}), got min {int(codes.min())}, max {int(codes.max())}: "
+                "they are not this codec's codes (wrong codec, or already offset into the vocabulary?)."
+            )
+        if text_ids.numel() and (text_ids.min() < 0 or text_ids.max() >= self.text_vocab_size):
+            raise ValueError(f"text ids must lie in [0, {self.text_vocab_size}).")
+        frames = codes.shape[1]
+        length = max(text_ids.numel() + 1, max(self.delays, default=0) + frames + 1)
+        layout = torch.empty(self.num_streams, length, dtype=torch.long)
+        layout[0] = self.pad_t_id
+        layout[0, : text_ids.numel()] = text_ids
+        layout[0, text_ids.numel()] = self.eot_id
+        for i, delay in enumerate(self.delays):
+            layout[i + 1] = self.audio_special_id("<|pad_a|>", i)
+            if voice_ids is not None and delay > 0:
+                layout[i + 1, 0] = voice_ids[i]
+            layout[i + 1, delay : delay + frames] = codes[i] + self.stream_offset(i + 1)
+            layout[i + 1, delay + frames] = self.audio_special_id("<|eoa|>", i)
+        return layout
+
+    def undelay_layout(self, layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of `build_delayed_layout`: `(text_ids [L], codes [N, F])`.
+
+        Text ends at the first EOT; stream i's codes start at its delay and end at its EOA (or the
+        end of the layout when generation stopped early). Streams are cut to the shortest one so
+        the result is a rectangular code matrix.
+        """
+        layout = torch.as_tensor(layout, dtype=torch.long)
+        if layout.dim() != 2 or layout.shape[0] != self.num_streams:
+            raise ValueError(f"layout must be [{self.num_streams}, steps], got {tuple(layout.shape)}.")
+        text = layout[0]
+        eot = (text == self.eot_id).nonzero()
+        text_ids = text[: int(eot[0]) if len(eot) else len(text)]
+        text_ids = text_ids[text_ids != self.pad_t_id]
+        streams = []
+        for i, delay in enumerate(self.delays):
+            row = layout[i + 1, delay:] - self.stream_offset(i + 1)
+            end = ((row < 0) | (row >= self.codebook_size)).nonzero()
+            streams.append(row[: int(end[0]) if len(end) else len(row)])
+        frames = min((len(s) for s in streams), default=0)
+        codes = torch.stack([s[:frames] for s in streams]) if streams else torch.empty(0, 0, dtype=torch.long)
+        return text_ids, codes
+
+
+def check_speech_experts(speech_experts) -> list[list[int]] | None:
+    """The expert map as plain integer lists, or a ValueError naming the bad entry.
+
+    Only integers are accepted: booleans, floats (even 2.0), strings, dicts and nulls are refused
+    rather than coerced, because a coerced map silently routes to the wrong experts.
+    """
+    if speech_experts is None:
+        return None
+    if isinstance(speech_experts, (str, bytes, dict)) or not isinstance(speech_experts, (list, tuple)):
+        raise ValueError(
+            f"speech_experts must be a list with one list of expert indices per MoE layer, e.g. [[3, 17], [5, 9]]; "
+            f"got {type(speech_experts).__name__}."
+        )
+    checked = []
+    for i, layer in enumerate(speech_experts):
+        if isinstance(layer, (str, bytes, dict)) or not isinstance(layer, (list, tuple)):
+            raise ValueError(f"speech_experts[{i}] must be a list of expert indices, got {layer!r}.")
+        for j, expert in enumerate(layer):
+            if isinstance(expert, bool) or not isinstance(expert, int):
+                raise ValueError(
+                    f"speech_experts[{i}][{j}] = {expert!r} is not an expert index: use whole numbers such as 3 "
+                    "(booleans, decimals, strings and nested lists are not accepted)."
+                )
+        checked.append([int(e) for e in layer])
+    return checked
+
+
 class DeepTalkConfig(PreTrainedConfig):
     r"""Configuration of a [`DeepTalkForCausalLM`]: a pre-trained MoE LLM whose routed experts are split
     into a text bank and a speech bank.
@@ -98,54 +328,37 @@ class DeepTalkConfig(PreTrainedConfig):
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the source MoE decoder. Supported families: `deepseek_v2` (the paper's
             DeepSeek-V2-Lite), `qwen3_moe`, `qwen2_moe`, `olmoe`, `mixtral`. Defaults to a
-            `DeepseekV2Config()`.
+            `DeepseekV2Config()`. Its `vocab_size` is the whole (extended) vocabulary.
         speech_experts (`list[list[int]]`, *optional*):
             One list per MoE layer, in layer order, of the *source* indices of the routed experts that
             serve speech. `None` = not assigned yet (all routed experts are text experts).
         num_speech_experts (`int`, *optional*):
             Speech experts per MoE layer. Taken from `speech_experts` when given, else 6 (the paper).
-            Used by the assignment step; must match the map's list lengths.
         routing_mode (`str`, *optional*, defaults to `"free"`):
-            One of `free`, `speech_only`, `text_only`, `by_token_modality` (see `ROUTING_MODES`).
-            In `speech_only` mode with fewer speech experts than the family's top-k, every speech
-            expert is chosen for every token (the paper: 6 speech experts meet top-6).
-        num_audio_streams (`int`, *optional*, defaults to 0):
-            Audio codec streams per decoder step (paper: 7 SNAC streams). 0 = text-only model.
-        audio_codebook_size (`int`, *optional*, defaults to 0):
-            Entries per audio codebook (paper: 4096).
-        audio_stream_delays (`list[int]`, *optional*):
-            Delay in decoder steps of each audio stream (paper: stream i is delayed by i + 1).
-        audio_special_tokens (`list[str]`, *optional*):
-            Names of the special tokens of every audio stream (BOA, EOA, PAD_A, ...).
-        text_vocab_size (`int`, *optional*):
-            Size of the text stream's block of the (extended) vocabulary; audio blocks follow it.
-            Defaults to `text_config.vocab_size`.
+            One of `free`, `speech_only`, `text_only`, `by_token_modality` (see `RoutingMode`).
+        speech_layout (`dict`, *optional*):
+            The multi-stream layout (`SpeechTokenLayout` fields: `text_vocab_size`, `num_audio_streams`,
+            `codebook_size`, `delays`, `audio_special_tokens`, `eot_id`, `pad_t_id`). `None` = a text-only
+            model. Set by `DeepTalkForCausalLM.add_speech(processor.layout)`.
         audio_config (`dict` or `WhisperConfig`, *optional*):
             Config of the Whisper audio encoder (paper: whisper-medium). `None` = no speech input.
         audio_adapter_stride (`int`, *optional*, defaults to 4):
             Whisper frames (50 Hz) stacked into one LLM position by the adapter. The authors' code
             feeds every 50 Hz frame (stride 1); the paper text says the adapter downsamples. 4 gives
-            12.5 positions per second -- about the codec's frame rate -- and a quarter of the prefill
-            cost; set 1 for the authors' layout.
+            12.5 positions per second, about the codec's frame rate.
         audio_pad_to_30s (`bool`, *optional*, defaults to `False`):
-            Pad every clip to Whisper's 30 s window as Whisper was trained. `False` encodes only the
-            real length (much faster on short questions).
+            Pad every clip to Whisper's 30 s window as Whisper was trained; `False` encodes only the
+            real length (much cheaper on short questions).
         stream_embedding_mean (`str`, *optional*, defaults to `"non_pad"`):
-            How a position's stream embeddings are averaged. `"all"`: the mean of all 1 + N streams,
-            as in the authors' code. `"non_pad"`: audio streams holding PAD_A are left out, so a
-            text-only position embeds exactly as in the source LLM -- the point of DeepTalk is to keep
-            the text model intact, and this keeps text inputs identical whether given as plain ids or
-            in the multi-stream layout.
+            `"all"`: a position embeds as the mean of all 1 + N stream embeddings (the authors' code).
+            `"non_pad"`: audio streams holding PAD_A are left out, so a text-only position embeds exactly
+            as in the source LLM.
         num_added_experts (`int`, *optional*, defaults to 0):
-            Routed experts added on top of the source's per MoE layer (the MoExtend baseline the paper
-            compares against; `DeepTalkForCausalLM.add_new_speech_experts`). They take source indices
-            after the source's own experts and form the speech bank.
-        output_router_logits (`bool`, *optional*):
-            Return router logits and the load-balancing `aux_loss`. Stored on `text_config`, where
-            TRL's trainers read and write it.
-        router_aux_loss_coef (`float`, *optional*):
-            Weight of `aux_loss` in the training loss. Stored on `text_config` (TRL reads it there);
-            defaults to the family's value, else 0.001.
+            Routed experts added per MoE layer (the MoExtend baseline); they take source indices after
+            the source's own experts and form the speech bank.
+        output_router_logits (`bool`, *optional*), router_aux_loss_coef (`float`, *optional*):
+            Return router logits and the load-balancing `aux_loss`, and its weight in the loss. Stored on
+            `text_config`, where TRL's trainers read and write them.
     """
 
     model_type = "deeptalk"
@@ -157,11 +370,7 @@ class DeepTalkConfig(PreTrainedConfig):
         speech_experts: list[list[int]] | None = None,
         num_speech_experts: int | None = None,
         routing_mode: str = "free",
-        num_audio_streams: int = 0,
-        audio_codebook_size: int = 0,
-        audio_stream_delays: list[int] | None = None,
-        audio_special_tokens: list[str] | None = None,
-        text_vocab_size: int | None = None,
+        speech_layout: dict | SpeechTokenLayout | None = None,
         audio_config: dict | PreTrainedConfig | None = None,
         audio_adapter_stride: int = 4,
         audio_pad_to_30s: bool = False,
@@ -169,8 +378,15 @@ class DeepTalkConfig(PreTrainedConfig):
         num_added_experts: int = 0,
         output_router_logits: bool | None = None,
         router_aux_loss_coef: float | None = None,
+        deeptalk_format_version: int = FORMAT_VERSION,
         **kwargs,
     ):
+        if deeptalk_format_version != FORMAT_VERSION or "num_audio_streams" in kwargs:
+            raise ValueError(
+                f"This DeepTalk config is in format {1 if 'num_audio_streams' in kwargs else deeptalk_format_version}, "
+                f"this release reads format {FORMAT_VERSION}. Convert the folder once with "
+                "`deeptalk upgrade OLD_DIR NEW_DIR` (pip install deeptalk)."
+            )
         if text_config is None:
             text_config = CONFIG_MAPPING["deepseek_v2"]()
         elif isinstance(text_config, dict):
@@ -193,22 +409,16 @@ class DeepTalkConfig(PreTrainedConfig):
                 DEFAULT_ROUTER_AUX_LOSS_COEF if router_aux_loss_coef is None else float(router_aux_loss_coef)
             )
 
-        self.speech_experts = None if speech_experts is None else [[int(e) for e in layer] for layer in speech_experts]
+        self.speech_experts = check_speech_experts(speech_experts)
         if num_speech_experts is None:
             num_speech_experts = len(self.speech_experts[0]) if self.speech_experts else DEFAULT_NUM_SPEECH_EXPERTS
-        self.num_speech_experts = int(num_speech_experts)
-        self.routing_mode = routing_mode
-
-        self.num_audio_streams = int(num_audio_streams)
-        self.audio_codebook_size = int(audio_codebook_size)
-        self.audio_stream_delays = (
-            list(audio_stream_delays) if audio_stream_delays is not None else [i + 1 for i in range(num_audio_streams)]
-        )
-        self.audio_special_tokens = (
-            list(audio_special_tokens) if audio_special_tokens is not None else list(AUDIO_SPECIAL_TOKENS)
-        )
-        # Size of the text stream's block of the vocabulary; audio blocks follow it.
-        self.text_vocab_size = int(text_vocab_size) if text_vocab_size is not None else text_config.vocab_size
+        if isinstance(num_speech_experts, bool) or not isinstance(num_speech_experts, int):
+            raise ValueError(f"num_speech_experts must be a whole number, got {num_speech_experts!r}.")
+        self.num_speech_experts = num_speech_experts
+        self.routing_mode = RoutingMode.parse(routing_mode).value
+        if isinstance(speech_layout, SpeechTokenLayout):
+            speech_layout = speech_layout.to_dict()
+        self.speech_layout = None if speech_layout is None else SpeechTokenLayout(**speech_layout).to_dict()
         if isinstance(audio_config, dict):
             audio_config = CONFIG_MAPPING[audio_config.get("model_type", "whisper")](
                 **{k: v for k, v in audio_config.items() if k != "model_type"}
@@ -218,6 +428,7 @@ class DeepTalkConfig(PreTrainedConfig):
         self.audio_pad_to_30s = bool(audio_pad_to_30s)
         self.stream_embedding_mean = stream_embedding_mean
         self.num_added_experts = int(num_added_experts)
+        self.deeptalk_format_version = FORMAT_VERSION
 
         kwargs.setdefault("tie_word_embeddings", getattr(text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
@@ -260,6 +471,11 @@ class DeepTalkConfig(PreTrainedConfig):
         """Decoder-layer indices of the MoE layers; `speech_experts[i]` belongs to `moe_layer_indices[i]`."""
         return SUPPORTED_FAMILIES[self.family]["moe_layers"](self.text_config)
 
+    @property
+    def decoder_layer_types(self) -> list[str]:
+        """Attention mask kind of every decoder layer (`full_attention` / `sliding_attention`)."""
+        return SUPPORTED_FAMILIES[self.family]["layer_types"](self.text_config)
+
     def expert_modality(self, moe_layer: int) -> list[int]:
         """Modality of each routed expert of one MoE layer, in source order (0 = text, 1 = speech)."""
         modality = [TEXT_MODALITY] * self.num_routed_experts
@@ -268,24 +484,33 @@ class DeepTalkConfig(PreTrainedConfig):
                 modality[expert] = SPEECH_MODALITY
         return modality
 
-    # ---- the multi-stream vocabulary -------------------------------------------------------
+    # ---- the multi-stream vocabulary (read from the one layout) ------------------------------
+    @property
+    def layout(self) -> SpeechTokenLayout | None:
+        """The speech token layout as an object (`None` for a text-only model)."""
+        return None if self.speech_layout is None else SpeechTokenLayout(**self.speech_layout)
+
+    @property
+    def num_audio_streams(self) -> int:
+        return 0 if self.speech_layout is None else self.speech_layout["num_audio_streams"]
+
     @property
     def num_streams(self) -> int:
         """Token streams per decoder step: 1 text stream + `num_audio_streams`."""
         return 1 + self.num_audio_streams
 
     @property
-    def audio_block_size(self) -> int:
-        return self.audio_codebook_size + len(self.audio_special_tokens)
+    def text_vocab_size(self) -> int:
+        """Size of the text block of the vocabulary (the whole vocabulary for a text-only model)."""
+        return self.text_config.vocab_size if self.speech_layout is None else self.speech_layout["text_vocab_size"]
 
     def stream_range(self, stream: int) -> tuple[int, int]:
         """`[start, end)` of `stream`'s ids in the extended vocabulary (0 = text, 1..N = audio)."""
-        return stream_range(self.text_vocab_size, self.audio_block_size, stream)
-
-    def audio_special_id(self, name: str, audio_stream: int) -> int:
-        """Global id of audio special `name` (e.g. "<|pad_a|>") in audio stream `audio_stream` (0-based)."""
-        start, _ = self.stream_range(audio_stream + 1)
-        return start + self.audio_codebook_size + self.audio_special_tokens.index(name)
+        if self.speech_layout is None:
+            if stream != 0:
+                raise ValueError("This model has no audio streams (add_speech first).")
+            return 0, self.text_vocab_size
+        return self.layout.stream_range(stream)
 
     def num_audio_positions(self, num_mel_frames: int) -> int:
         """LLM positions the adapter produces for `num_mel_frames` 100 Hz log-mel frames."""
@@ -296,13 +521,7 @@ class DeepTalkConfig(PreTrainedConfig):
         """Reject inconsistent settings with a message naming the problem and the fix."""
         if self.family not in SUPPORTED_FAMILIES:
             raise ValueError(
-                f"DeepTalk cannot wrap a {self.family!r} model: supported MoE families are "
-                f"{sorted(SUPPORTED_FAMILIES)}."
-            )
-        if self.routing_mode not in ROUTING_MODES:
-            raise ValueError(
-                f"Unknown routing_mode {self.routing_mode!r}. Choose one of: "
-                + "; ".join(f"{k!r} ({v})" for k, v in ROUTING_MODES.items())
+                f"DeepTalk cannot wrap a {self.family!r} model: supported MoE families are {sorted(SUPPORTED_FAMILIES)}."
             )
         num_experts, moe_layers = self.num_routed_experts, self.moe_layer_indices
         if self.num_added_experts < 0:
@@ -311,20 +530,20 @@ class DeepTalkConfig(PreTrainedConfig):
             raise ValueError(f"stream_embedding_mean={self.stream_embedding_mean!r}: choose 'all' or 'non_pad'.")
         if self.audio_adapter_stride < 1:
             raise ValueError(f"audio_adapter_stride={self.audio_adapter_stride} must be >= 1.")
-        if self.num_audio_streams and self.audio_codebook_size < 1:
-            raise ValueError("num_audio_streams > 0 needs audio_codebook_size > 0 (the codec's codebook size).")
-        if self.num_audio_streams < 0 or len(self.audio_stream_delays) != self.num_audio_streams:
-            raise ValueError(
-                f"audio_stream_delays has {len(self.audio_stream_delays)} entries for num_audio_streams="
-                f"{self.num_audio_streams}: give one delay per audio stream."
-            )
+        if self.speech_layout is not None:
+            layout = self.layout
+            if layout.vocab_size != self.text_config.vocab_size:
+                raise ValueError(
+                    f"The speech layout spans {layout.vocab_size} ids but text_config.vocab_size is "
+                    f"{self.text_config.vocab_size}: build the model with add_speech(layout)."
+                )
         if not 1 <= self.num_speech_experts < num_experts:
             raise ValueError(
                 f"num_speech_experts={self.num_speech_experts} must be between 1 and {num_experts - 1} "
                 f"(the source has {num_experts} routed experts per layer and both modalities need one)."
             )
         if self.speech_experts is None:
-            if self.routing_mode in ("speech_only", "by_token_modality"):
+            if RoutingMode(self.routing_mode).needs_speech_experts:
                 raise ValueError(
                     f"routing_mode={self.routing_mode!r} needs speech experts, but none are assigned. "
                     "Pass speech_experts=[[...], ...] (one list per MoE layer) or run the assignment step "
@@ -334,8 +553,7 @@ class DeepTalkConfig(PreTrainedConfig):
         if len(self.speech_experts) != len(moe_layers):
             raise ValueError(
                 f"speech_experts has {len(self.speech_experts)} lists but the {self.family} source has "
-                f"{len(moe_layers)} MoE layers (decoder layers {moe_layers}): give one list per MoE layer, "
-                "in layer order."
+                f"{len(moe_layers)} MoE layers (decoder layers {moe_layers}): give one list per MoE layer, in layer order."
             )
         for i, layer in enumerate(self.speech_experts):
             where = f"speech_experts[{i}] (decoder layer {moe_layers[i]})"
@@ -348,9 +566,7 @@ class DeepTalkConfig(PreTrainedConfig):
                 raise ValueError(f"{where} repeats an expert: {layer}. Each expert can be listed once.")
             bad = [e for e in layer if not 0 <= e < num_experts]
             if bad:
-                raise ValueError(
-                    f"{where} names experts {bad} outside the source's range 0..{num_experts - 1}."
-                )
+                raise ValueError(f"{where} names experts {bad} outside the source's range 0..{num_experts - 1}.")
 
 
-__all__ = ["DeepTalkConfig", "ROUTING_MODES", "SUPPORTED_FAMILIES"]
+__all__ = ["DeepTalkConfig", "RoutingMode", "ROUTING_MODES", "SUPPORTED_FAMILIES", "SpeechTokenLayout"]

@@ -7,56 +7,64 @@ Paper: "DeepTalk: Towards Seamless and Smart Speech Interaction with Adaptive Mo
 This file is copied next to the weights by the Hub export (``trust_remote_code``): it imports only
 torch, transformers and ``configuration_deeptalk``.
 
-How it is built (read top to bottom):
+Read top to bottom:
 
-1. ``route_tokens``          -- THE routing rule: which experts each token goes to, for every mode.
-2. ``DeepTalkExperts``       -- one modality's bank of routed experts, fused like transformers' experts,
-                                so the transformers experts kernels (``grouped_mm``, ``batched_mm``,
-                                eager) run it unchanged.
-3. ``DeepTalkSparseMoeBlock``-- one router over all experts in the *source* order (so DeepSeek's
-                                group-limited top-k keeps its groups), a text bank, a speech bank and
-                                the source's shared experts, untouched.
-4. ``DeepTalkModel``         -- the source family's own transformers decoder (attention, caches,
-                                rotary, MLA) with every MoE block swapped for a DeepTalk block.
-5. ``DeepTalkForCausalLM``   -- LM head, loss, ``generate()``, and ``from_text_moe`` (conversion).
+1. ``allowed_experts`` / ``route_tokens`` -- THE routing policy: which experts a token may choose
+   in each ``RoutingMode``, then the source family's own top-k.
+2. ``DeepTalkExperts``        -- one modality's bank of routed experts, fused like transformers' experts.
+3. ``DeepTalkSparseMoeBlock`` -- one router over all experts in the *source* order, a text bank, a
+   speech bank and the source's shared experts. The routing mode and each token's modality arrive
+   as call arguments, passed down the decoder layers (as ERNIE-4.5-VL-MoE passes token types).
+4. ``DeepTalkDecoderLayer``   -- the source family's attention and norms around a DeepTalk block.
+5. ``DeepTalkModel`` / ``DeepTalkForCausalLM`` -- embeddings (text rows and audio rows are separate
+   parameters), Whisper input, the decoder, one head over the extended vocabulary, losses.
 
-Invariant (tested for every family): in ``free`` mode a converted model computes the same logits as
-its source, whatever the speech map.
+Router logits, hidden states and attentions are recorded by transformers' output capturing; the
+balance loss and the per-modality expert load are derived from the recorded router logits. No
+module keeps per-call state, so a model can be shared by threads and a forward may run between a
+checkpointed forward and its backward.
+
+Invariant (tested for every family): in ``free`` mode a converted model computes its source's logits.
 """
 
-from __future__ import annotations
-
-import copy
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
 from transformers.integrations.moe import use_experts_implementation
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
-from transformers.utils import logging
+from transformers.utils import can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_deeptalk import (
     IGNORED_TOKEN,
-    ROUTING_MODES,
     SPEECH_MODALITY,
     TEXT_MODALITY,
     DeepTalkConfig,
+    RoutingMode,
+    SpeechTokenLayout,
 )
 
 # Names of the shared (always-on) expert modules in the source families' MoE blocks. They are moved
 # into the DeepTalk block as they are, so their weights keep their names.
 SHARED_EXPERT_MODULES = ("shared_experts", "shared_expert", "shared_expert_gate")
+IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------------------------------
-# 1. The routing rule
+# 1. The routing policy
 # --------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class RouterSpec:
     """The routing semantics of the source family, as transformers implements them.
 
@@ -75,14 +83,11 @@ class RouterSpec:
     jitter_noise: float = 0.0
 
     @classmethod
-    def from_text_config(cls, text_config) -> RouterSpec:
+    def from_text_config(cls, text_config) -> "RouterSpec":
         family = text_config.model_type
         if family == "mixtral":  # Mixtral always renormalises its top-k weights
-            return cls(
-                top_k=text_config.num_experts_per_tok,
-                norm_topk_prob=True,
-                jitter_noise=getattr(text_config, "router_jitter_noise", 0.0) or 0.0,
-            )
+            return cls(top_k=text_config.num_experts_per_tok, norm_topk_prob=True,
+                       jitter_noise=getattr(text_config, "router_jitter_noise", 0.0) or 0.0)
         if family == "deepseek_v2":  # transformers' DeepseekV2TopkRouter: no renormalisation, scaled
             return cls(
                 top_k=text_config.num_experts_per_tok,
@@ -93,6 +98,26 @@ class RouterSpec:
                 grouped_experts=text_config.num_experts,
             )
         return cls(top_k=text_config.num_experts_per_tok, norm_topk_prob=bool(text_config.norm_topk_prob))
+
+
+def allowed_experts(
+    mode: RoutingMode, token_modality: torch.Tensor | None, is_speech_expert: torch.Tensor
+) -> tuple[torch.Tensor | None, int | None]:
+    """THE routing policy: `(allowed, bank)` for one MoE layer.
+
+    `allowed` is a boolean mask `[1 or tokens, experts]` of the experts each token may choose (`None`:
+    all of them); `bank` is the modality whose bank holds every expert that can be chosen (`None`:
+    both banks may be used). `is_speech_expert` is the layer's placement (`[experts]`, source order).
+    Padding tokens (modality -1) route like text tokens in `by_token_modality` mode.
+    """
+    if mode is RoutingMode.FREE:
+        return None, None
+    if mode is RoutingMode.SPEECH_ONLY:
+        return is_speech_expert.unsqueeze(0), SPEECH_MODALITY
+    if mode is RoutingMode.TEXT_ONLY:
+        return ~is_speech_expert.unsqueeze(0), TEXT_MODALITY
+    speech_token = (token_modality == SPEECH_MODALITY).unsqueeze(-1)
+    return is_speech_expert.unsqueeze(0) == speech_token, None
 
 
 @dataclass
@@ -110,16 +135,14 @@ class RoutingDecision:
 
 
 def route_tokens(router_logits: torch.Tensor, allowed: torch.Tensor | None, spec: RouterSpec) -> RoutingDecision:
-    """THE DeepTalk routing rule -- every mode goes through here.
+    """Top-k over the allowed experts, with the family's semantics.
 
     1. Disallowed experts' logits become -inf **before** the softmax, as in the authors' code, so the
-       weights renormalise over the allowed set (`allowed=None` means all experts: `free` mode).
-    2. The family's top-k: group-limited greedy (DeepSeek) in `free` mode, plain greedy otherwise.
-       In restricted modes the group limit is not applied: DeepSeek's groups bound cross-device
-       traffic over the full expert set and could leave a token with no allowed expert.
-    3. Slots that land on a disallowed expert (the allowed set is smaller than top-k, e.g. the
-       paper's 6 speech experts with top-6 routing) are emptied: index -1, weight 0. So in
-       `speech_only` mode with k speech experts <= top-k, every speech expert is chosen.
+       weights renormalise over the allowed set.
+    2. The family's top-k: group-limited greedy (DeepSeek) when every expert is allowed, plain greedy
+       otherwise (a group limit could leave a token with no allowed expert).
+    3. Slots that land on a disallowed expert (fewer allowed experts than top-k, e.g. the paper's 6
+       speech experts with top-6 routing) are emptied: index -1, weight 0.
     4. The family's `norm_topk_prob` renormalisation and `routed_scaling_factor`.
     """
     logits = router_logits.float()
@@ -150,21 +173,23 @@ def route_tokens(router_logits: torch.Tensor, allowed: torch.Tensor | None, spec
     return RoutingDecision(expert_weight=expert_weight, expert_index=expert_index, probs=probs)
 
 
-def load_balancing_loss(decision: RoutingDecision, num_allowed: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch-style balance loss over one set of allowed experts (one bank, or all of them).
+def load_balancing_loss(decision: RoutingDecision, num_allowed: int, token_weight: torch.Tensor | None = None):
+    """Switch-style balance loss over one set of allowed experts: `num_allowed * sum_e f_e * P_e`.
 
-    `num_allowed * sum_e f_e * P_e`, with `f_e` the fraction of token slots sent to expert e and
-    `P_e` its mean routing probability -- transformers' `load_balancing_loss_func` for one layer.
-    Perfectly uniform routing gives `min(top_k, num_allowed)`, e.g. 2.0 for top-2.
+    `f_e` is the fraction of token slots sent to expert e and `P_e` its mean routing probability,
+    both averaged over tokens with `token_weight` (`None`: all tokens) -- transformers'
+    `load_balancing_loss_func` for one layer. Uniform routing gives `min(top_k, num_allowed)`.
     """
-    probs, index = decision.probs, decision.expert_index
-    if rows is not None:
-        probs, index = probs[rows], index[rows]
-    if probs.shape[0] == 0:
-        return probs.sum() * 0.0
-    slots = F.one_hot(index.clamp(min=0), probs.shape[-1]).float() * (index >= 0).unsqueeze(-1).float()
-    fraction = slots.sum(dim=1).mean(dim=0)
-    return num_allowed * (fraction * probs.mean(dim=0)).sum()
+    index, probs = decision.expert_index, decision.probs
+    slots = F.one_hot(index.clamp(min=0), probs.shape[-1]).to(probs.dtype) * (index >= 0).unsqueeze(-1)
+    per_token = slots.sum(dim=1)  # [tokens, experts]
+    if token_weight is None:
+        fraction, mean_prob = per_token.mean(dim=0), probs.mean(dim=0)
+    else:
+        weight = token_weight.to(probs.dtype).unsqueeze(-1)
+        total = weight.sum().clamp(min=1.0)
+        fraction, mean_prob = (weight * per_token).sum(dim=0) / total, (weight * probs).sum(dim=0) / total
+    return num_allowed * (fraction * mean_prob).sum()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,9 +200,10 @@ class DeepTalkExperts(nn.Module):
     """A bank of routed experts for one modality, stored fused like transformers' MoE experts.
 
     `gate_up_proj` is `[num_experts, 2 * intermediate, hidden]` and `down_proj` is
-    `[num_experts, hidden, intermediate]`, so the transformers experts kernels (selected by
-    `experts_implementation`) run it, PEFT can target it with `target_parameters`, and one modality
-    is frozen by `requires_grad_(False)` on its bank. `forward` below is the eager reference.
+    `[num_experts, hidden, intermediate]`, so the transformers experts kernels (`experts_implementation`)
+    run it, PEFT can target it with `target_parameters`, and one modality is frozen by
+    `requires_grad_(False)` on its bank. Expert ids `>= num_experts` are sentinels that the kernels
+    skip: that is how a bank ignores the slots routed to the other bank. `forward` is the eager reference.
     """
 
     def __init__(self, config, num_experts: int, intermediate_size: int):
@@ -192,10 +218,13 @@ class DeepTalkExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=std)
         nn.init.normal_(self.down_proj, std=std)
 
+    def _finish_init(self):
+        self._is_expert_parallel = True  # the kernels' sentinel support, see the class docstring
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         final_hidden_states = torch.zeros_like(hidden_states)
-        for expert_idx in top_k_index.unique().tolist():
-            slot, token_idx = torch.where((top_k_index == expert_idx).T)
+        for expert_idx in range(self.num_experts):
+            token_idx, slot = torch.where(top_k_index == expert_idx)
             gate, up = F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
             out = F.linear(self.act_fn(gate) * up, self.down_proj[expert_idx])
             out = out * top_k_weights[token_idx, slot, None]
@@ -203,8 +232,15 @@ class DeepTalkExperts(nn.Module):
         return final_hidden_states
 
 
+def _new_bank(config, num_experts: int, intermediate_size: int) -> DeepTalkExperts:
+    bank = DeepTalkExperts(config, num_experts, intermediate_size)
+    bank._finish_init()
+    return bank
+
+
 class DeepTalkRouter(nn.Module):
-    """One linear router over all routed experts, in the source model's expert order (kept in fp32)."""
+    """One linear router over all routed experts, in the source model's expert order (kept in fp32).
+    Its output, the raw router logits, is what `output_router_logits` records."""
 
     def __init__(self, hidden_size: int, num_experts: int, std: float = 0.02):
         super().__init__()
@@ -216,88 +252,128 @@ class DeepTalkRouter(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# Two parameters used as one: the banks of a block, the text and audio rows of the head.
+# --------------------------------------------------------------------------------------------------
+def _exclusively_local(t: torch.Tensor) -> bool:
+    """A plain tensor this process holds in full: not meta, not a DTensor, not a DeepSpeed partition."""
+    return type(t) in (torch.Tensor, nn.Parameter) and not t.is_meta and not hasattr(t, "ds_id") and t.numel() > 0
+
+
+def _back_to_back(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Whether `first` and `second` fill one storage exactly, `second` right after `first`."""
+    return (
+        first.is_contiguous()
+        and second.is_contiguous()
+        and first.dtype == second.dtype
+        and first.device == second.device
+        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+        and first.storage_offset() == 0
+        and second.storage_offset() == first.numel()
+        and first.untyped_storage().nbytes() == (first.numel() + second.numel()) * first.element_size()
+    )
+
+
+def joined_view(first: nn.Parameter, second: nn.Parameter) -> torch.Tensor | None:
+    """`torch.cat([first, second])` as a view, with no copy per call, or None where that is unsafe.
+
+    The parameters stay two Parameters (what freezing, optimizers and PEFT need); their data are
+    moved once into one storage, back to back (the Parameter objects stay the same, so optimizers and
+    ties are unaffected). Tensors an engine partitions, or views into a larger storage (an FSDP flat
+    parameter), are left alone: None.
+    """
+    if not (_exclusively_local(first) and _exclusively_local(second)):
+        return None
+    if not _back_to_back(first, second):
+        if first.untyped_storage().nbytes() != first.numel() * first.element_size() or (
+            second.untyped_storage().nbytes() != second.numel() * second.element_size()
+        ):
+            return None  # a view into someone else's storage
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors that training can use later
+            storage = torch.cat([first.detach(), second.detach()])
+            first.data = storage[: first.shape[0]]
+            second.data = storage[first.shape[0] :]
+    return first.detach().as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride())
+
+
+class _JoinedCache:
+    """Per-module cache of `joined_view` results, dropped when the module's tensors move (`_apply`)."""
+
+    def _joined(self, key: str, first: nn.Parameter, second: nn.Parameter) -> torch.Tensor | None:
+        cache = self.__dict__.setdefault("_joined_views", {})
+        if torch.compiler.is_compiling():  # data_ptr cannot be traced: use what eager mode prepared
+            entry = cache.get(key)
+            return None if entry is None else entry[0]
+        entry = cache.get(key)
+        if entry is not None and entry[1] == first.data_ptr() and entry[2] == second.data_ptr():
+            return entry[0]
+        view = joined_view(first, second)
+        if view is None:
+            cache.pop(key, None)
+            return None
+        cache[key] = (view, first.data_ptr(), second.data_ptr())
+        return view
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_joined_views", None)
+        return super()._apply(fn, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
 # 3. The modality-aware MoE block
 # --------------------------------------------------------------------------------------------------
-class RoutingState:
-    """Per-forward routing inputs and records, shared by a model and its MoE blocks.
-
-    The source family's decoder layers call `mlp(hidden_states)` with nothing else, so the routing
-    mode and each token's modality reach the blocks through this object, set by `DeepTalkModel`
-    before it runs the decoder. Inputs stay set after the forward so that gradient-checkpointing
-    recomputation routes exactly as the forward did; records are only taken during the forward.
-    """
-
-    def __init__(self):
-        self.mode = "free"
-        self.token_modality: torch.Tensor | None = None  # [tokens], flat like the blocks' input
-        self.recording = False
-        self.want_router_logits = False
-        self.want_expert_load = False
-        self.router_logits: list[torch.Tensor] = []
-        self.aux_losses: list[torch.Tensor] = []
-        self.expert_load: list[torch.Tensor] = []
-
-    def begin(self, mode, token_modality, want_router_logits, want_expert_load):
-        self.mode, self.token_modality = mode, token_modality
-        self.want_router_logits, self.want_expert_load = want_router_logits, want_expert_load
-        self.router_logits, self.aux_losses, self.expert_load = [], [], []
-        self.recording = True
-
-    def end(self):
-        self.recording = False
-
-    def __deepcopy__(self, memo):
-        # The records of the last forward hold non-leaf tensors (deepcopy refuses those): a copied
-        # model gets the routing inputs only, shared by all its blocks through `memo`.
-        state = RoutingState()
-        state.mode = self.mode
-        state.token_modality = None if self.token_modality is None else self.token_modality.detach().clone()
-        return state
-
-
-class DeepTalkSparseMoeBlock(nn.Module):
+class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
     """Router + text bank + speech bank + the source's shared experts, for one MoE layer."""
 
-    def __init__(self, config: DeepTalkConfig, moe_layer: int, source_block: nn.Module, routing_state: RoutingState):
+    def __init__(self, config: DeepTalkConfig, moe_layer: int, source_block: nn.Module):
         super().__init__()
         text_config = config.text_config
         self.moe_layer = moe_layer
         self.num_experts = config.num_routed_experts
         self.spec = RouterSpec.from_text_config(text_config)
-        self.routing_state = routing_state
         self.intermediate_size = source_block.experts.intermediate_dim
         self.bank_config = text_config  # what the experts kernels read (`_experts_implementation`, act)
-        std = getattr(text_config, "initializer_range", 0.02)
-        self.router = DeepTalkRouter(text_config.hidden_size, self.num_experts, std)
+        self.router = DeepTalkRouter(text_config.hidden_size, self.num_experts, getattr(text_config, "initializer_range", 0.02))
         for name in SHARED_EXPERT_MODULES:  # moved over untouched
             if hasattr(source_block, name):
                 setattr(self, name, getattr(source_block, name))
+        self.register_buffer("is_speech_expert", torch.zeros(self.num_experts, dtype=torch.bool), persistent=False)
+        self.register_buffer("local_index", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("packed_index", torch.zeros(self.num_experts, dtype=torch.long), persistent=False)
         self._build_banks(config.expert_modality(moe_layer))
 
     # ---- expert placement ----------------------------------------------------------------------
     def _build_banks(self, expert_modality: list[int], device=None):
         """Create the banks for a modality map (source index -> modality), randomly initialised, or
         on `device="meta"` when their weights are about to be filled in."""
-        text_config = self.bank_config
         self.expert_modality = list(expert_modality)
         self.bank_members = {
-            modality: [e for e, m in enumerate(expert_modality) if m == modality]
-            for modality in (TEXT_MODALITY, SPEECH_MODALITY)
+            modality: [e for e, m in enumerate(expert_modality) if m == modality] for modality in (TEXT_MODALITY, SPEECH_MODALITY)
         }
-        # source index -> index inside its bank
-        self.local_index = [0] * self.num_experts
-        for members in self.bank_members.values():
-            for local, expert in enumerate(members):
-                self.local_index[expert] = local
         with torch.device(device or self.router.weight.device):
-            self.text_bank = DeepTalkExperts(text_config, len(self.bank_members[TEXT_MODALITY]), self.intermediate_size)
-            self.speech_bank = DeepTalkExperts(
-                text_config, len(self.bank_members[SPEECH_MODALITY]), self.intermediate_size
-            )
-        self._index_cache: dict = {}
-        self._packed_cache = None  # see _packed_banks; it views the old banks' storage
+            self.text_bank = _new_bank(self.bank_config, len(self.bank_members[TEXT_MODALITY]), self.intermediate_size)
+            self.speech_bank = _new_bank(self.bank_config, len(self.bank_members[SPEECH_MODALITY]), self.intermediate_size)
+        self.has_speech_bank = bool(self.bank_members[SPEECH_MODALITY])
+        self.fill_placement()
+        self.__dict__.pop("_joined_views", None)
 
-    def banks(self):
+    @torch.no_grad()
+    def fill_placement(self):
+        """Fill the placement tables (source index -> is speech, index in its bank, index in the packed
+        text-then-speech layout) from `expert_modality`; they are not saved, the config holds the map."""
+        if self.is_speech_expert.is_meta:
+            return
+        num_text = len(self.bank_members[TEXT_MODALITY])
+        local = [0] * self.num_experts
+        for members in self.bank_members.values():
+            for position, expert in enumerate(members):
+                local[expert] = position
+        packed = [index + (num_text if m == SPEECH_MODALITY else 0) for index, m in zip(local, self.expert_modality)]
+        device = self.is_speech_expert.device
+        init.copy_(self.is_speech_expert, torch.tensor(self.expert_modality, device=device) == SPEECH_MODALITY)
+        init.copy_(self.local_index, torch.tensor(local, device=device))
+        init.copy_(self.packed_index, torch.tensor(packed, device=device))
+
+    def banks(self) -> dict[int, DeepTalkExperts]:
         return {TEXT_MODALITY: self.text_bank, SPEECH_MODALITY: self.speech_bank}
 
     @torch.no_grad()
@@ -317,12 +393,15 @@ class DeepTalkSparseMoeBlock(nn.Module):
     def load_source_experts(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, expert_modality=None):
         """Fill the banks from source-layout fused experts, optionally re-placing experts first."""
         if expert_modality is not None:
+            placement_device = self.is_speech_expert.device
             self._build_banks(expert_modality, device="meta")  # no throwaway random init
+            if self.is_speech_expert.is_meta and placement_device.type != "meta":
+                self._apply(lambda t: t.to(placement_device) if t.is_meta else t)
         for bank_name, (gate_up, down) in self.split_source_experts(gate_up_proj, down_proj).items():
             bank = getattr(self, bank_name)
             bank.gate_up_proj = nn.Parameter(gate_up.contiguous())
             bank.down_proj = nn.Parameter(down.contiguous())
-        self._packed_cache = None
+        self.__dict__.pop("_joined_views", None)
 
     def split_source_experts(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> dict:
         """Source-order fused expert weights -> `{"text_bank": (gate_up, down), "speech_bank": ...}`,
@@ -333,203 +412,231 @@ class DeepTalkSparseMoeBlock(nn.Module):
             split[bank_name] = (gate_up_proj.index_select(0, members), down_proj.index_select(0, members))
         return split
 
-    def _placement(self, device):
-        """Per-device tensors, by source index: is the expert a speech expert; its index inside its
-        bank; its index in the packed text-then-speech layout (see `_packed_banks`)."""
-        if device not in self._index_cache:
-            num_text = len(self.bank_members[TEXT_MODALITY])
-            packed = [local + (num_text if m == SPEECH_MODALITY else 0) for local, m in zip(self.local_index, self.expert_modality)]
-            self._index_cache[device] = (
-                torch.tensor(self.expert_modality, dtype=torch.long, device=device) == SPEECH_MODALITY,
-                torch.tensor(self.local_index, dtype=torch.long, device=device),
-                torch.tensor(packed, dtype=torch.long, device=device),
-            )
-        return self._index_cache[device]
-
     # ---- forward -------------------------------------------------------------------------------
-    def allowed_experts(self, mode: str, token_modality: torch.Tensor | None, device) -> torch.Tensor | None:
-        """Boolean mask of the experts each token may use (`None` = all of them)."""
-        is_speech_expert = self._placement(device)[0]
-        if mode == "free":
-            return None
-        if mode == "speech_only":
-            return is_speech_expert.unsqueeze(0)
-        if mode == "text_only":
-            return (~is_speech_expert).unsqueeze(0)
-        if mode == "by_token_modality":
-            # padding / ignored tokens route like text tokens
-            speech_token = (token_modality == SPEECH_MODALITY).unsqueeze(-1)
-            return is_speech_expert.unsqueeze(0) == speech_token
-        raise ValueError(f"Unknown routing mode {mode!r}; choose one of {list(ROUTING_MODES)}.")
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        state = self.routing_state
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        routing_mode: RoutingMode = RoutingMode.FREE,
+        token_modality: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch_size, seq_len, hidden_dim = hidden_states.shape
         if self.training and self.spec.jitter_noise > 0:  # Mixtral's router jitter
             noise = torch.empty_like(hidden_states).uniform_(1.0 - self.spec.jitter_noise, 1.0 + self.spec.jitter_noise)
             hidden_states = hidden_states * noise
         flat = hidden_states.reshape(-1, hidden_dim)
-        token_modality = state.token_modality
-        if token_modality is not None and token_modality.numel() != flat.shape[0]:
-            raise ValueError(
-                f"token_modality has {token_modality.numel()} entries but the batch has {flat.shape[0]} tokens: "
-                "give one modality per input position."
-            )
-
         router_logits = self.router(flat)
-        allowed = self.allowed_experts(state.mode, token_modality, flat.device)
+        allowed, bank = allowed_experts(routing_mode, token_modality, self.is_speech_expert)
         decision = route_tokens(router_logits, allowed, self.spec)
-        output = self._run_experts(flat, decision)
-
+        output = self._run_experts(flat, decision.expert_index, decision.expert_weight, bank)
         if hasattr(self, "shared_experts"):  # DeepSeek: always-on shared experts
             output = output + self.shared_experts(flat)
         if hasattr(self, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert
             output = output + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-
-        # The balance loss is computed whenever it is wanted, also while gradient checkpointing
-        # recomputes this block, so both passes save the same tensors; it is kept only once.
-        aux_loss = self._balance_loss(decision, allowed, token_modality, state.mode) if state.want_router_logits else None
-        if state.recording:
-            self._record(state, router_logits, decision, aux_loss, token_modality)
         return output.view(batch_size, seq_len, hidden_dim)
 
-    def _run_experts(self, hidden_states: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
-        """Send every (token, expert) pair to the bank holding that expert and sum the results."""
-        is_speech_expert, local_index, _ = self._placement(hidden_states.device)
-        index, weight = decision.expert_index, decision.expert_weight
+    def _run_experts(self, hidden_states, index, weight, bank: int | None) -> torch.Tensor:
+        """Send every (token, expert) slot to the bank holding that expert, with no host sync."""
+        if bank is None and not self.has_speech_bank:
+            bank = TEXT_MODALITY
+        if bank is not None:  # every chosen expert is in one bank; empty slots go to its expert 0, weight 0
+            return self.banks()[bank](hidden_states, self.local_index[index.clamp(min=0)], weight)
+        if not torch.is_grad_enabled():
+            packed = self._packed_experts()
+            if packed is not None:  # both banks as one experts call, like the source's block
+                return packed(hidden_states, self.packed_index[index.clamp(min=0)], weight)
+        # Training (or partitioned weights): each bank runs its own slots; the other bank's are sentinels.
+        source = index.clamp(min=0)
+        speech_slot = self.is_speech_expert[source]
+        local = self.local_index[source]
         filled = index >= 0
-        source_index = index.clamp(min=0)
-        slot_is_speech = is_speech_expert[source_index] & filled
-        slot_local = local_index[source_index]
+        text_local = torch.where(filled & ~speech_slot, local, self.text_bank.num_experts)
+        speech_local = torch.where(filled & speech_slot, local, self.speech_bank.num_experts)
+        return self.text_bank(hidden_states, text_local, weight) + self.speech_bank(hidden_states, speech_local, weight)
 
-        if self.routing_state.mode == "free" and not torch.is_grad_enabled():
-            packed = self._packed_banks()
-            if packed is not None:  # inference: one kernel call over both banks, like the source
-                return packed(hidden_states, self._placement(hidden_states.device)[2][index], weight)
-
-        only_bank = self._only_bank_in_use(self.routing_state.mode)
-        if only_bank is not None:
-            # Every filled slot is in one bank: run it on the whole [tokens, top_k] routing table.
-            # Empty slots point at expert 0 with weight 0 (they add nothing).
-            bank = self.banks()[only_bank]
-            return bank(hidden_states, slot_local.masked_fill(~filled, 0), weight.masked_fill(~filled, 0.0))
-
-        output = torch.zeros_like(hidden_states)
-        top_k = index.shape[1]
-        for modality, in_bank in ((TEXT_MODALITY, filled & ~slot_is_speech), (SPEECH_MODALITY, slot_is_speech)):
-            pairs = in_bank.reshape(-1).nonzero().squeeze(-1)
-            if pairs.numel() == 0:
-                continue
-            tokens = pairs // top_k
-            bank_out = self.banks()[modality](
-                hidden_states[tokens], slot_local.reshape(-1)[pairs, None], weight.reshape(-1)[pairs, None]
-            )
-            output.index_add_(0, tokens, bank_out.to(output.dtype))
-        return output
-
-    def _packed_banks(self) -> DeepTalkExperts | None:
-        """Both banks as ONE experts module (text experts, then speech experts) for inference in
-        `free` mode, so it costs one experts-kernel call like the source's block.
-
-        The banks stay two Parameters (what freezing, optimizers and PEFT need); for inference
-        their weights are moved back to back into one storage (once; again after `.to()` or a
-        reload) and this module views that storage without copying. Returns None when the banks
-        cannot be packed (an empty bank, meta or distributed tensors).
-        """
+    def _packed_experts(self) -> DeepTalkExperts | None:
+        """Both banks as ONE experts module (text experts, then speech experts), for inference."""
         banks = (self.text_bank, self.speech_bank)
-        if not all(isinstance(bank, DeepTalkExperts) for bank in banks):
-            return None  # e.g. an unmerged PEFT adapter wraps a bank: packing raw weights would skip it
-        params = [getattr(bank, name) for name in ("gate_up_proj", "down_proj") for bank in banks]
-        if any(p.numel() == 0 or p.is_meta or type(p) is not nn.Parameter for p in params):
+        if not all(type(bank) is DeepTalkExperts for bank in banks):
+            return None  # e.g. a PEFT adapter wraps a bank: packing raw weights would skip it
+        gate_up = self._joined("gate_up_proj", self.text_bank.gate_up_proj, self.speech_bank.gate_up_proj)
+        down = self._joined("down_proj", self.text_bank.down_proj, self.speech_bank.down_proj)
+        if gate_up is None or down is None:
             return None
-        key = tuple((p.data_ptr(), p.shape, p.dtype, p.device) for p in params)
-        cached = self._packed_cache
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        views = []
-        for name in ("gate_up_proj", "down_proj"):
-            first, second = getattr(self.text_bank, name), getattr(self.speech_bank, name)
-            if not _back_to_back(first, second):
-                _pack_back_to_back(first, second)
-            views.append(first.as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride()))
-        packed = copy.copy(self.text_bank)  # the same kernels and config, with its own parameter table
-        packed._parameters = {
-            "gate_up_proj": nn.Parameter(views[0], requires_grad=False),
-            "down_proj": nn.Parameter(views[1], requires_grad=False),
-        }
-        packed.num_experts = views[0].shape[0]
-        key = tuple((p.data_ptr(), p.shape, p.dtype, p.device) for p in params)
-        self._packed_cache = (key, packed)
+        cached = self.__dict__.get("_packed_module")
+        if cached is not None and cached.gate_up_proj is gate_up and cached.down_proj is down:
+            return cached
+        if torch.compiler.is_compiling():
+            return cached
+        packed = DeepTalkExperts.__new__(DeepTalkExperts)
+        nn.Module.__init__(packed)
+        packed.__dict__.update({k: v for k, v in self.text_bank.__dict__.items() if k not in ("_parameters", "_buffers")})
+        packed._modules = dict(self.text_bank._modules)  # the activation
+        packed._parameters = {"gate_up_proj": gate_up, "down_proj": down}
+        packed.num_experts = gate_up.shape[0]
+        packed._is_expert_parallel = False  # no sentinels here: the source's exact kernel path
+        self.__dict__["_packed_module"] = packed
         return packed
 
-    def _only_bank_in_use(self, mode: str) -> int | None:
-        if mode == "speech_only":
-            return SPEECH_MODALITY
-        if mode == "text_only" or not self.bank_members[SPEECH_MODALITY]:
-            return TEXT_MODALITY
-        return None
-
-    def _record(self, state: RoutingState, router_logits, decision, aux_loss, token_modality):
-        if state.want_router_logits:
-            state.router_logits.append(router_logits)
-            state.aux_losses.append(aux_loss)
-        if state.want_expert_load:
+    # ---- what the router did (from recorded router logits) -------------------------------------
+    def routing_statistics(self, router_logits, mode: RoutingMode, token_modality, want_aux: bool, want_load: bool):
+        """`(aux_loss, expert_load)` of this layer, re-derived from its recorded router logits (the
+        routing is a deterministic function of them). `expert_load` is `[2, experts]`: token slots per
+        expert by token modality (padding not counted)."""
+        allowed, bank = allowed_experts(mode, token_modality, self.is_speech_expert)
+        decision = route_tokens(router_logits, allowed, self.spec)
+        aux = load = None
+        if want_aux and mode is RoutingMode.BY_TOKEN_MODALITY:  # one balance loss per bank over its tokens
+            aux, tokens = 0.0, 0.0
+            for modality in (TEXT_MODALITY, SPEECH_MODALITY):
+                rows = token_modality == modality
+                count = rows.sum()
+                aux = aux + count * load_balancing_loss(decision, len(self.bank_members[modality]), rows)
+                tokens = tokens + count
+            aux = aux / tokens.clamp(min=1)
+        elif want_aux:
+            num_allowed = self.num_experts if bank is None else len(self.bank_members[bank])
+            real = None if token_modality is None else token_modality != IGNORED_TOKEN
+            aux = load_balancing_loss(decision, num_allowed, real)
+        if want_load:
             with torch.no_grad():
-                counted = decision.expert_index >= 0
-                if token_modality is not None:
-                    counted = counted & (token_modality != IGNORED_TOKEN).unsqueeze(-1)
-                load = torch.zeros(2, self.num_experts, device=router_logits.device)
-                modality = (
-                    token_modality.clamp(min=0)
-                    if token_modality is not None
-                    else torch.zeros(decision.expert_index.shape[0], dtype=torch.long, device=router_logits.device)
-                )
-                slot_modality = modality.unsqueeze(-1).expand_as(decision.expert_index)
-                flat_target = slot_modality[counted] * self.num_experts + decision.expert_index[counted]
-                load.view(-1).index_add_(0, flat_target, torch.ones_like(flat_target, dtype=load.dtype))
-                state.expert_load.append(load)
-
-    def _balance_loss(self, decision, allowed, token_modality, mode) -> torch.Tensor:
-        real = None if token_modality is None else token_modality != IGNORED_TOKEN
-        if mode != "by_token_modality":
-            num_allowed = self.num_experts if allowed is None else int(allowed.sum())
-            return load_balancing_loss(decision, num_allowed, real)
-        # one balance loss per bank, over that bank's tokens, weighted by token count
-        total, count = decision.probs.new_zeros(()), 0
-        for modality in (TEXT_MODALITY, SPEECH_MODALITY):
-            rows = token_modality == modality
-            n = int(rows.sum())
-            if n:
-                total = total + n * load_balancing_loss(decision, len(self.bank_members[modality]), rows)
-                count += n
-        return total / max(count, 1)
-
-
-def _back_to_back(first: torch.Tensor, second: torch.Tensor) -> bool:
-    """Whether `second` starts in `first`'s storage right where `first` ends."""
-    return (
-        first.is_contiguous()
-        and second.is_contiguous()
-        and first.dtype == second.dtype
-        and first.device == second.device
-        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
-        and second.storage_offset() == first.storage_offset() + first.numel()
-    )
-
-
-def _pack_back_to_back(first: nn.Parameter, second: nn.Parameter):
-    """Move two parameters' data into one storage, `first` then `second`; the Parameter objects (and
-    so optimizers, freezing and hooks) stay the same. Done outside inference mode so the new data are
-    ordinary tensors that training can use later."""
-    with torch.inference_mode(False), torch.no_grad():
-        storage = torch.cat([first.detach(), second.detach()])
-        first.data = storage[: first.shape[0]]
-        second.data = storage[first.shape[0] :]
+                index = decision.expert_index
+                modality = torch.zeros(index.shape[0], dtype=torch.long, device=index.device) if token_modality is None else token_modality
+                counted = (index >= 0) & (modality != IGNORED_TOKEN).unsqueeze(-1)
+                target = modality.clamp(min=0).unsqueeze(-1) * self.num_experts + index.clamp(min=0)
+                load = torch.zeros(2 * self.num_experts, device=index.device)
+                load.scatter_add_(0, target.reshape(-1), counted.reshape(-1).float())
+                load = load.view(2, self.num_experts)
+        return aux, load
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. Speech input: Whisper encoder frames -> LLM positions
+# 4. Decoder layer, embeddings and head
 # --------------------------------------------------------------------------------------------------
+class DeepTalkDecoderLayer(GradientCheckpointingLayer):
+    """The source family's pre-norm decoder layer (its attention and norms, moved over untouched)
+    around its MLP: a DeepTalk MoE block, which also receives the routing arguments, or the family's
+    dense MLP (DeepSeek's first layer, Qwen's `mlp_only_layers`)."""
+
+    def __init__(self, source_layer: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.self_attn = source_layer.self_attn
+        self.input_layernorm = source_layer.input_layernorm
+        self.post_attention_layernorm = source_layer.post_attention_layernorm
+        self.mlp = mlp
+        self.is_moe = isinstance(mlp, DeepTalkSparseMoeBlock)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        routing_mode: RoutingMode = RoutingMode.FREE,
+        token_modality: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        if self.is_moe:
+            hidden_states = self.mlp(hidden_states, routing_mode, token_modality)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class DeepTalkEmbedding(nn.Embedding):
+    """The input embedding of a speech model: `weight` holds the source's text rows, `audio_weight` the
+    rows of the audio streams' blocks (ids `>= num_text_rows`). Two parameters, so a phase can train
+    the audio rows with the text rows frozen under any engine (DDP, ZeRO, FSDP) with no gradient hook."""
+
+    def __init__(self, num_text_rows: int, num_audio_rows: int, embedding_dim: int, padding_idx: int | None = None):
+        super().__init__(num_text_rows, embedding_dim, padding_idx)
+        self.audio_weight = nn.Parameter(torch.empty(num_audio_rows, embedding_dim))
+        nn.init.normal_(self.audio_weight, std=0.02)
+        self.num_embeddings = num_text_rows + num_audio_rows  # what it embeds: the whole extended vocabulary
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        num_text = self.weight.shape[0]
+        text = F.embedding(input_ids.clamp(max=num_text - 1), self.weight, self.padding_idx)
+        audio = F.embedding((input_ids - num_text).clamp(min=0), self.audio_weight)
+        return torch.where((input_ids >= num_text).unsqueeze(-1), audio, text)
+
+    def extra_repr(self) -> str:
+        return f"text rows {self.weight.shape[0]}, audio rows {self.audio_weight.shape[0]}, dim {self.embedding_dim}"
+
+
+class DeepTalkLMHead(_JoinedCache, nn.Linear):
+    """The output head of a speech model: one matmul over the extended vocabulary, whose text rows
+    (`weight`) and audio rows (`audio_weight`) are separate parameters (tied to `DeepTalkEmbedding`'s
+    when the embeddings are tied). Inference multiplies by a view of both; training concatenates."""
+
+    def __init__(self, hidden_size: int, num_text_rows: int, num_audio_rows: int):
+        super().__init__(hidden_size, num_text_rows, bias=False)
+        self.audio_weight = nn.Parameter(torch.empty(num_audio_rows, hidden_size))
+        nn.init.normal_(self.audio_weight, std=0.02)
+        self.out_features = num_text_rows + num_audio_rows  # what it scores: the whole extended vocabulary
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        weight = None
+        if not torch.is_grad_enabled():
+            weight = self._joined("weight", self.weight, self.audio_weight)
+        if weight is None:
+            weight = torch.cat([self.weight, self.audio_weight])
+        return F.linear(hidden_states, weight)
+
+    def extra_repr(self) -> str:
+        return f"hidden {self.in_features}, text rows {self.weight.shape[0]}, audio rows {self.audio_weight.shape[0]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. Speech input: Whisper encoder frames -> LLM positions
+# --------------------------------------------------------------------------------------------------
+class DeepTalkAudioEncoder(WhisperEncoder):
+    """Whisper's encoder run on each clip's real length (Whisper pads to 30 s; short spoken questions
+    need not pay for that). Its layers' outputs are inputs of DeepTalk, not recorded outputs."""
+
+    _can_record_outputs = {}
+    _no_split_modules = ["WhisperEncoderLayer"]
+
+    def encode(self, input_features: torch.Tensor, feature_lengths: torch.Tensor, pad_to_30s: bool = False):
+        """Log-mel `[batch, mel_bins, frames]` -> (`[batch, steps, d_model]`, encoder lengths `[batch]`)."""
+        batch, _, frames = input_features.shape
+        if pad_to_30s:
+            input_features = F.pad(input_features, (0, max(0, 3000 - frames)))[..., :3000]
+            feature_lengths = torch.full_like(feature_lengths, 3000)
+        input_features = input_features.to(self.conv1.weight.dtype)
+        hidden = F.gelu(self.conv1(input_features))
+        hidden = F.gelu(self.conv2(hidden)).transpose(1, 2)
+        steps = hidden.shape[1]
+        if steps > self.embed_positions.num_embeddings:
+            raise ValueError(
+                f"Audio of {frames} mel frames is longer than the encoder's window "
+                f"({2 * self.embed_positions.num_embeddings} frames = 30 s): split it into shorter clips."
+            )
+        hidden = hidden + self.embed_positions.weight[:steps]
+        encoder_lengths = (feature_lengths - 1) // 2 + 1
+        keep = torch.arange(steps, device=hidden.device)[None, :] < encoder_lengths[:, None]
+        attention_mask = torch.zeros(batch, 1, 1, steps, dtype=hidden.dtype, device=hidden.device)
+        attention_mask = attention_mask.masked_fill(~keep[:, None, None, :], torch.finfo(hidden.dtype).min)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask)
+        return self.layer_norm(hidden), encoder_lengths
+
+
 class DeepTalkAudioAdapter(nn.Module):
     """Stacks `stride` consecutive 50 Hz Whisper frames into one LLM position and projects them into
     the LLM's hidden size with a two-layer MLP (the paper calls its adapter an MLP that downsamples)."""
@@ -541,35 +648,43 @@ class DeepTalkAudioAdapter(nn.Module):
         self.act = nn.GELU()
         self.proj_out = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """`[frames, audio_hidden]` -> `[ceil(frames / stride), hidden]` (last group zero-padded)."""
-        frames = F.pad(frames, (0, 0, 0, (-frames.shape[0]) % self.stride))
-        return self.proj_out(self.act(self.proj_in(frames.reshape(-1, self.stride * frames.shape[-1]))))
+    def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`[clips, steps, audio_hidden]` encoder frames (clip b's first `lengths[b]` are real) -> the
+        LLM positions of every clip in order, `[sum of ceil(lengths / stride), hidden]`; each clip's
+        last group is zero-padded."""
+        clips, steps, width = frames.shape
+        real = torch.arange(steps, device=frames.device)[None, :] < lengths[:, None]
+        frames = F.pad(frames * real.unsqueeze(-1).to(frames.dtype), (0, 0, 0, (-steps) % self.stride))
+        grouped = frames.reshape(clips, -1, self.stride * width)
+        positions = torch.arange(grouped.shape[1], device=frames.device)[None, :] < -(-lengths[:, None] // self.stride)
+        return self.proj_out(self.act(self.proj_in(grouped[positions])))
 
 
 # --------------------------------------------------------------------------------------------------
-# 5. Model
+# 6. Model
 # --------------------------------------------------------------------------------------------------
 @dataclass
 class DeepTalkModelOutputWithPast(MoeModelOutputWithPast):
-    """`MoeModelOutputWithPast` plus DeepTalk's per-layer expert load.
+    """`MoeModelOutputWithPast` plus the per-token modality the routing used.
 
-    aux_loss (`torch.FloatTensor`): load-balancing loss averaged over MoE layers (with
-        `output_router_logits`).
-    expert_load (`torch.FloatTensor` of shape `(num_moe_layers, 2, num_experts)`): how many token
-        slots chose each expert (source order), split by token modality (0 = text, 1 = speech).
-        Returned with `output_expert_load=True`; the input of the modality expert assignment.
+    token_modality (`torch.LongTensor` of shape `(batch_size * sequence_length,)`, *optional*):
+        0 text, 1 speech, -1 padding; returned when router logits are recorded or routing needed it.
     """
 
-    aux_loss: torch.FloatTensor | None = None
-    expert_load: torch.FloatTensor | None = None
+    token_modality: torch.LongTensor | None = None
 
 
 @dataclass
 class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """`MoeCausalLMOutputWithPast` plus `expert_load` (see `DeepTalkModelOutputWithPast`) and, for
-    multi-stream labels, `stream_losses` (`(1 + N,)`: text CE then each audio stream's CE; NaN for
-    a stream without labels in the batch)."""
+    """`MoeCausalLMOutputWithPast` plus `expert_load` and `stream_losses`.
+
+    expert_load (`torch.FloatTensor` of shape `(num_moe_layers, 2, num_experts)`, *optional*):
+        How many token slots chose each expert (source order), split by token modality (0 = text,
+        1 = speech). Returned with `output_expert_load=True`; the input of the expert assignment.
+    stream_losses (`torch.FloatTensor` of shape `(1 + N,)`, *optional*):
+        With multi-stream labels: this batch's mean cross-entropy of each stream (text, then each audio
+        stream), NaN for a stream without labels; detached, for logging.
+    """
 
     expert_load: torch.FloatTensor | None = None
     stream_losses: torch.FloatTensor | None = None
@@ -580,155 +695,198 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     config: DeepTalkConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
+    _no_split_modules = ["DeepTalkDecoderLayer", "WhisperEncoderLayer"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # routing sends a data-dependent number of tokens to each bank
+    _can_compile_fullgraph = True
     _keep_in_fp32_modules_strict = ["router"]
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(DeepTalkRouter, index=0),
+        "hidden_states": DeepTalkDecoderLayer,
+        "attentions": OutputRecorder(None, index=1, class_name="self_attn"),
+    }
+
+    # The family's attention modules and DeepTalk's banks read the kernel choices from `text_config`,
+    # which has no model object of its own: mirror the top-level choice onto it.
+    def set_attn_implementation(self, attn_implementation, allow_all_kernels: bool = False):
+        if isinstance(attn_implementation, str):
+            text = self.config.text_config._attn_implementation
+            attn_implementation = {"": attn_implementation, "audio_config": attn_implementation, "text_config": text}
+        super().set_attn_implementation(attn_implementation, allow_all_kernels=allow_all_kernels)
+        self.config.text_config._attn_implementation_internal = self.config._attn_implementation
+
+    def set_experts_implementation(self, experts_implementation):
+        super().set_experts_implementation(experts_implementation)
+        self.config.text_config._experts_implementation_internal = self.config._experts_implementation
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        std = self.config.text_config.initializer_range
+        std = self.config.get_text_config().initializer_range
         if isinstance(module, DeepTalkExperts):
-            nn.init.normal_(module.gate_up_proj, std=std)
-            nn.init.normal_(module.down_proj, std=std)
+            init.normal_(module.gate_up_proj, std=std)
+            init.normal_(module.down_proj, std=std)
         elif isinstance(module, DeepTalkRouter):
-            nn.init.normal_(module.weight, std=std)
+            init.normal_(module.weight, std=std)
+        elif isinstance(module, (DeepTalkEmbedding, DeepTalkLMHead)):
+            init.normal_(module.audio_weight, std=std)
+        elif isinstance(module, DeepTalkSparseMoeBlock):
+            module.fill_placement()
+        elif isinstance(module, DeepTalkModel):
+            module.fill_stream_tables()
+
+
+def _tp_plan_for_banks(plan: dict | None) -> dict:
+    """A family's `base_model_tp_plan`/`ep_plan` with its fused `mlp.experts` entries repeated for both
+    banks (the router is replicated: DeepTalk's is `mlp.router`, the family's `mlp.gate` is gone)."""
+    out = {}
+    for key, style in (plan or {}).items():
+        if ".mlp.experts" in key:
+            for bank in ("text_bank", "speech_bank"):
+                out[key.replace(".mlp.experts", f".mlp.{bank}")] = style
+        elif not key.endswith(".mlp.gate") and ".mlp.gate." not in key:
+            out[key] = style
+    return out
 
 
 class DeepTalkModel(DeepTalkPreTrainedModel):
-    """The source family's transformers decoder with DeepTalk MoE blocks."""
+    """The source family's decoder (embedding, attention, norms, rotary) with DeepTalk MoE blocks,
+    DeepTalk's multi-stream embedding and the Whisper input path."""
 
     def __init__(self, config: DeepTalkConfig):
         super().__init__(config)
-        self.routing_state = RoutingState()
-        self.language_model = AutoModel.from_config(config.text_config)
-        self._no_split_modules = list(getattr(self.language_model, "_no_split_modules", None) or [])
-        self._swap_moe_blocks()
-        if config.audio_config is not None:
-            self.build_audio_input()
+        text_config = config.text_config
+        family_model = AutoModel.from_config(text_config)  # built for its parts, then dropped
+        found = [i for i, layer in enumerate(family_model.layers) if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+        if found != config.moe_layer_indices:
+            raise ValueError(
+                f"The {config.family} decoder has MoE blocks at layers {found}, but the config expects "
+                f"{config.moe_layer_indices}. This transformers version builds the family differently; please report it."
+            )
+        self.padding_idx = getattr(text_config, "pad_token_id", None)
+        self.embed_tokens = family_model.embed_tokens
+        moe_layer = {layer_idx: n for n, layer_idx in enumerate(found)}
+        self.layers = nn.ModuleList(
+            DeepTalkDecoderLayer(
+                layer,
+                DeepTalkSparseMoeBlock(config, moe_layer[i], layer.mlp) if i in moe_layer else layer.mlp,
+            )
+            for i, layer in enumerate(family_model.layers)
+        )
+        self.norm = family_model.norm
+        self.rotary_emb = family_model.rotary_emb
+        self.register_buffer("stream_offsets", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("stream_pad_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        if config.speech_layout is not None:
+            self._build_speech_input()
+        self.gradient_checkpointing = False
+        text_config._attn_implementation_internal = config._attn_implementation
+        text_config._experts_implementation_internal = config._experts_implementation
         self.post_init()
 
-    def build_audio_input(self):
-        """Create the Whisper encoder and the adapter described by `config.audio_config`."""
-        audio_config = self.config.audio_config
-        self.audio_encoder = WhisperEncoder(audio_config)
-        self.audio_adapter = DeepTalkAudioAdapter(
-            audio_config.d_model, self.config.text_config.hidden_size, self.config.audio_adapter_stride
-        )
+    def init_parallel_plans(self):
+        super().init_parallel_plans()
+        text_config = self.config.text_config
+        self._tp_plan.update(_tp_plan_for_banks(getattr(text_config, "base_model_tp_plan", None)))
+        self._ep_plan.update(_tp_plan_for_banks(getattr(text_config, "base_model_ep_plan", None)))
+        if self.config.speech_layout is not None:  # a vocabulary-sharded table cannot hold two row blocks
+            self._tp_plan.pop("embed_tokens", None)
 
-    def _swap_moe_blocks(self):
-        layers = self.language_model.layers
-        found = [i for i, layer in enumerate(layers) if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
-        if found != self.config.moe_layer_indices:
-            raise ValueError(
-                f"The {self.config.family} decoder has MoE blocks at layers {found}, but the config expects "
-                f"{self.config.moe_layer_indices}. This transformers version builds the family differently; "
-                "please report it."
+    def _build_speech_input(self, audio_rows: torch.Tensor | None = None):
+        """The speech-side modules a `speech_layout` / `audio_config` call for. At construction the tables
+        are empty (weights are loaded or initialised next); `add_speech` passes the new `audio_rows` and
+        keeps the existing text rows."""
+        layout = self.config.layout
+        hidden = self.config.text_config.hidden_size
+        keep_text_rows = self.embed_tokens.weight.shape[0] == layout.text_vocab_size
+        with torch.device("meta"):
+            embedding = DeepTalkEmbedding(layout.text_vocab_size, layout.vocab_size - layout.text_vocab_size, hidden, self.padding_idx)
+        device, dtype = self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
+        embedding.weight = self.embed_tokens.weight if keep_text_rows else nn.Parameter(
+            torch.empty(layout.text_vocab_size, hidden, device=device, dtype=dtype))
+        embedding.audio_weight = nn.Parameter(audio_rows if audio_rows is not None else torch.empty(
+            layout.vocab_size - layout.text_vocab_size, hidden, device=device, dtype=dtype))
+        self.embed_tokens = embedding
+        n = layout.num_audio_streams
+        self.stream_offsets = torch.zeros(n, dtype=torch.long, device=device)
+        self.stream_pad_ids = torch.zeros(1 + n, dtype=torch.long, device=device)
+        self.fill_stream_tables()
+        if self.config.audio_config is not None and not hasattr(self, "audio_encoder"):
+            self.audio_encoder = DeepTalkAudioEncoder(self.config.audio_config)
+            self.audio_adapter = DeepTalkAudioAdapter(
+                self.config.audio_config.d_model, self.config.text_config.hidden_size, self.config.audio_adapter_stride
             )
-        for moe_layer, layer_idx in enumerate(found):
-            source_block = layers[layer_idx].mlp
-            layers[layer_idx].mlp = DeepTalkSparseMoeBlock(self.config, moe_layer, source_block, self.routing_state)
+
+    @torch.no_grad()
+    def fill_stream_tables(self):
+        """First global id of each audio stream, and the PAD_A id of each stream (-1 for the text slot)."""
+        layout = self.config.layout
+        if layout is None or self.stream_offsets.is_meta:
+            return
+        n = layout.num_audio_streams
+        init.copy_(self.stream_offsets, torch.tensor([layout.stream_offset(i + 1) for i in range(n)]))
+        init.copy_(self.stream_pad_ids, torch.tensor([-1, *layout.audio_special_ids("<|pad_a|>").tolist()]))
 
     def moe_blocks(self) -> list[DeepTalkSparseMoeBlock]:
-        return [layer.mlp for layer in self.language_model.layers if isinstance(layer.mlp, DeepTalkSparseMoeBlock)]
+        return [layer.mlp for layer in self.layers if layer.is_moe]
 
     def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
+        return self.embed_tokens
 
     def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
+        self.embed_tokens = value
 
-    # ---- speech input ------------------------------------------------------------------------
+    # ---- inputs ------------------------------------------------------------------------------
     def encode_audio(self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Log-mel `[batch, mel_bins, frames]` -> adapter outputs of every clip, concatenated in batch
-        order: `[sum of config.num_audio_positions(length), hidden]`.
-
-        Unless `config.audio_pad_to_30s`, only the real length is encoded (Whisper's positional
-        table is cut to it and padded frames are masked out of attention), which is what makes short
-        spoken questions cheap.
-        """
+        order: `[sum of config.num_audio_positions(length), hidden]`."""
         if not hasattr(self, "audio_encoder"):
             raise ValueError("This model has no audio encoder: build it with an audio_config (see add_speech).")
-        encoder = self.audio_encoder
         batch, _, frames = input_features.shape
         if feature_lengths is None:
             feature_lengths = torch.full((batch,), frames, dtype=torch.long)
         feature_lengths = feature_lengths.to(input_features.device).long()
-        if self.config.audio_pad_to_30s:
-            input_features = F.pad(input_features, (0, max(0, 3000 - frames)))[..., :3000]
-            feature_lengths = torch.full_like(feature_lengths, 3000)
-        input_features = input_features.to(encoder.conv1.weight.dtype)
-        hidden = F.gelu(encoder.conv1(input_features))
-        hidden = F.gelu(encoder.conv2(hidden)).transpose(1, 2)
-        steps = hidden.shape[1]
-        if steps > encoder.embed_positions.num_embeddings:
-            raise ValueError(
-                f"Audio of {frames} mel frames is longer than the encoder's window "
-                f"({2 * encoder.embed_positions.num_embeddings} frames = 30 s): split it into shorter clips."
-            )
-        hidden = hidden + encoder.embed_positions.weight[:steps]
-        encoder_lengths = (feature_lengths - 1) // 2 + 1
-        attention_mask = None
-        if (encoder_lengths < steps).any():
-            keep = torch.arange(steps, device=hidden.device)[None, :] < encoder_lengths[:, None]
-            attention_mask = torch.zeros(batch, 1, 1, steps, dtype=hidden.dtype, device=hidden.device)
-            attention_mask = attention_mask.masked_fill(~keep[:, None, None, :], torch.finfo(hidden.dtype).min)
-        for layer in encoder.layers:
-            hidden = layer(hidden, attention_mask)
-        hidden = encoder.layer_norm(hidden)
-        return torch.cat([self.audio_adapter(hidden[b, : int(encoder_lengths[b])]) for b in range(batch)])
+        hidden, lengths = self.audio_encoder.encode(input_features, feature_lengths, self.config.audio_pad_to_30s)
+        return self.audio_adapter(hidden, lengths)
 
     def mean_stream_embedding(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """`[B, 1 + N, T]` ids -> `[B, T, H]`: the mean of the streams' embeddings, leaving PAD_A slots
         out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts)."""
-        embeddings = self.get_input_embeddings()(input_ids)
+        embeddings = self.embed_tokens(input_ids)
         if self.config.stream_embedding_mean == "all":
             return embeddings.mean(dim=1)
-        pad_ids = self._pad_a_ids(input_ids.shape[1] - 1, input_ids.device)
-        weight = (input_ids != pad_ids[None, :, None]).to(embeddings.dtype).unsqueeze(-1)
+        weight = (input_ids != self.stream_pad_ids[None, :, None]).to(embeddings.dtype).unsqueeze(-1)
         return (embeddings * weight).sum(dim=1) / weight.sum(dim=1)
 
-    def _pad_a_ids(self, num_audio_streams: int, device) -> torch.Tensor:
-        """`[1 + N]` PAD_A id per stream (-1 for the text slot), cached: it is needed every decode step."""
-        key = (num_audio_streams, str(device), self.config.text_vocab_size, self.config.audio_codebook_size)
-        cache = self.__dict__.setdefault("_pad_a_ids_cache", {})
-        if key not in cache:
-            ids = [-1] + [self.config.audio_special_id("<|pad_a|>", i) for i in range(num_audio_streams)]
-            cache[key] = torch.tensor(ids, device=device)
-        return cache[key]
-
     def embed_inputs(self, input_ids, input_features=None, audio_feature_lengths=None, audio_input_mask=None):
-        """Input embeddings of text ids `[B, T]` or multi-stream ids `[B, 1 + N, T]` (the mean of the
-        streams' embeddings), with audio features spliced in at `audio_input_mask` positions.
+        """Input embeddings of text ids `[B, T]` or multi-stream ids `[B, 1 + N, T]`, with audio features
+        spliced in at `audio_input_mask` positions.
 
-        At an audio-input position the N audio slots are replaced by the adapter output while the
-        text slot keeps its placeholder embedding, as in the authors' code:
-        `(text_embedding + N * audio_feature) / (1 + N)`, for multi-stream and text-stream-only ids
-        alike (plain replacement when the model has no audio streams).
+        At an audio-input position the N audio slots take the adapter output while the text slot keeps
+        its placeholder embedding, as in the authors' code: `(text_embedding + N * feature) / (1 + N)`.
         """
-        embed = self.get_input_embeddings()
-        inputs_embeds = self.mean_stream_embedding(input_ids) if input_ids.dim() == 3 else embed(input_ids)
+        inputs_embeds = self.mean_stream_embedding(input_ids) if input_ids.dim() == 3 else self.embed_tokens(input_ids)
         if input_features is None:
+            if self.training and hasattr(self, "audio_encoder") or _distributed() and hasattr(self, "audio_encoder"):
+                # every rank runs the same modules each step, whatever its batch holds, or collectives desync
+                features = self.encode_audio(inputs_embeds.new_zeros(1, self.config.audio_config.num_mel_bins, 2))
+                inputs_embeds = inputs_embeds + 0.0 * features.sum().to(inputs_embeds.dtype)
             return inputs_embeds
         if audio_input_mask is None:
             raise ValueError("input_features need audio_input_mask: which positions receive the audio features.")
         features = self.encode_audio(input_features, audio_feature_lengths).to(inputs_embeds.dtype)
-        positions = int(audio_input_mask.sum())
+        positions = int(audio_input_mask.sum())  # audio prefill only: the decode steps carry no features
         if features.shape[0] != positions:
             raise ValueError(
-                f"The audio gives {features.shape[0]} adapter frames but audio_input_mask marks {positions} "
-                "positions. Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) "
-                "positions per clip."
+                f"The audio gives {features.shape[0]} adapter frames but audio_input_mask marks {positions} positions. "
+                "Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) positions per clip."
             )
-        # The N audio slots take the feature, the text slot keeps its token. Plain text ids get the
-        # same mix, so the text stream alone (e.g. for generate()) embeds like the full layout.
-        audio_slots = input_ids.shape[1] - 1 if input_ids.dim() == 3 else self.config.num_audio_streams
-        if audio_slots:
+        num_audio = self.config.num_audio_streams
+        if num_audio:
             text_ids = input_ids[:, 0] if input_ids.dim() == 3 else input_ids
-            text_slot = embed(text_ids)[audio_input_mask]
-            features = (text_slot + audio_slots * features) / (audio_slots + 1)
+            text_slot = self.embed_tokens(text_ids)[audio_input_mask]
+            features = (text_slot + num_audio * features) / (num_audio + 1)
         mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features)
 
@@ -736,41 +894,45 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         """Per-token modality (0 text, 1 speech, -1 padding), flattened like the MoE blocks' input.
 
         Without an explicit `token_modality`, a position is speech when it receives audio features or
-        when any audio stream carries a codec code there.
+        when any audio stream carries a codec code there. Padding (`attention_mask == 0`) is always -1.
         """
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
         if reference.dim() == 3:
             reference = reference[:, 0]
         if token_modality is not None:
-            token_modality = token_modality.to(reference.device)
-            if token_modality.shape[-1] > reference.shape[-1]:  # generation with a cache: keep the new steps
-                token_modality = token_modality[..., -reference.shape[-1] :]
-            if token_modality.shape != reference.shape:
+            modality = token_modality.to(reference.device).long()
+            if modality.shape[-1] > reference.shape[-1]:  # generation with a cache: keep the new steps
+                modality = modality[..., -reference.shape[-1] :]
+            if modality.shape != reference.shape:
                 raise ValueError(
-                    f"token_modality has shape {tuple(token_modality.shape)} but the input has "
-                    f"{tuple(reference.shape)}: give one modality (0 text, 1 speech) per input position."
+                    f"token_modality has shape {tuple(modality.shape)} but the input has {tuple(reference.shape)}: "
+                    "give one modality (0 text, 1 speech, -1 padding) per input position."
                 )
-            bad = ~torch.isin(token_modality, torch.tensor([TEXT_MODALITY, SPEECH_MODALITY, IGNORED_TOKEN], device=reference.device))
-            if bad.any():
-                raise ValueError(
-                    f"token_modality holds {token_modality[bad].unique().tolist()}; use 0 (text), 1 (speech) "
-                    "or -1 (padding)."
-                )
-            return token_modality.reshape(-1).long()
-        modality = torch.full(reference.shape, TEXT_MODALITY, dtype=torch.long, device=reference.device)
-        if input_ids is not None and input_ids.dim() == 3:
-            speech = torch.zeros_like(reference, dtype=torch.bool)
-            for stream in range(1, input_ids.shape[1]):
-                start, _ = self.config.stream_range(stream)
-                codes = input_ids[:, stream] - start
-                speech |= (codes >= 0) & (codes < self.config.audio_codebook_size)
-            modality = modality.masked_fill(speech, SPEECH_MODALITY)
-        if audio_input_mask is not None:
-            modality = modality.masked_fill(audio_input_mask.bool(), SPEECH_MODALITY)
+            if ((modality < IGNORED_TOKEN) | (modality > SPEECH_MODALITY)).any():
+                raise ValueError(f"token_modality holds {modality.unique().tolist()}; use 0 (text), 1 (speech) or -1 (padding).")
+        else:
+            modality = torch.full(reference.shape, TEXT_MODALITY, dtype=torch.long, device=reference.device)
+            if input_ids is not None and input_ids.dim() == 3 and self.config.num_audio_streams:
+                codes = input_ids[:, 1:] - self.stream_offsets[None, :, None]
+                speech = ((codes >= 0) & (codes < self.config.speech_layout["codebook_size"])).any(dim=1)
+                modality = modality.masked_fill(speech, SPEECH_MODALITY)
+            if audio_input_mask is not None:
+                modality = modality.masked_fill(audio_input_mask.bool(), SPEECH_MODALITY)
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == reference.shape:
             modality = modality.masked_fill(attention_mask == 0, IGNORED_TOKEN)
         return modality.reshape(-1)
 
+    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> list:
+        if isinstance(attention_mask, dict):  # already built, e.g. by generate()
+            return [attention_mask[kind] for kind in self.config.decoder_layer_types]
+        kwargs = dict(config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                      cache=cache, position_ids=position_ids)
+        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+        built = {kind: makers[kind](**kwargs) for kind in set(self.config.decoder_layer_types)}
+        return [built[kind] for kind in self.config.decoder_layer_types]
+
+    @capture_outputs
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -780,9 +942,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         token_modality: torch.LongTensor | None = None,
-        routing_mode: str | None = None,
-        output_router_logits: bool | None = None,
-        output_expert_load: bool | None = None,
+        routing_mode: str | RoutingMode | None = None,
         input_features: torch.FloatTensor | None = None,
         audio_feature_lengths: torch.LongTensor | None = None,
         audio_input_mask: torch.BoolTensor | None = None,
@@ -798,89 +958,136 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         audio_input_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Positions that receive the audio features, in order.
         token_modality (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-            0 for a text position, 1 for a speech position, -1 for padding. Used by the
-            `by_token_modality` routing mode and to split the expert load by modality. Defaults to
-            text everywhere (padding from `attention_mask`).
+            0 text, 1 speech, -1 padding. Used by `by_token_modality` routing and to split the expert
+            load by modality. Defaults to what the inputs say (audio input and codec codes are speech).
         routing_mode (`str`, *optional*):
-            Overrides `config.routing_mode` for this call.
-        output_router_logits (`bool`, *optional*):
-            Return router logits and the load-balancing `aux_loss`.
-        output_expert_load (`bool`, *optional*):
-            Return `expert_load`, the per-layer count of selections per expert by token modality.
+            Overrides `config.routing_mode` for this call (see `RoutingMode`).
         """
-        if "past_key_values" in kwargs:  # transformers < 5.40 name
-            cache = kwargs.pop("past_key_values")
-        mode = routing_mode or self.config.routing_mode
-        if mode not in ROUTING_MODES:
-            raise ValueError(f"Unknown routing_mode {mode!r}; choose one of {list(ROUTING_MODES)}.")
-        if mode in ("speech_only", "by_token_modality") and not self.config.speech_experts:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Give exactly one of input_ids or inputs_embeds.")
+        mode = RoutingMode.parse(routing_mode or self.config.routing_mode)
+        if mode.needs_speech_experts and not self.config.speech_experts:
             raise ValueError(
-                f"routing_mode={mode!r} needs speech experts; none are assigned. Pass speech_experts when "
+                f"routing_mode={mode.value!r} needs speech experts; none are assigned. Pass speech_experts when "
                 "converting, or run the assignment step first."
             )
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        # Token modality feeds by_token_modality routing and the per-modality records; plain
-        # inference needs neither, so skip the work there (it shows in per-token decode time).
         modality = None
-        if token_modality is not None or mode == "by_token_modality" or output_router_logits or output_expert_load:
-            modality = self.token_modality_from_inputs(
-                input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
-            )
-        if input_ids is not None and (input_ids.dim() == 3 or input_features is not None):
+        wants_records = kwargs.get("output_router_logits", self.config.output_router_logits)
+        if token_modality is not None or mode is RoutingMode.BY_TOKEN_MODALITY or wants_records:
+            modality = self.token_modality_from_inputs(input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask)
+        if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, input_features, audio_feature_lengths, audio_input_mask)
-            input_ids = None
+        elif input_features is not None:
+            raise ValueError("input_features are spliced into input_ids' embeddings: pass input_ids, not inputs_embeds.")
 
-        self.routing_state.begin(mode, modality, bool(output_router_logits), bool(output_expert_load))
-        try:
-            outputs = self.language_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+        if use_cache is None:
+            use_cache = getattr(self.config.text_config, "use_cache", True)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens).unsqueeze(0)
+        masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer, mask in zip(self.layers, masks):
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=mask,
                 position_ids=position_ids,
                 cache=cache,
-                inputs_embeds=inputs_embeds,
                 use_cache=use_cache,
+                position_embeddings=position_embeddings,
+                routing_mode=mode,
+                token_modality=modality,
                 **kwargs,
             )
-        finally:
-            self.routing_state.end()
-        state = self.routing_state
-        aux_loss = torch.stack(state.aux_losses).mean() if state.aux_losses else None
-        return DeepTalkModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            router_logits=tuple(state.router_logits) if output_router_logits else None,
-            aux_loss=aux_loss,
-            expert_load=torch.stack(state.expert_load) if output_expert_load else None,
-        )
+        hidden_states = self.norm(hidden_states)
+        return DeepTalkModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, token_modality=modality)
+
+    def routing_statistics(self, router_logits, mode: RoutingMode, token_modality, want_aux: bool, want_load: bool):
+        """`(aux_loss, expert_load)` from recorded router logits: the balance loss averaged over MoE
+        layers, and the `[layers, 2, experts]` per-modality load."""
+        stats = [block.routing_statistics(logits, mode, token_modality, want_aux, want_load)
+                 for block, logits in zip(self.moe_blocks(), router_logits)]
+        aux = torch.stack([a for a, _ in stats]).mean() if want_aux else None
+        load = torch.stack([load for _, load in stats]) if want_load else None
+        return aux, load
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 # --------------------------------------------------------------------------------------------------
-# 6. Causal LM
+# 7. Losses over the stream layout
+# --------------------------------------------------------------------------------------------------
+def shifted_stream_targets(logits: torch.Tensor, labels: torch.LongTensor, layout: SpeechTokenLayout, stream: int):
+    """`(stream_logits [B, T-1, V_s], targets [B, T-1])`: stream `stream`'s slice of the logits at each
+    position and the next position's label as an index into that slice (-100 = ignored). THE one
+    place that slices logits by stream, shifts and masks; losses, DPO and metrics build on it."""
+    start, end = layout.stream_range(stream)
+    target = labels[:, stream, 1:]
+    valid = target != IGNORE_INDEX
+    local = torch.where(valid, target - start, IGNORE_INDEX)
+    return logits[:, :-1, start:end], local
+
+
+def stream_token_log_probs(logits: torch.Tensor, labels: torch.LongTensor, layout: SpeechTokenLayout):
+    """`(log_probs, valid)`, each `[B, 1 + N, T-1]`: each labelled token's log-probability within its
+    stream's vocabulary, and which positions are labelled."""
+    log_probs, valid = [], []
+    for stream in range(layout.num_streams):
+        stream_logits, target = shifted_stream_targets(logits, labels, layout, stream)
+        mask = target != IGNORE_INDEX
+        logp = F.log_softmax(stream_logits.float(), dim=-1)
+        log_probs.append(logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask)
+        valid.append(mask)
+    return torch.stack(log_probs, dim=1), torch.stack(valid, dim=1)
+
+
+def stream_num_items(labels: torch.LongTensor) -> torch.Tensor:
+    """`[1 + N]` labelled next-token targets per stream in a multi-stream batch (the per-stream
+    `num_items_in_batch` for exact gradient accumulation)."""
+    return (labels[..., 1:] != IGNORE_INDEX).sum(dim=(0, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Causal LM
 # --------------------------------------------------------------------------------------------------
 class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
-    """DeepTalk decoder with a language-modelling head.
+    """DeepTalk decoder with a language-modelling head over the extended vocabulary.
 
     Build one from a pre-trained transformers MoE LLM with [`DeepTalkForCausalLM.from_text_moe`].
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # module names: the text rows (`weight`) and, in a speech model, the audio rows (`audio_weight`) tie pairwise
+    _tied_weights_keys = {"lm_head": "model.embed_tokens"}
+    accepts_loss_kwargs = True
 
     def __init__(self, config: DeepTalkConfig):
         super().__init__(config)
         self.model = DeepTalkModel(config)
-        self._no_split_modules = self.model._no_split_modules
         self.vocab_size = config.text_config.vocab_size  # the whole extended vocabulary
-        self.lm_head = nn.Linear(config.text_config.hidden_size, self.vocab_size, bias=False)
+        hidden = config.text_config.hidden_size
+        if config.speech_layout is None:
+            self.lm_head = nn.Linear(hidden, self.vocab_size, bias=False)
+        else:
+            text_rows = config.text_vocab_size
+            self.lm_head = DeepTalkLMHead(hidden, text_rows, self.vocab_size - text_rows)
         self.post_init()
 
+    def init_parallel_plans(self):
+        super().init_parallel_plans()
+        if self.config.speech_layout is None:  # tied to (or shaped like) the vocabulary-sharded embedding
+            self._tp_plan.setdefault("lm_head", "colwise_gather_output")
+
     def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
+        return self.model.embed_tokens
 
     def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
+        self.model.embed_tokens = value
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -891,6 +1098,16 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
     def moe_blocks(self) -> list[DeepTalkSparseMoeBlock]:
         return self.model.moe_blocks()
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        if self.config.speech_layout is not None:
+            raise ValueError(
+                "This model has a speech vocabulary after its text block: resizing would shift every audio id. "
+                "Add text tokens before add_speech (add_speech grows the text block to the layout's text_vocab_size)."
+            )
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -901,7 +1118,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         token_modality: torch.LongTensor | None = None,
-        routing_mode: str | None = None,
+        routing_mode: str | RoutingMode | None = None,
         output_router_logits: bool | None = None,
         output_expert_load: bool | None = None,
         input_features: torch.FloatTensor | None = None,
@@ -915,13 +1132,19 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             Next-token labels (-100 = ignored), shifted inside the loss like transformers' causal LMs.
             Multi-stream labels give the paper's loss: the mean of the text CE and the N audio-stream
             CEs, each over its own slice of the vocabulary.
-        input_ids, input_features, audio_feature_lengths, audio_input_mask, token_modality, routing_mode,
-        output_router_logits, output_expert_load:
+        output_router_logits (`bool`, *optional*):
+            Return router logits and the load-balancing `aux_loss` (added to the loss, weighted by
+            `config.router_aux_loss_coef`).
+        output_expert_load (`bool`, *optional*):
+            Return `expert_load`, the per-layer count of selections per expert by token modality.
+        input_ids, input_features, audio_feature_lengths, audio_input_mask, token_modality, routing_mode:
             See [`DeepTalkModel.forward`].
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
-        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        mode = RoutingMode.parse(routing_mode or self.config.routing_mode)
+        loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+        record = bool(output_router_logits or output_expert_load)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -930,69 +1153,94 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             token_modality=token_modality,
-            routing_mode=routing_mode,
-            output_router_logits=output_router_logits,
-            output_expert_load=output_expert_load,
+            routing_mode=mode,
             input_features=input_features,
             audio_feature_lengths=audio_feature_lengths,
             audio_input_mask=audio_input_mask,
+            output_router_logits=record,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
 
-        loss, stream_losses = None, None
-        if labels is not None and labels.dim() == 3:
-            stream_losses = self.stream_losses(logits, labels)
-            loss = stream_losses[~stream_losses.isnan()].mean()
-            stream_losses = stream_losses.detach()
-        elif labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **loss_kwargs)
-        if loss is not None:
-            if outputs.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss.to(loss.device)
+        loss = stream_losses = None
+        if labels is not None:
+            loss, stream_losses = self.language_modeling_loss(logits, labels, **loss_kwargs)
+        aux_loss = expert_load = None
+        if record:
+            aux_loss, expert_load = self.model.routing_statistics(
+                outputs.router_logits, mode, outputs.token_modality, bool(output_router_logits), bool(output_expert_load)
+            )
+        if loss is not None and aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * self._batch_share(labels, loss_kwargs)
         return DeepTalkCausalLMOutputWithPast(
             loss=loss,
-            aux_loss=outputs.aux_loss,
+            aux_loss=aux_loss,
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits,
-            expert_load=outputs.expert_load,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            expert_load=expert_load,
             stream_losses=stream_losses,
         )
+
+    def language_modeling_loss(self, logits, labels, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
+                               shift_labels=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(loss, stream_losses)`. Text labels `[B, T]`: transformers' causal-LM loss over the whole
+        vocabulary (`num_items_in_batch`, `shift_labels` honoured). Multi-stream labels `[B, 1 + N, T]`:
+        each stream's CE over its own slice, normalised by that stream's target count
+        (`num_items_in_batch[s]` across accumulated micro-batches when given), averaged over the streams
+        that have targets."""
+        if labels.dim() == 2:
+            loss = self.loss_function(logits, labels, self.vocab_size, num_items_in_batch=num_items_in_batch,
+                                      ignore_index=ignore_index, shift_labels=shift_labels)
+            return loss, None
+        layout = self.config.layout
+        if layout is None or labels.shape[1] != layout.num_streams:
+            raise ValueError(
+                f"labels have {labels.shape[1]} streams but the model has {self.config.num_streams} "
+                f"(1 text + {self.config.num_audio_streams} audio)."
+            )
+        if shift_labels is not None:
+            raise ValueError("shift_labels is for text labels [batch, seq]; multi-stream labels are shifted here.")
+        if num_items_in_batch is not None and (not torch.is_tensor(num_items_in_batch) or num_items_in_batch.numel() != layout.num_streams):
+            raise ValueError(
+                f"Multi-stream labels need num_items_in_batch per stream (shape [{layout.num_streams}], see "
+                "`stream_num_items`); DeepTalk's trainers pass it. A single count cannot weight the streams' losses."
+            )
+        pairs = [shifted_stream_targets(logits, labels, layout, stream) for stream in range(layout.num_streams)]
+        out_of_block = torch.stack([((t != IGNORE_INDEX) & ((t < 0) | (t >= lg.shape[-1]))).any() for lg, t in pairs])
+        if out_of_block.any():  # one check (one sync) for all streams
+            bad = out_of_block.nonzero().flatten().tolist()
+            raise ValueError(
+                f"labels of stream(s) {bad} hold ids outside their vocabulary blocks "
+                f"{[layout.stream_range(s) for s in bad]}: build labels with the processor's layout (global ids per stream)."
+            )
+        sums = [F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), t.reshape(-1), ignore_index=IGNORE_INDEX,
+                                reduction="sum") for lg, t in pairs]
+        counts = [(t != IGNORE_INDEX).sum() for _, t in pairs]
+        sums = torch.stack(sums)
+        counts = torch.stack(counts).to(sums.dtype)
+        totals = counts if num_items_in_batch is None else num_items_in_batch.to(sums.device, sums.dtype)
+        present = totals > 0
+        loss = (sums / totals.clamp(min=1)).masked_fill(~present, 0.0).sum() / present.sum().clamp(min=1)
+        stream_losses = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
+        return loss, stream_losses.detach()
+
+    @staticmethod
+    def _batch_share(labels, loss_kwargs) -> torch.Tensor | float:
+        """This micro-batch's share of the accumulated targets: the weight of its balance loss, so that
+        gradient accumulation and data parallelism add the balance loss up once, as a larger batch would."""
+        total = loss_kwargs.get("num_items_in_batch")
+        if total is None or labels is None:
+            return 1.0
+        local = (labels[..., 1:] != IGNORE_INDEX).sum()
+        return local / torch.as_tensor(total).sum().clamp(min=1)
 
     def stream_logits(self, logits: torch.Tensor, stream: int) -> torch.Tensor:
         """The slice of `logits` over `stream`'s block of the vocabulary (0 = text, 1..N = audio)."""
         start, end = self.config.stream_range(stream)
         return logits[..., start:end]
-
-    def stream_losses(self, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-        """Cross-entropy of each stream over its own vocabulary slice: `(1 + N,)`, NaN where a
-        stream has no labels in the batch."""
-        if labels.shape[1] != self.config.num_streams:
-            raise ValueError(
-                f"labels have {labels.shape[1]} streams but the model has {self.config.num_streams} "
-                f"(1 text + {self.config.num_audio_streams} audio)."
-            )
-        losses = []
-        for stream in range(labels.shape[1]):
-            start, end = self.config.stream_range(stream)
-            target = labels[:, stream]
-            valid = target != -100
-            if not valid.any():
-                losses.append(logits.new_tensor(float("nan")))
-                continue
-            local = torch.where(valid, target - start, -100)
-            if ((local[valid] < 0) | (local[valid] >= end - start)).any():
-                raise ValueError(
-                    f"labels of stream {stream} hold ids outside its vocabulary block [{start}, {end}): "
-                    "build labels with the processor's layout (global ids per stream)."
-                )
-            losses.append(self.loss_function(logits[..., start:end], local, end - start))
-        return torch.stack([loss.float() for loss in losses])
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
@@ -1006,57 +1254,63 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
     # ---- speech ------------------------------------------------------------------------------
     def add_speech(
         self,
-        num_audio_streams: int,
-        audio_codebook_size: int,
+        layout: SpeechTokenLayout | dict,
         *,
-        audio_stream_delays: list[int] | None = None,
-        audio_special_tokens: list[str] | None = None,
         audio_config=None,
         audio_adapter_stride: int | None = None,
         audio_pad_to_30s: bool | None = None,
-        text_vocab_size: int | None = None,
         mean_resizing: bool = True,
     ):
-        """Give a converted text model its speech vocabulary and, with `audio_config`, its ears.
+        """Give a converted text model its speech vocabulary (`layout`, e.g. `processor.layout`) and,
+        with `audio_config`, its ears (a Whisper encoder and the adapter).
 
-        Appends one block of `audio_codebook_size + len(audio_special_tokens)` ids per audio stream
-        to the embedding table and the head (with `mean_resizing`, transformers draws new rows from
-        the old rows' mean and covariance; the paper draws them from N(0, initializer_range)), and builds
-        the Whisper encoder and adapter. Text rows are untouched: text logits stay the source's.
-        `text_vocab_size` first grows the text block (e.g. to `len(tokenizer)` after adding DeepTalk's
-        chat specials); `DeepTalkProcessor.model_speech_kwargs()` gives all of these arguments.
+        The text block first grows to `layout.text_vocab_size` if the tokenizer gained tokens (new
+        rows as transformers' `resize_token_embeddings` makes them); then one block of
+        `codebook_size + len(audio_special_tokens)` rows per audio stream is added to the embedding
+        and the head as separate `audio_weight` parameters. With `mean_resizing` the new rows are drawn
+        around the text rows' mean, as transformers does; else from N(0, initializer_range) (the paper).
+        Text rows are untouched: text logits stay the source's.
         """
-        if self.config.num_audio_streams:
-            raise ValueError("This model already has a speech vocabulary (num_audio_streams > 0).")
-        text_vocab_size = text_vocab_size or self.config.text_vocab_size
-        if text_vocab_size < self.config.text_vocab_size:
+        if self.config.speech_layout is not None:
+            raise ValueError("This model already has a speech vocabulary (speech_layout is set).")
+        layout = layout if isinstance(layout, SpeechTokenLayout) else SpeechTokenLayout(**layout)
+        current = self.config.text_config.vocab_size
+        if layout.text_vocab_size < current:
             raise ValueError(
-                f"text_vocab_size={text_vocab_size} would cut the model's text vocabulary "
-                f"({self.config.text_vocab_size}); the tokenizer must cover the model's text ids."
+                f"The layout's text block ({layout.text_vocab_size} ids) would cut the model's text vocabulary "
+                f"({current}); build the processor from this model's tokenizer."
             )
-        updates = {
-            "num_audio_streams": num_audio_streams,
-            "audio_codebook_size": audio_codebook_size,
-            "audio_stream_delays": audio_stream_delays,
-            "text_vocab_size": text_vocab_size,
-        }
-        if audio_special_tokens is not None:
-            updates["audio_special_tokens"] = audio_special_tokens
+        if layout.text_vocab_size > current:
+            self.resize_token_embeddings(layout.text_vocab_size, mean_resizing=mean_resizing)
+        updates = {"speech_layout": layout.to_dict()}
         if audio_config is not None:
-            updates["audio_config"] = audio_config.to_dict() if hasattr(audio_config, "to_dict") else audio_config
-        for name, value in (("audio_adapter_stride", audio_adapter_stride), ("audio_pad_to_30s", audio_pad_to_30s)):
-            if value is not None:
-                updates[name] = value
-        new_config = DeepTalkConfig(**{**self.config.to_dict(), **updates})  # validates
-        for name in ("num_audio_streams", "audio_codebook_size", "audio_stream_delays", "audio_special_tokens",
-                     "text_vocab_size", "audio_config", "audio_adapter_stride", "audio_pad_to_30s"):
-            setattr(self.config, name, getattr(new_config, name))
-        total = self.config.stream_range(self.config.num_streams - 1)[1]
-        self.resize_token_embeddings(total, mean_resizing=mean_resizing)
-        if self.config.audio_config is not None:
-            self.model.build_audio_input()
-            self.model.audio_encoder.to(self.lm_head.weight.device)
-            self.model.audio_adapter.to(self.lm_head.weight.device)
+            updates["audio_config"] = audio_config.to_dict() if hasattr(audio_config, "to_dict") else dict(audio_config)
+        if audio_adapter_stride is not None:
+            updates["audio_adapter_stride"] = audio_adapter_stride
+        if audio_pad_to_30s is not None:
+            updates["audio_pad_to_30s"] = audio_pad_to_30s
+        text_config = {**self.config.text_config.to_dict(), "vocab_size": layout.vocab_size}
+        checked = DeepTalkConfig(**{**self.config.to_dict(), **updates, "text_config": text_config})  # validates first
+        self.config.text_config.vocab_size = layout.vocab_size
+        for name in ("speech_layout", "audio_config", "audio_adapter_stride", "audio_pad_to_30s"):
+            setattr(self.config, name, getattr(checked, name))
+        self.vocab_size = layout.vocab_size
+
+        new_rows = layout.vocab_size - layout.text_vocab_size
+        text_embedding = self.model.embed_tokens.weight
+        self.model._build_speech_input(_new_rows(text_embedding, new_rows, mean_resizing, self.config))
+        head = self.lm_head
+        with torch.device("meta"):
+            self.lm_head = DeepTalkLMHead(head.in_features, head.weight.shape[0], new_rows)
+        self.lm_head.weight = head.weight
+        self.lm_head.audio_weight = (
+            self.model.embed_tokens.audio_weight if self.config.tie_word_embeddings
+            else nn.Parameter(_new_rows(head.weight, new_rows, mean_resizing, self.config))
+        )
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+        if hasattr(self.model, "audio_encoder"):
+            self.model.audio_encoder.to(text_embedding.device)
+            self.model.audio_adapter.to(text_embedding.device)
         return self
 
     # ---- expert placement ----------------------------------------------------------------------
@@ -1064,9 +1318,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         """Move experts between the banks so that `speech_experts` (source indices, one list per MoE
         layer) are the speech experts. Every expert keeps its weights, so `free` routing computes
         exactly what it did before. Bank parameters are replaced: build optimizers afterwards."""
-        new_config = DeepTalkConfig(
-            **{**self.config.to_dict(), "speech_experts": speech_experts, "num_speech_experts": None}
-        )
+        new_config = DeepTalkConfig(**{**self.config.to_dict(), "speech_experts": speech_experts, "num_speech_experts": None})
         for moe_layer, block in enumerate(self.moe_blocks()):
             gate_up, down = block.source_order_experts()
             block.load_source_experts(gate_up, down, new_config.expert_modality(moe_layer))
@@ -1075,23 +1327,19 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
 
     def add_new_speech_experts(self, num_new: int, *, seed: int = 0):
         """The MoExtend baseline (the paper's Table 2 ablation): add `num_new` NEW routed experts per
-        MoE layer, with new router rows, and make them the speech bank, instead of re-purposing
-        existing experts.
+        MoE layer, with new router rows, and make them the speech bank.
 
         New experts start as copies of existing experts of the same layer (chosen with `seed`); their
-        router rows are drawn from N(0, initializer_range) like any new parameter. Free routing
-        therefore changes: the new rows take probability mass from the source's experts, the
-        "router disturbance" the paper blames for MoExtend's lower scores. DeepSeek's group-limited
-        top-k keeps its groups over the source's experts; the added ones are always candidates.
+        router rows are drawn from N(0, initializer_range). Free routing therefore changes: the new rows
+        take probability mass from the source's experts, the "router disturbance" the paper blames for
+        MoExtend's lower scores. DeepSeek's group-limited top-k keeps its groups over the source's experts.
         """
         if self.config.num_added_experts:
             raise ValueError("This model already has added experts; add them once.")
         if self.config.speech_experts:
-            raise ValueError(
-                "MoExtend makes the NEW experts the speech bank, but this model already has speech experts assigned."
-            )
-        if num_new < 1:
-            raise ValueError(f"num_new={num_new} must be >= 1.")
+            raise ValueError("MoExtend makes the NEW experts the speech bank, but this model already has speech experts assigned.")
+        if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 1:
+            raise ValueError(f"num_new={num_new!r} must be a whole number >= 1.")
         old_count = self.config.num_routed_experts
         generator = torch.Generator().manual_seed(seed)
         std = self.config.text_config.initializer_range
@@ -1103,9 +1351,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             new_rows = torch.randn(num_new, router.shape[1], generator=generator).to(router) * std
             block.router.weight = nn.Parameter(torch.cat([router.detach(), new_rows]))
             block.num_experts = old_count + num_new
-            block.load_source_experts(
-                torch.cat([gate_up, gate_up[copies]]), torch.cat([down, down[copies]]), expert_modality=modality
-            )
+            for name in ("is_speech_expert", "local_index", "packed_index"):
+                buffer = getattr(block, name)
+                setattr(block, name, buffer.new_zeros(block.num_experts))
+            block.load_source_experts(torch.cat([gate_up, gate_up[copies]]), torch.cat([down, down[copies]]), expert_modality=modality)
         self.config.num_added_experts = num_new
         self.config.speech_experts = [list(range(old_count, old_count + num_new)) for _ in self.config.moe_layer_indices]
         self.config.num_speech_experts = num_new
@@ -1113,109 +1362,33 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
 
     # ---- conversion ----------------------------------------------------------------------------
     @classmethod
-    def from_text_moe(
-        cls,
-        source: str | os.PathLike | PreTrainedModel,
-        speech_experts: list[list[int]] | None = None,
-        *,
-        progress: bool = True,
-        **config_overrides,
-    ) -> DeepTalkForCausalLM:
-        """Convert a pre-trained transformers MoE LLM into a DeepTalk model.
-
-        Args:
-            source: a `*ForCausalLM` instance of a supported family, or a path / Hub id to load one
-                from (extra `from_pretrained` options can be passed with `source_kwargs={...}`).
-            speech_experts: one list per MoE layer of the source expert indices that serve speech,
-                or `None` to leave the assignment for later (`deeptalk assign`).
-            progress: show a progress bar over layers.
-            config_overrides: other `DeepTalkConfig` fields (`routing_mode`, `num_speech_experts`,
-                `router_aux_loss_coef`, ...).
-
-        With `routing_mode="free"`, the result computes the source's logits (tested to 1e-4 in fp32
-        for every family). When `source` is a path, its tensors are reused without a copy; when it
-        is a model instance, tensors are copied so the source stays usable.
-        """
-        source_kwargs = config_overrides.pop("source_kwargs", {})
-        owned = isinstance(source, (str, os.PathLike))
-        if owned:
-            source = AutoModelForCausalLM.from_pretrained(source, **source_kwargs)
-        text_config = source.config.__class__.from_dict(source.config.to_dict())
-        config = DeepTalkConfig(text_config=text_config, speech_experts=speech_experts, **config_overrides)
-        config.dtype = source.dtype
-
-        with torch.device("meta"):
-            model = cls(config)
-        state = _convert_state_dict(source, model, copy=not owned, progress=progress)
-        model.load_state_dict(state, strict=True, assign=True)
-        _copy_buffers(source, model)
-        for name, param in model.named_parameters():
-            if param.is_meta:
-                raise RuntimeError(f"Conversion left {name} uninitialised; please report this.")
-            param.requires_grad_(True)
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        # keep the source's kernels: a model built on the meta device starts with the defaults
-        if source.config._experts_implementation is not None:
-            model.set_experts_implementation(source.config._experts_implementation)
-        if source.config._attn_implementation is not None:
-            model.set_attn_implementation(source.config._attn_implementation)
-        model.train(source.training)
-        return model
+    def from_text_moe(cls, source, speech_experts=None, *, progress: bool = True, **config_overrides):
+        """Convert a pre-trained transformers MoE LLM into a DeepTalk model (see
+        `deeptalk.conversion.from_text_moe`; needs the deeptalk package, not only this remote-code file)."""
+        try:
+            from deeptalk.conversion import from_text_moe
+        except ImportError:
+            raise ImportError(
+                "Converting a text MoE into DeepTalk is tooling of the deeptalk package: `pip install deeptalk`, then "
+                "`deeptalk.DeepTalkForCausalLM.from_text_moe(...)` or `deeptalk convert SRC OUT`."
+            ) from None
+        return from_text_moe(source, speech_experts, progress=progress, model_class=cls, **config_overrides)
 
 
-def _source_name(name: str) -> str:
-    """DeepTalk parameter/buffer name -> source name (bank and router names aside)."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model.") :]
-    return name
-
-
-def _convert_state_dict(source, model: DeepTalkForCausalLM, copy: bool, progress: bool) -> dict:
-    source_state = source.state_dict()
-    target_names = list(model.state_dict().keys())
-    blocks = {f"model.language_model.layers.{i}.mlp.": block for i, block in _blocks_by_layer(model)}
-    state = {}
-    iterator = blocks.items()
-    if progress:
-        iterator = logging.tqdm(iterator, total=len(blocks), desc="Splitting experts into text/speech banks")
-    for prefix, block in iterator:
-        source_prefix = _source_name(prefix)
-        gate_up = source_state[source_prefix + "experts.gate_up_proj"]
-        down = source_state[source_prefix + "experts.down_proj"]
-        for bank_name, (bank_gate_up, bank_down) in block.split_source_experts(gate_up, down).items():
-            state[f"{prefix}{bank_name}.gate_up_proj"] = bank_gate_up
-            state[f"{prefix}{bank_name}.down_proj"] = bank_down
-        # `.float()` of an fp32 tensor is the tensor itself: copy explicitly, or training the router
-        # would silently train the source model's gate too
-        state[prefix + "router.weight"] = source_state[source_prefix + "gate.weight"].to(torch.float32, copy=copy)
-    for name in target_names:
-        if name in state:
-            continue
-        source_name = _source_name(name)
-        if source_name not in source_state:
-            raise KeyError(f"Source checkpoint has no tensor {source_name!r} for DeepTalk's {name!r}.")
-        tensor = source_state[source_name]
-        state[name] = tensor.clone() if copy else tensor
-    return state
-
-
-def _blocks_by_layer(model):
-    return [(i, layer.mlp) for i, layer in enumerate(model.model.language_model.layers) if isinstance(layer.mlp, DeepTalkSparseMoeBlock)]
-
-
-def _copy_buffers(source, model):
-    """Non-persistent buffers (e.g. rotary frequencies) are not in the state dict: copy them over."""
-    source_buffers = dict(source.named_buffers())
-    for name, buffer in list(model.named_buffers()):
-        if not buffer.is_meta:
-            continue
-        module_name, _, buffer_name = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        source_buffer = source_buffers.get(_source_name(name))
-        if source_buffer is None:
-            raise KeyError(f"Source model has no buffer {_source_name(name)!r} for DeepTalk's {name!r}.")
-        module._buffers[buffer_name] = source_buffer.clone()
+def _new_rows(reference: torch.Tensor, count: int, mean_resizing: bool, config: DeepTalkConfig) -> torch.Tensor:
+    """`count` new rows for a table whose existing rows are `reference`."""
+    std = config.get_text_config().initializer_range
+    if not mean_resizing:
+        return torch.randn(count, reference.shape[1], device=reference.device, dtype=torch.float32).mul_(std).to(reference.dtype)
+    old = reference.detach().float()
+    mean = old.mean(dim=0)
+    centered = old - mean
+    covariance = centered.T @ centered / max(old.shape[0] - 1, 1)
+    # transformers' vocabulary expansion: new rows close to the mean, spread like the old rows (1e-9 * covariance)
+    noise = torch.randn(count, old.shape[1], device=old.device) @ torch.linalg.cholesky(
+        1e-9 * covariance + 1e-12 * torch.eye(old.shape[1], device=old.device)
+    ).T
+    return (mean + noise).to(reference.dtype)
 
 
 __all__ = [
@@ -1225,5 +1398,9 @@ __all__ = [
     "DeepTalkSparseMoeBlock",
     "DeepTalkExperts",
     "RouterSpec",
+    "allowed_experts",
     "route_tokens",
+    "shifted_stream_targets",
+    "stream_token_log_probs",
+    "stream_num_items",
 ]

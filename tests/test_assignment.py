@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+
+from deeptalk.configuration_deeptalk import SpeechTokenLayout
 from conftest import convert, random_ids
 
 from deeptalk.trainers.assignment import (
@@ -154,10 +156,11 @@ def test_measuring_restores_mode_and_forces_free_routing(tiny_source):
 
 
 def test_speech_positions_are_derived_from_multi_stream_ids(tiny_source):
-    model = convert(tiny_source("qwen3_moe"), experts=None).add_speech(1, 16).eval()
+    layout = SpeechTokenLayout(text_vocab_size=128, num_audio_streams=1, codebook_size=16, eot_id=2, pad_t_id=0)
+    model = convert(tiny_source("qwen3_moe"), experts=None).add_speech(layout).eval()
     cfg = model.config
     start, _ = cfg.stream_range(1)
-    pad_a = cfg.audio_special_id("<|pad_a|>", 0)
+    pad_a = layout.audio_special_id("<|pad_a|>", 0)
     ids = torch.empty(2, 2, 10, dtype=torch.long)
     ids[:, 0] = random_ids(shape=(2, 10))
     ids[:, 1] = pad_a

@@ -101,9 +101,9 @@ def test_codec_is_seeded_and_keeps_answers_short(data):
 
 def test_processor_matches_the_codec(data):
     processor, codec = data.processor, data.codec
-    kwargs = processor.model_speech_kwargs()
-    assert (kwargs["num_audio_streams"], kwargs["audio_codebook_size"]) == (codec.num_streams, codec.codebook_size)
-    assert kwargs["audio_adapter_stride"] == 4 and kwargs["text_vocab_size"] == len(processor.tokenizer)
+    layout = processor.model_speech_kwargs()["layout"]
+    assert (layout.num_audio_streams, layout.codebook_size) == (codec.num_streams, codec.codebook_size)
+    assert processor.audio_adapter_stride == 4 and layout.text_vocab_size == len(processor.tokenizer)
 
 
 def test_text_qa_rows(data):

@@ -13,8 +13,12 @@ from deeptalk.trainers.dpo import (
     DeepTalkSpeechDPOTrainer,
     encode_preference_pairs,
     rank_by_wer,
-    sequence_logps,
 )
+from deeptalk.modeling_deeptalk import stream_token_log_probs
+
+
+def sequence_logps(model, logits, labels):
+    return stream_token_log_probs(logits, labels, model.config.layout)[0].sum(-1)
 
 
 def _pairs(processor, n=8):

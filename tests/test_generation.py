@@ -215,8 +215,9 @@ def test_voice_tokens_condition_training_and_generation(setup):
     torch.manual_seed(0)
     model = speech_model(processor).eval()
     with torch.no_grad():  # as after training: the voices' embeddings differ (fresh rows start near the mean)
-        embeddings = model.get_input_embeddings().weight
-        embeddings[layout.voice_ids("f10")] += torch.randn(codec.num_streams, embeddings.shape[1]) * 0.5
+        audio_rows = model.get_input_embeddings().audio_weight
+        rows = torch.tensor(layout.voice_ids("f10")) - layout.text_vocab_size
+        audio_rows[rows] += torch.randn(codec.num_streams, audio_rows.shape[1]) * 0.5
     by_voice = {v: generate_speech_answer(model, processor, spoken(question), max_steps=6, voice=v, audio_top_k=1)
                 for v in ("assistant", "f10")}
     assert by_voice["f10"].layout[1:, 0].tolist() == layout.voice_ids("f10")

@@ -19,7 +19,7 @@ def whisper_config():
 @pytest.fixture
 def speech_model(tiny_source):
     model = convert(tiny_source("qwen3_moe"))
-    return model.add_speech(STREAMS, CODEBOOK, audio_config=whisper_config()).eval()
+    return model.add_speech(layout(), audio_config=whisper_config()).eval()
 
 
 def layout():
@@ -51,30 +51,32 @@ def test_add_speech_extends_vocabulary_without_touching_text_logits(tiny_source)
     ids = random_ids()
     with torch.no_grad():
         before = model(ids).logits
-        model.add_speech(STREAMS, CODEBOOK)
+        model.add_speech(layout())
         after = model(ids).logits
     assert model.config.text_vocab_size == 128 and model.vocab_size == 128 + STREAMS * (CODEBOOK + 4)
     assert after.shape[-1] == model.vocab_size
     assert torch.equal(model.stream_logits(after, 0), before)
     assert model.config.stream_range(2) == (128 + 20, 128 + 40)
     with pytest.raises(ValueError, match="already has a speech vocabulary"):
-        model.add_speech(STREAMS, CODEBOOK)
+        model.add_speech(layout())
 
 
 def test_multi_stream_embedding_is_the_mean_of_the_streams(speech_model):
     ids = torch.stack([random_ids(shape=(1, 6))[0], torch.full((6,), 130), torch.full((6,), 151), torch.full((6,), 170)])[None]
-    table = speech_model.get_input_embeddings().weight
+    embedding = speech_model.get_input_embeddings()
+    table = torch.cat([embedding.weight, embedding.audio_weight])
     expected = table[ids[0]].mean(dim=0, keepdim=True)
     assert torch.allclose(speech_model.model.embed_inputs(ids), expected)
 
 
 def test_pad_a_slots_are_left_out_so_text_positions_embed_like_plain_text(speech_model):
     text = random_ids(shape=(1, 6))
-    pads = [speech_model.config.audio_special_id("<|pad_a|>", i) for i in range(STREAMS)]
+    pads = [speech_model.config.layout.audio_special_id("<|pad_a|>", i) for i in range(STREAMS)]
     ids = torch.stack([text[0]] + [torch.full((6,), p) for p in pads])[None]
     ids[0, 1, 3:] = 131  # stream 1 speaks from step 3 on
     embedded = speech_model.model.embed_inputs(ids)
-    table = speech_model.get_input_embeddings().weight
+    embedding = speech_model.get_input_embeddings()
+    table = torch.cat([embedding.weight, embedding.audio_weight])  # text rows, then audio rows
     assert torch.equal(embedded[0, :3], table[text[0, :3]])
     assert torch.allclose(embedded[0, 3:], (table[text[0, 3:]] + table[131]) / 2)
     with torch.no_grad():
@@ -124,7 +126,7 @@ def test_input_errors_name_the_problem(speech_model, tiny_source):
         speech_model(**{k: v for k, v in inputs.items() if k != "audio_input_mask"})
     bad_labels = labels.clone()
     bad_labels[0, 1, -1] = 5  # a text id in an audio stream
-    with pytest.raises(ValueError, match="labels of stream 1 hold ids outside its vocabulary block"):
+    with pytest.raises(ValueError, match=r"labels of stream\(s\) \[1\] hold ids outside their vocabulary blocks"):
         speech_model(**inputs, labels=bad_labels)
     with pytest.raises(ValueError, match="longer than the encoder's window"):
         speech_model.model.encode_audio(torch.randn(1, 80, 3100))
@@ -133,7 +135,7 @@ def test_input_errors_name_the_problem(speech_model, tiny_source):
 
 
 def test_generate_with_audio_prompt_matches_a_manual_greedy_loop(tiny_source):
-    model = convert(tiny_source("qwen3_moe")).add_speech(STREAMS, CODEBOOK, audio_config=whisper_config()).eval()
+    model = convert(tiny_source("qwen3_moe")).add_speech(layout(), audio_config=whisper_config()).eval()
     features = torch.randn(1, 80, 40, generator=torch.Generator().manual_seed(0))
     positions = model.config.num_audio_positions(40)
     ids = torch.cat([torch.full((1, positions), 3), random_ids(shape=(1, 3))], dim=1)
@@ -167,7 +169,7 @@ def test_text_stream_alone_embeds_like_the_full_layout(speech_model):
     inputs, _ = spoken_batch(speech_model)
     ids = inputs["input_ids"].clone()
     for i in range(STREAMS):  # a prompt: audio streams idle (PAD_A) except the AUDIO_IN slots
-        pad = speech_model.config.audio_special_id("<|pad_a|>", i)
+        pad = speech_model.config.layout.audio_special_id("<|pad_a|>", i)
         ids[:, 1 + i] = torch.where(inputs["audio_input_mask"], ids[:, 1 + i], pad)
     full = speech_model.model.embed_inputs(ids, inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
     text_only = speech_model.model.embed_inputs(ids[:, 0], inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])

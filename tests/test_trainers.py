@@ -98,13 +98,9 @@ def test_alignment_trains_adapter_and_audio_rows_only(setup, tmp_path):
     trainer = DeepTalkAlignmentTrainer(model, args, train_dataset=dataset, data_collator=collator)
     trainer.train()
     after = snapshot(model)
-    text_rows = processor.layout.text_vocab_size
-    for name in before:
-        if "audio_adapter" in name:
+    for name in before:  # the text rows (`weight`) stay; the audio rows (`audio_weight`) and the adapter learn
+        if "audio_adapter" in name or name.endswith("audio_weight"):
             assert not torch.equal(before[name], after[name]), name
-        elif name.endswith("embed_tokens.weight") or name == "lm_head.weight":
-            assert torch.equal(before[name][:text_rows], after[name][:text_rows]), name
-            assert not torch.equal(before[name][text_rows:], after[name][text_rows:]), name
         else:
             assert torch.equal(before[name], after[name]), name
     with pytest.raises(ValueError, match="weight_decay must be 0"):
@@ -117,7 +113,7 @@ def test_joint_phase_is_an_sft_trainer_that_keeps_whisper_and_adapter(setup, tmp
 
     processor, dataset, collator = setup
     model = speech_model(processor)
-    frozen = {n: p.clone() for n, p in snapshot(model).items() if "audio_" in n}
+    frozen = {n: p.clone() for n, p in snapshot(model).items() if "audio_encoder" in n or "audio_adapter" in n}
     args = DeepTalkJointConfig(output_dir=str(tmp_path), max_steps=2, **COMMON)
     trainer = DeepTalkJointTrainer(model, args, train_dataset=dataset, data_collator=collator, processing_class=processor)
     assert isinstance(trainer, SFTTrainer)
@@ -199,9 +195,6 @@ def test_model_can_be_deep_copied_after_a_training_forward(setup):
     batch = collator([dataset[0], dataset[1]])
     model(**batch, output_router_logits=True).loss.backward()
     twin = copy.deepcopy(model)
-    blocks = [m for m in twin.modules() if type(m).__name__ == "DeepTalkSparseMoeBlock"]
-    assert len({id(b.routing_state) for b in blocks}) == 1  # the copy's blocks share one state
-    assert blocks[0].routing_state is twin.model.routing_state
     with torch.no_grad():
         assert torch.allclose(twin(**batch).loss, model(**batch).loss)
 

@@ -152,11 +152,12 @@ def _penalized_text_logits(model, logits, history: list[int], penalty: float) ->
 
 def _pick_audio(model, logits, stream: int, allow_eoa: bool, config: SpeechDecodingConfig, generator) -> int:
     """A codebook index (or `codebook_size` for EOA) for audio `stream` (1-based) from its logits."""
-    codebook = model.config.audio_codebook_size
+    layout = model.config.layout
+    codebook = layout.codebook_size
     stream_logits = model.stream_logits(logits, stream)
     allowed = stream_logits[:codebook].float()
     if allow_eoa:  # EOA as one more choice, wherever it sits among the specials
-        eoa = codebook + model.config.audio_special_tokens.index("<|eoa|>")
+        eoa = codebook + layout.audio_special_tokens.index("<|eoa|>")
         allowed = torch.cat([allowed, stream_logits[eoa : eoa + 1].float()])
     if config.audio_top_k == 1:
         return int(allowed.argmax())

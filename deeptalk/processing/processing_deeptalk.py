@@ -133,15 +133,8 @@ class DeepTalkProcessor(ProcessorMixin):
 
     def model_speech_kwargs(self) -> dict:
         """Arguments for `DeepTalkForCausalLM.add_speech` that make the model match this processor."""
-        return {
-            "num_audio_streams": self.layout.num_audio_streams,
-            "audio_codebook_size": self.layout.codebook_size,
-            "audio_stream_delays": list(self.layout.delays),
-            "audio_special_tokens": list(self.layout.audio_special_tokens),
-            "text_vocab_size": self.layout.text_vocab_size,
-            "audio_adapter_stride": self.audio_adapter_stride,
-            "audio_pad_to_30s": self.audio_pad_to_30s,
-        }
+        return {"layout": self.layout, "audio_adapter_stride": self.audio_adapter_stride,
+                "audio_pad_to_30s": self.audio_pad_to_30s}
 
     def num_audio_positions(self, mel_frames: int) -> int:
         from ..configuration_deeptalk import num_audio_positions

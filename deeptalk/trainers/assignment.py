@@ -230,16 +230,6 @@ class ModalityLoad:
 # --------------------------------------------------------------------------------------------------
 # 1. Measuring
 # --------------------------------------------------------------------------------------------------
-def _model_parts(model):
-    """(the model to call, its `DeepTalkModel`, whether it takes `logits_to_keep`)."""
-    base = getattr(model, "model", None)
-    if base is not None and hasattr(base, "token_modality_from_inputs"):
-        return model, base, True
-    if hasattr(model, "token_modality_from_inputs"):
-        return model, model, False
-    raise TypeError(f"Expected a DeepTalkForCausalLM or DeepTalkModel, got {type(model).__name__}.")
-
-
 def _prepare_batch(batch, device) -> dict:
     if isinstance(batch, torch.Tensor):
         batch = {"input_ids": batch}
@@ -254,21 +244,14 @@ def _prepare_batch(batch, device) -> dict:
     }
 
 
-def _batch_modality(base, inputs: dict) -> torch.Tensor:
-    """Each position's modality `[B, T]` (0 text, 1 speech, -1 ignored), as the model derives it; an
-    explicit `token_modality` wins, with padding (`attention_mask == 0`) marked ignored on top."""
+def _batch_modality(model, inputs: dict) -> torch.Tensor:
+    """Each position's modality `[B, T]` (0 text, 1 speech, -1 ignored), as the model derives it."""
     input_ids, embeds = inputs.get("input_ids"), inputs.get("inputs_embeds")
-    attention_mask = inputs.get("attention_mask")
-    modality = base.token_modality_from_inputs(
-        input_ids, embeds, attention_mask, inputs.get("token_modality"), inputs.get("audio_input_mask")
+    modality = model.model.token_modality_from_inputs(
+        input_ids, embeds, inputs.get("attention_mask"), inputs.get("token_modality"), inputs.get("audio_input_mask")
     )
     reference = input_ids if input_ids is not None else embeds[..., 0]
-    if reference.dim() == 3:
-        reference = reference[:, 0]
-    modality = modality.view(reference.shape)
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == modality.shape:
-        modality = modality.masked_fill(attention_mask == 0, IGNORED_TOKEN)
-    return modality
+    return modality.view(reference.shape[0], -1)
 
 
 @torch.no_grad()
@@ -283,7 +266,7 @@ def measure_modality_load(
     """Run `model` over text and speech batches with free routing and sum its per-expert load.
 
     Args:
-        model: a `DeepTalkForCausalLM` (or `DeepTalkModel`); put in eval mode for the run and restored.
+        model: a `DeepTalkForCausalLM` (or a wrapper around one); put in eval mode for the run and restored.
         text_batches: iterable of batches (dicts of model kwargs, e.g. from `DeepTalkDataCollator`,
             or bare `input_ids` tensors) of *text* data. Only their text-token slots are counted (ρT).
         speech_batches: iterable of batches of *speech* data. Only their speech-token slots are
@@ -296,8 +279,10 @@ def measure_modality_load(
     (`[B, T]`, 0 text / 1 speech / -1 ignored) is honoured; padding from `attention_mask` is always
     excluded. Routing is forced to `free` (what the paper measures).
     """
-    call, base, takes_logits_to_keep = _model_parts(model)
-    config = base.config
+    from .freezing import unwrap_deeptalk
+
+    call, model = model, unwrap_deeptalk(model)
+    config = model.config
     num_layers, num_experts = len(config.moe_layer_indices), config.num_routed_experts
     top_k = int(config.text_config.num_experts_per_tok)
     device = next(model.parameters()).device
@@ -321,11 +306,9 @@ def measure_modality_load(
                     if max_batches is not None and i >= max_batches:
                         break
                     inputs = _prepare_batch(batch, device)
-                    inputs["token_modality"] = _batch_modality(base, inputs)
+                    inputs["token_modality"] = _batch_modality(model, inputs)
                     kwargs = dict(routing_mode="free", output_expert_load=True, output_router_logits=False,
-                                  use_cache=False)
-                    if takes_logits_to_keep:
-                        kwargs["logits_to_keep"] = 1  # the head's output is not needed
+                                  use_cache=False, logits_to_keep=1)  # the head's output is not needed
                     load = call(**inputs, **kwargs).expert_load  # [layers, 2, experts]
                     if tuple(load.shape) != (num_layers, 2, num_experts):
                         raise RuntimeError(f"expert_load has shape {tuple(load.shape)}, expected "

@@ -13,7 +13,8 @@ from collections import defaultdict
 
 import torch
 
-from .freezing import PhasePlan, _deeptalk_model, apply_phase, trainable_parameter_count
+from ..modeling_deeptalk import stream_num_items
+from .freezing import PhasePlan, apply_phase, trainable_parameter_count, unwrap_deeptalk
 
 PAPER = {  # the shape TRL's trainers expect (`_paper` feeds their model cards)
     "title": "DeepTalk: Towards Seamless and Smart Speech Interaction with Adaptive Modality-Specific MoE",
@@ -30,6 +31,9 @@ class DeepTalkTrainerMixin:
 
     phase: str = ""
     _tag_names = ["deeptalk", "speech", "moe"]
+    # compute_loss normalises by the accumulated batch's target counts (`num_items_in_batch`), so the Trainer
+    # must not divide by the accumulation steps again (TRL's DPOTrainer declares the opposite)
+    loss_is_scaled_for_ga = True
     _name = "DeepTalk"
     _paper = PAPER
 
@@ -47,7 +51,7 @@ class DeepTalkTrainerMixin:
 
     # ---- loss --------------------------------------------------------------------------------
     def _model_kwargs(self, inputs: dict) -> dict:
-        model_config = _deeptalk_model(self.model).config
+        model_config = unwrap_deeptalk(self.model).config
         return {
             **inputs,
             "routing_mode": self.plan.routing_mode,
@@ -55,12 +59,30 @@ class DeepTalkTrainerMixin:
             "output_router_logits": model_config.router_aux_loss_coef > 0,
         }
 
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        """Multi-stream labels: `[1 + N]` target counts per stream over the accumulated micro-batches (and,
+        with `average_tokens_across_devices`, over all ranks), so each stream's CE is normalised as one large
+        batch would be. Text labels: transformers' own count."""
+        if not batch_samples or "labels" not in batch_samples[0] or batch_samples[0]["labels"].dim() != 3:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        counts = sum(stream_num_items(batch["labels"]) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(dim=0)
+        return counts
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**self._model_kwargs(inputs))
+        kwargs = self._model_kwargs(inputs)
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**kwargs)
         if outputs.loss is None:
             raise ValueError("The batch has no labels: DeepTalk trainers need `labels` from DeepTalkDataCollator.")
+        loss = outputs.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # the counts cover every rank and DDP averages gradients over ranks: undo that average
+            loss = loss * self.accelerator.num_processes
         self._record(outputs)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def _record(self, outputs):
         """Per-stream losses, the balance loss and where each modality's tokens were routed."""
@@ -83,7 +105,7 @@ class DeepTalkTrainerMixin:
 
     def _speech_expert_mask(self, device) -> torch.Tensor:
         """`[layers, experts]` True for speech experts; rebuilt only when the expert map changes."""
-        config = _deeptalk_model(self.model).config
+        config = unwrap_deeptalk(self.model).config
         key = (json.dumps(config.speech_experts), str(device))
         if getattr(self, "_speech_mask_key", None) != key:
             layers = range(len(config.moe_layer_indices))
@@ -100,7 +122,7 @@ class DeepTalkTrainerMixin:
 
     # ---- model card --------------------------------------------------------------------------
     def phase_summary(self) -> dict:
-        model = _deeptalk_model(self.model)
+        model = unwrap_deeptalk(self.model)
         return {
             "phase": self.phase,
             "routing_mode": self.plan.routing_mode,
@@ -135,7 +157,7 @@ class DeepTalkTrainerMixin:
         """`deeptalk_phases.json` accumulates the phases a checkpoint went through (read by the Hub
         model card), carried over from the folder the model was loaded from."""
         path = os.path.join(output_dir, "deeptalk_phases.json")
-        source = os.path.join(str(getattr(_deeptalk_model(self.model), "name_or_path", "") or ""), "deeptalk_phases.json")
+        source = os.path.join(str(getattr(unwrap_deeptalk(self.model), "name_or_path", "") or ""), "deeptalk_phases.json")
         history = []
         for candidate in (path, source):
             if os.path.isfile(candidate):
@@ -148,3 +170,25 @@ class DeepTalkTrainerMixin:
 
     def _phase_key(self) -> str:
         return self.plan.routing_mode if self.phase == "experts" else self.phase
+
+
+def refuse_options(config, phase: str, allowed: dict[str, tuple]):
+    """Raise for every inherited TRL option set to a value this phase's trainer does not implement.
+    `allowed` maps option name -> (accepted values, why the others are refused)."""
+    for name, (accepted, why) in allowed.items():
+        value = getattr(config, name)
+        if value not in accepted:
+            raise ValueError(
+                f"{type(config).__name__}.{name}={value!r} is not supported by DeepTalk's {phase} trainer: {why} "
+                f"Leave it at {accepted[0]!r}."
+            )
+
+
+def drop_long_examples(dataset, max_length: int | None, length_columns: tuple[str, ...]):
+    """Examples longer than `max_length` decoder steps are dropped, not truncated: a cut would split a
+    spoken segment from its audio features. `length_columns` hold one entry per step."""
+    if max_length is None or dataset is None:
+        return dataset
+    if not set(length_columns) <= set(dataset.column_names or []):
+        return dataset
+    return dataset.filter(lambda *columns: max(len(c) for c in columns) <= max_length, input_columns=list(length_columns))

@@ -16,15 +16,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import use_adapter
 
-from .base import DeepTalkTrainerMixin
-from .freezing import _deeptalk_model, plan_for_phase
+from ..modeling_deeptalk import stream_token_log_probs
+from .base import DeepTalkTrainerMixin, drop_long_examples, refuse_options
+from .freezing import plan_for_phase, unwrap_deeptalk
 from .joint import bf16_supported
 
 
 @dataclass
 class DeepTalkSpeechDPOConfig(DPOConfig):
-    """`DPOConfig` for phase 4 (paper: lr 2e-5, 1 epoch, beta 0.1, cosine, 3% warm-up)."""
+    """`DPOConfig` for phase 4 (paper: lr 2e-5, 1 epoch, beta 0.1, cosine, 3% warm-up). The loss is sigmoid
+    DPO per audio stream (with `label_smoothing`, conservative DPO), averaged with the chosen answers'
+    text cross-entropy; TRL options that choose other losses or data handling are refused."""
 
     learning_rate: float = field(default=2e-5, metadata={"help": "Paper: 2e-5 for speech DPO."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Paper: 1 epoch."})
@@ -39,6 +43,19 @@ class DeepTalkSpeechDPOConfig(DPOConfig):
         if self.bf16 is None:  # before TRL defaults it on (see DeepTalkJointConfig)
             self.bf16 = bf16_supported(self.use_cpu)
         super().__post_init__()
+        refuse_options(self, "speech DPO", {
+            "loss_type": ((["sigmoid"], "sigmoid"), "the paper's loss is sigmoid DPO per audio stream."),
+            "precompute_ref_log_probs": ((False,), "reference log-probabilities are computed with each batch."),
+            "ld_alpha": ((None,), "the paper sums log-probabilities over whole answers."),
+            "use_weighting": ((False,), "the paper's loss is unweighted."),
+            "f_divergence_type": (("reverse_kl",), "the paper's loss is standard DPO."),
+            "loss_weights": ((None,), "one sigmoid DPO term per audio stream, averaged with the text CE."),
+            "sync_ref_model": ((False,), "the paper keeps the reference frozen."),
+            "padding_free": ((False,), "batches are padded multi-stream layouts."),
+            "pad_to_multiple_of": (("auto", None), "batches are padded multi-stream layouts."),
+            "truncation_mode": (("keep_start",), "pairs longer than max_length are dropped, never cut."),
+            "pad_token": ((None,), "the processor pads with PAD_T / PAD_A."),
+        })
 
 
 def encode_preference_pairs(processor, prompts, chosen_turns, rejected_turns) -> dict:
@@ -66,60 +83,90 @@ class SpeechPreferenceCollator:
         return dict(self.processor.pad(rows))
 
 
-def sequence_logps(model, logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-    """`[B, 1 + N]` summed log-probabilities of each stream's labelled tokens (causal shift applied)."""
-    config = _deeptalk_model(model).config
-    totals = []
-    for stream in range(labels.shape[1]):
-        start, end = config.stream_range(stream)
-        target = labels[:, stream, 1:]
-        valid = target != -100
-        logp = F.log_softmax(logits[:, :-1, start:end].float(), dim=-1)
-        picked = logp.gather(-1, (target - start).clamp(min=0, max=end - start - 1).unsqueeze(-1)).squeeze(-1)
-        totals.append((picked * valid).sum(dim=-1))
-    return torch.stack(totals, dim=1)
-
-
 class DeepTalkSpeechDPOTrainer(DeepTalkTrainerMixin, DPOTrainer):
-    """Phase 4: per-stream DPO on spoken answers, averaged with the chosen answers' text CE."""
+    """Phase 4: per-stream DPO on spoken answers, averaged with the chosen answers' text CE.
+
+    The reference is a frozen copy of the model, or, for a PEFT model, the model with its adapter
+    disabled (as TRL does). Losses are normalised over the accumulated batch (pairs for the DPO terms,
+    chosen text tokens for the CE), so gradient accumulation equals a larger batch.
+    """
 
     phase = "dpo"
     _tag_names = DeepTalkTrainerMixin._tag_names + ["dpo", "trl"]
 
     def __init__(self, model, args: DeepTalkSpeechDPOConfig, *, ref_model=None, peft_config=None, processing_class=None,
                  data_collator=None, **kwargs):
-        if _deeptalk_model(model).config.num_audio_streams == 0:
+        if unwrap_deeptalk(model).config.num_audio_streams == 0:
             raise ValueError("Speech DPO needs a model with audio streams (model.add_speech).")
-        ref_model = ref_model if ref_model is not None else copy.deepcopy(_deeptalk_model(model))
-        ref_model.requires_grad_(False).eval()
         plan = plan_for_phase("dpo", train_embeddings=args.train_embeddings)
+        uses_peft = peft_config is not None or hasattr(type(model), "get_base_model")
+        if ref_model is None and not uses_peft:
+            ref_model = copy.deepcopy(unwrap_deeptalk(model))
+        if ref_model is not None:
+            ref_model.requires_grad_(False).eval()
         model = self._setup_phase(model, plan, peft_config)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         collator = data_collator or SpeechPreferenceCollator(processing_class)
+        train_dataset = drop_long_examples(kwargs.pop("train_dataset", None), args.max_length,
+                                           ("chosen_audio_input_mask", "rejected_audio_input_mask"))
         super().__init__(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
-                         data_collator=collator, **kwargs)
+                         data_collator=collator, train_dataset=train_dataset, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already encoded by `encode_preference_pairs`
 
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        """`[pairs, chosen text tokens]` over the accumulated micro-batches (and ranks)."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        counts = torch.zeros(2, dtype=torch.long)
+        for batch in batch_samples:
+            labels = batch["labels"]
+            pairs = labels.shape[0] // 2
+            counts += torch.stack([torch.tensor(pairs), (labels[:pairs, 0, 1:] != -100).sum().cpu()])
+        counts = counts.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(dim=0)
+        return counts
+
+    def _reference_logits(self, model, forward: dict) -> torch.Tensor:
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self.ref_model(**forward).logits
+            peft_model = self.accelerator.unwrap_model(model)
+            adapter = "ref" if "ref" in getattr(peft_model, "peft_config", {}) else None
+            with use_adapter(peft_model, adapter_name=adapter):  # the adapter-disabled model, as TRL does
+                return model(**forward).logits
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
-        forward = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**forward, routing_mode="free", output_router_logits=False)
-        with torch.no_grad():
-            reference = self.ref_model(**forward, routing_mode="free").logits
-        policy_logps = sequence_logps(model, outputs.logits, labels)
-        reference_logps = sequence_logps(model, reference, labels)
+        forward = {k: v for k, v in inputs.items() if k != "labels"} | {"routing_mode": "free", "use_cache": False}
+        outputs = model(**forward, output_router_logits=False)
+        reference = self._reference_logits(model, forward)
+        layout = unwrap_deeptalk(model).config.layout
+        policy_logps, valid = stream_token_log_probs(outputs.logits, labels, layout)  # [2P, 1 + N, T - 1]
+        reference_logps, _ = stream_token_log_probs(reference, labels, layout)
+        policy, ref = policy_logps.sum(-1), reference_logps.sum(-1)  # [2P, 1 + N]
         pairs = labels.shape[0] // 2
-        margin = (policy_logps[:pairs] - policy_logps[pairs:]) - (reference_logps[:pairs] - reference_logps[pairs:])
-        dpo_per_stream = -F.logsigmoid(self.args.beta * margin[:, 1:]).mean(dim=0)  # [N]
-        text_ce = _deeptalk_model(model).stream_losses(outputs.logits[:pairs], labels[:pairs])[0]
+        margin = (policy[:pairs] - policy[pairs:]) - (ref[:pairs] - ref[pairs:])
+        logits = self.args.beta * margin[:, 1:]  # [P, N]
+        smoothing = self.args.label_smoothing
+        per_pair = -(1 - smoothing) * F.logsigmoid(logits) - smoothing * F.logsigmoid(-logits)
+        if num_items_in_batch is None:
+            pair_total, text_total = pairs, valid[:pairs, 0].sum()
+        else:
+            pair_total, text_total = num_items_in_batch[0], num_items_in_batch[1]
+        dpo_per_stream = per_pair.sum(dim=0) / pair_total
+        text_ce = -policy_logps[:pairs, 0].sum() / torch.as_tensor(text_total).clamp(min=1)
         loss = torch.cat([text_ce.reshape(1), dpo_per_stream]).mean()
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # counts cover every rank; DDP averages gradients
         if model.training:
-            self._stream_metrics["loss_text"].append(float(text_ce.detach()))
-            for stream, value in enumerate(dpo_per_stream.tolist(), 1):
+            local_text = valid[:pairs, 0].sum().clamp(min=1)
+            self._stream_metrics["loss_text"].append(float(-policy_logps[:pairs, 0].sum().detach() / local_text))
+            for stream, value in enumerate(per_pair.mean(dim=0).tolist(), 1):
                 self._stream_metrics[f"dpo_audio_{stream}"].append(value)
-            self._stream_metrics["reward_margin"].append(float((self.args.beta * margin[:, 1:]).mean().detach()))
+            self._stream_metrics["reward_margin"].append(float(logits.mean().detach()))
         return (loss, outputs) if return_outputs else loss
 
 

@@ -10,17 +10,17 @@
 | joint      | free         | everything but Whisper and the adapter                    | Whisper, adapter                        |
 | dpo        | free         | as joint                                                   | as joint (+ a frozen reference model)   |
 
-Freezing is `requires_grad_(False)`, so transformers' `Trainer` builds its optimizer from the
-trainable parameters only: in the experts phase the optimizer holds one bank, not the whole MoE.
-Row-wise training of the embedding table (only the new audio rows) is done with a gradient mask,
-which keeps the text rows bit-identical as long as the optimizer has no weight decay.
+Freezing is `requires_grad_(False)` on separate parameters, so transformers' `Trainer` builds its
+optimizer from the trainable parameters only (in the experts phase it holds one bank, not the whole
+MoE) and freezing survives any engine that shards or flattens parameters (DDP, DeepSpeed ZeRO, FSDP):
+the banks are separate parameters, and so are the text rows (`weight`) and audio rows (`audio_weight`)
+of the embedding table and the head.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 PHASES = ("align", "experts", "joint", "dpo")
@@ -97,18 +97,19 @@ def plan_for_phase(
 
 
 def apply_phase(model, plan: PhasePlan) -> dict[str, int]:
-    """Set `requires_grad` on every parameter of a `DeepTalkForCausalLM` (or a PeftModel around one)
+    """Set `requires_grad` on every parameter of a `DeepTalkForCausalLM` (or a wrapper around one)
     for `plan`. Returns the number of trainable parameters per group (for logs and model cards)."""
-    base = _deeptalk_model(model)
+    base = unwrap_deeptalk(model)
     base.requires_grad_(False)
-    decoder = base.model.language_model
+    decoder = base.model
     counts: dict[str, int] = {}
 
-    def train(group: str, module: nn.Module | None):
-        if module is None:
+    def train(group: str, module_or_param):
+        if module_or_param is None:
             return
-        module.requires_grad_(True)
-        counts[group] = counts.get(group, 0) + sum(p.numel() for p in module.parameters())
+        module_or_param.requires_grad_(True)
+        params = [module_or_param] if isinstance(module_or_param, nn.Parameter) else list(module_or_param.parameters())
+        counts[group] = counts.get(group, 0) + sum(p.numel() for p in params)
 
     moe_layers = set(base.config.moe_layer_indices)
     for index, layer in enumerate(decoder.layers):
@@ -131,46 +132,48 @@ def apply_phase(model, plan: PhasePlan) -> dict[str, int]:
     if plan.final_norm:
         train("final_norm", decoder.norm)
     if plan.audio_adapter:
-        train("audio_adapter", getattr(base.model, "audio_adapter", None))
+        train("audio_adapter", getattr(decoder, "audio_adapter", None))
     if plan.audio_encoder:
-        train("audio_encoder", getattr(base.model, "audio_encoder", None))
-    counts.update(_train_embeddings(base, plan.embeddings))
+        train("audio_encoder", getattr(decoder, "audio_encoder", None))
+    _train_embeddings(base, plan.embeddings, train)
     return counts
 
 
-def _train_embeddings(base, choice: str) -> dict[str, int]:
-    tables = [base.get_input_embeddings().weight]
-    head = base.get_output_embeddings().weight
-    if head is not tables[0]:
-        tables.append(head)
-    for table in tables:  # drop masks from an earlier phase
-        for handle in getattr(table, "_deeptalk_row_masks", []):
-            handle.remove()
-        table._deeptalk_row_masks = []
+def _train_embeddings(base, choice: str, train):
+    """The embedding table and (if untied) the head: all rows, or only the audio rows (`audio_weight`)."""
+    if choice not in EMBEDDING_CHOICES:
+        raise ValueError(f"train_embeddings={choice!r}: choose one of {EMBEDDING_CHOICES}.")
     if choice == "none":
-        return {}
-    for table in tables:
-        table.requires_grad_(True)
+        return
+    tables = [base.get_input_embeddings()]
+    if base.get_output_embeddings().weight is not tables[0].weight:
+        tables.append(base.get_output_embeddings())
     if choice == "all":
-        return {"embeddings": sum(t.numel() for t in tables)}
-    first_audio_row = base.config.text_vocab_size
+        for table in tables:
+            train("embeddings", table)
+        return
     if base.config.num_audio_streams == 0:
         raise ValueError("train_embeddings='audio_rows' needs a speech vocabulary: call model.add_speech(...) first.")
     for table in tables:
-        mask = torch.zeros(table.shape[0], 1, dtype=table.dtype, device=table.device)
-        mask[first_audio_row:] = 1
-        table._deeptalk_row_masks.append(table.register_hook(lambda grad, mask=mask: grad * mask.to(grad.dtype)))
-    return {"embeddings (audio rows)": sum((t.shape[0] - first_audio_row) * t.shape[1] for t in tables)}
+        train("embeddings (audio rows)", table.audio_weight)
 
 
-def _deeptalk_model(model):
-    """The `DeepTalkForCausalLM` inside `model` (itself, or the base model of a PeftModel)."""
-    inner = getattr(type(model), "get_base_model", None)  # a PeftModel forwards moe_blocks: unwrap it first
-    if inner is not None:
-        return _deeptalk_model(model.get_base_model())
-    if hasattr(model, "moe_blocks"):
-        return model
-    raise TypeError(f"Expected a DeepTalkForCausalLM (or a PeftModel around one), got {type(model).__name__}.")
+def unwrap_deeptalk(model):
+    """The `DeepTalkForCausalLM` inside `model`: itself, or inside a PEFT model, a DDP / DeepSpeed /
+    FSDP wrapper (`.module`) or a compiled module (`._orig_mod`). TypeError for anything else."""
+    seen = model
+    for _ in range(8):
+        if hasattr(type(seen), "moe_blocks") and hasattr(seen, "config") and getattr(seen.config, "model_type", None) == "deeptalk":
+            return seen
+        if hasattr(type(seen), "get_base_model"):  # peft.PeftModel
+            seen = seen.get_base_model()
+        elif isinstance(getattr(seen, "module", None), nn.Module):  # DDP, DeepSpeedEngine, FSDP
+            seen = seen.module
+        elif isinstance(getattr(seen, "_orig_mod", None), nn.Module):  # torch.compile
+            seen = seen._orig_mod
+        else:
+            break
+    raise TypeError(f"Expected a DeepTalkForCausalLM (or a PEFT / DDP / DeepSpeed / FSDP wrapper around one), got {type(model).__name__}.")
 
 
 def trainable_parameter_count(model) -> int:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
 
-from .base import DeepTalkTrainerMixin
+from .base import DeepTalkTrainerMixin, drop_long_examples, refuse_options
 from .freezing import plan_for_phase
 
 
@@ -36,6 +36,19 @@ class DeepTalkJointConfig(SFTConfig):
         if self.bf16 is None:
             self.bf16 = bf16_supported(self.use_cpu)
         super().__post_init__()
+        why_layout = "batches are DeepTalkProcessor-encoded multi-stream layouts, padded by DeepTalkDataCollator."
+        refuse_options(self, "joint", {
+            "packing": ((False,), "packing would merge conversations across their audio segments."),
+            "padding_free": ((False,), why_layout),
+            "pad_to_multiple_of": (("auto", None), why_layout),
+            "completion_only_loss": ((None, True), "the processor's labels cover the last assistant turn only (the paper)."),
+            "assistant_only_loss": ((False,), "the processor's labels cover the last assistant turn only (the paper)."),
+            "loss_type": (("nll",), "the loss is the mean of the per-stream cross-entropies (the paper)."),
+            "truncation_mode": (("keep_start",), "examples longer than max_length are dropped, never cut."),
+            "chat_template_path": ((None,), "the chat template belongs to DeepTalkProcessor."),
+            "eos_token": ((None,), "the processor's <|eot|> ends a turn."),
+            "pad_token": ((None,), "the processor pads with PAD_T / PAD_A."),
+        })
 
 
 class DeepTalkJointTrainer(DeepTalkTrainerMixin, SFTTrainer):
@@ -48,7 +61,11 @@ class DeepTalkJointTrainer(DeepTalkTrainerMixin, SFTTrainer):
         plan = plan_for_phase("joint", train_embeddings=args.train_embeddings)
         model = self._setup_phase(model, plan, peft_config)
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
-        super().__init__(model=model, args=args, processing_class=tokenizer, **kwargs)
+        train_dataset = kwargs.pop("train_dataset", None)
+        if args.shuffle_dataset and train_dataset is not None:
+            train_dataset = train_dataset.shuffle(seed=args.seed)
+        train_dataset = drop_long_examples(train_dataset, args.max_length, ("audio_input_mask",))
+        super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # DeepTalk's loss is its own (per-stream CE mean + balance loss); TRL's token-level loss
