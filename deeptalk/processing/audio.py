@@ -664,8 +664,9 @@ def load_audio(
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: undecodable file, empty / non-finite / silent / too long / out-of-range audio, bad or
-            missing sampling rate, unsupported dtype or shape. The message names the fix.
+        ValueError: undecodable or truncated file, empty / non-finite / silent / too long / too short /
+            out-of-range audio, bad or missing sampling rate, meta or sparse tensor, unsupported dtype or shape.
+            The message names the fix.
         TypeError: ``source`` is of an unsupported kind.
 
     Warns:
