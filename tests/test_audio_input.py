@@ -5,7 +5,9 @@ demo corpus and a real ``datasets.Dataset.map`` are used. Everything is CPU-only
 """
 
 import io
+import struct
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +15,9 @@ import pytest
 import soundfile as sf
 import torch
 
+import deeptalk
 from deeptalk.processing.audio import (
+    MIN_SECONDS,
     WHISPER_SAMPLING_RATE,
     audio_duration_seconds,
     load_audio,
@@ -149,7 +153,7 @@ def test_int16_array():
     x = (sine() * 32768).astype(np.int16)
     y = load_audio(x, 16000)
     np.testing.assert_allclose(y, x / 32768.0, atol=1e-7)
-    assert load_audio(np.array([-32768, 0, 16384] * 100, np.int16), 16000)[:3].tolist() == [-1.0, 0.0, 0.5]
+    assert load_audio(np.array([-32768, 0, 16384] * 200, np.int16), 16000)[:3].tolist() == [-1.0, 0.0, 0.5]
 
 
 def test_int32_array():
@@ -377,18 +381,163 @@ def test_text_file_named_wav(tmp_path):
     assert str(f) in str(err.value) and "could not be decoded as audio" in str(err.value)
 
 
-def test_truncated_flac_bytes(tmp_path):
+# ------------------------------------------------------------------------------------------- truncated files
+DEMO_QUESTIONS = Path(deeptalk.__file__).parent / "data" / "demo_corpus" / "audio" / "questions"
+DEMO_QUESTION = sorted(DEMO_QUESTIONS.glob("*.flac"))[0]
+
+
+def encoded(fmt, subtype="PCM_16", **kwargs):
+    """The demo question re-encoded with soundfile, as bytes."""
+    samples, rate = sf.read(DEMO_QUESTION, dtype="float32")
     buf = io.BytesIO()
-    sf.write(buf, sine(seconds=1.0), 16000, format="FLAC")
-    blob = buf.getvalue()
-    with pytest.raises(ValueError, match="could not be decoded as audio"):
-        load_audio(blob[: len(blob) // 2])
+    sf.write(buf, samples, rate, format=fmt, subtype=subtype, **kwargs)
+    return buf.getvalue(), len(samples)
+
+
+def test_truncated_wav_is_refused_with_its_name(tmp_path):
+    blob, n = encoded("WAV")
+    whole = tmp_path / "whole.wav"
+    whole.write_bytes(blob)
+    assert len(load_audio(whole)) == n  # the complete file is not flagged
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(blob[:20_000])
+    assert sf.info(str(cut)).frames < n  # libsndfile itself would happily read the part that is there
+    with pytest.raises(ValueError, match=r"cut\.wav' is truncated or corrupt: its RIFF header declares \d+ bytes "
+                                         r"of audio data but only 19956 are present.*re-download"):
+        load_audio(cut)
+    with pytest.raises(ValueError, match=r"audio bytes \(20000 bytes\) is truncated"):
+        load_audio(blob[:20_000])
+    with pytest.raises(ValueError, match=r"bytes of 'q\.wav' is truncated"):
+        load_audio({"path": "q.wav", "bytes": blob[:20_000]})
+    with pytest.raises(ValueError, match=r"cut\.wav' is truncated"):
+        load_audio({"path": str(cut), "bytes": None})
+
+
+@pytest.mark.parametrize(
+    "fmt, subtype, kwargs",
+    [("WAV", "PCM_16", {}), ("WAV", "FLOAT", {}), ("WAV", "PCM_16", {"endian": "BIG"}), ("WAVEX", "PCM_16", {}),
+     ("RF64", "PCM_16", {}), ("W64", "PCM_16", {}), ("AIFF", "PCM_16", {}), ("AIFF", "FLOAT", {}),
+     ("CAF", "PCM_16", {})],
+)
+def test_truncation_is_read_from_each_container_header(fmt, subtype, kwargs):
+    blob, n = encoded(fmt, subtype, **kwargs)
+    assert len(load_audio(blob)) == n
+    for size in (20_000, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(ValueError, match=r"truncated or corrupt: its \w+ header declares \d+ bytes of audio data"):
+            load_audio(blob[:size])
+
+
+def riff(chunks):
+    body = b"WAVE" + b"".join(cid + struct.pack("<I", len(data)) + data + b"\0" * (len(data) % 2)
+                              for cid, data in chunks)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def wav_chunks(seconds=0.5):
+    x = (sine(seconds=seconds) * 32767).astype(np.int16)
+    fmt = struct.pack("<HHIIHH", 1, 1, 16000, 32000, 2, 16)
+    return x, [(b"fmt ", fmt), (b"data", x.tobytes())]
+
+
+def test_truncated_trailing_chunk_and_riff_size():
+    x, chunks = wav_chunks()
+    blob = riff(chunks + [(b"LIST", b"INFOISFT" + struct.pack("<I", 92) + b"x" * 92)])
+    np.testing.assert_allclose(load_audio(blob), x / 32768, atol=1e-7)
+    with pytest.raises(ValueError, match=r"its 'LIST' chunk declares 104 bytes but only 94 are present"):
+        load_audio(blob[:-10])
+    with pytest.raises(ValueError, match=r"its RIFF header declares a file of \d+ bytes but only \d+ are present"):
+        load_audio(blob[: len(blob) - 112])  # cut exactly after the audio: the samples are whole, the file is not
+
+
+def test_streamed_wav_sizes_and_an_off_by_eight_riff_size_are_accepted():
+    x, chunks = wav_chunks()
+    blob = bytearray(riff(chunks))
+    streamed = bytearray(blob)
+    streamed[4:8] = streamed[40:44] = b"\xff\xff\xff\xff"  # what ffmpeg leaves when it writes to a pipe
+    assert streamed[36:40] == b"data"
+    np.testing.assert_allclose(load_audio(bytes(streamed)), x / 32768, atol=1e-7)
+    sloppy = bytearray(blob)
+    sloppy[4:8] = struct.pack("<I", len(blob))  # a writer that counted the RIFF header in its own size
+    np.testing.assert_allclose(load_audio(bytes(sloppy)), x / 32768, atol=1e-7)
+
+
+def test_truncated_flac_is_refused(tmp_path):
+    blob, n = encoded("FLAC")
+    assert len(load_audio(blob)) == n
+    for size in (20_000, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(ValueError, match=r"is truncated or corrupt: the FLAC decoder failed"):
+            load_audio(blob[:size])
     f = tmp_path / "half.flac"
     f.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ValueError, match=r"half\.flac.*could not be decoded as audio"):
+    with pytest.raises(ValueError, match=r"half\.flac' is truncated or corrupt"):
         load_audio(f)
-    with pytest.raises(ValueError, match=r"clip\.flac.*could not be decoded"):
+    with pytest.raises(ValueError, match=r"clip\.flac' is truncated or corrupt"):
         load_audio({"path": "clip.flac", "bytes": blob[: len(blob) // 2]})
+
+
+def test_flac_without_a_declared_length_is_not_called_too_long():
+    blob = bytearray(encoded("FLAC")[0])
+    blob[8 + 13] &= 0xF0  # STREAMINFO total samples (36 bits) = 0: "unknown", as streaming encoders write
+    blob[8 + 14 : 8 + 18] = b"\0\0\0\0"
+    with pytest.raises(ValueError, match=r"its FLAC header does not give the stream's length.*ffmpeg"):
+        load_audio(bytes(blob))
+
+
+def test_header_sampling_rate_out_of_range():
+    _, chunks = wav_chunks()
+    chunks[0] = (b"fmt ", struct.pack("<HHIIHH", 1, 1, 10**9, 2 * 10**9, 2, 16))
+    with pytest.raises(ValueError, match=r"header gives sampling rate 1000000000 Hz.*corrupt"):
+        load_audio(riff(chunks))
+
+
+# ------------------------------------------------------------------------------------------- short clips
+def test_clips_shorter_than_a_whisper_window_are_refused(tmp_path):
+    assert MIN_SECONDS == 0.025
+    check_output(load_audio(sine()[:400], 16000), 400)
+    with pytest.raises(ValueError, match=r"audio array is only 24\.94 ms long \(399 samples at 16000 Hz\).*"
+                                         r"min_seconds=0\.025 s.*400-sample.*numpy\.pad"):
+        load_audio(sine()[:399], 16000)
+    with pytest.raises(ValueError, match=r"1102 samples at 44100 Hz"):
+        load_audio(sine(sr=44100)[:1102], 44100)
+    check_output(load_audio(sine(sr=44100)[:1103], 44100), 401)
+    f = tmp_path / "click.wav"
+    sf.write(f, sine()[:160], 16000)
+    with pytest.raises(ValueError, match=r"click\.wav' is only 10\.00 ms long"):
+        load_audio(f)
+    check_output(load_audio(sine()[:10], 16000, min_seconds=None), 10)  # e.g. audio bound for a codec
+    with pytest.raises(ValueError, match="min_seconds must be"):
+        load_audio(sine(), 16000, min_seconds=-1)
+
+
+# ------------------------------------------------------------------------------------------- rates, tensors, pairs
+def test_sampling_rate_upper_bound():
+    check_output(load_audio(sine(sr=768_000, seconds=0.05), 768_000), 800)
+    with pytest.raises(ValueError, match=r"sampling_rate=1000000000 Hz is implausibly high.*768000"):
+        load_audio(sine(), 1e9)
+    with pytest.raises(ValueError, match=r"target_sampling_rate=768001 Hz is implausibly high"):
+        load_audio(sine(), 16000, target_sampling_rate=768_001)
+
+
+def test_meta_and_sparse_tensors():
+    with pytest.raises(ValueError, match=r"audio tensor is a meta tensor \(shape \(16000,\)\).*no samples"):
+        load_audio(torch.empty(16000, device="meta"), 16000)
+    with pytest.raises(ValueError, match=r"sparse_coo tensor.*to_dense\(\)"):
+        load_audio(torch.from_numpy(sine()).to_sparse(), 16000)
+    with pytest.raises(ValueError, match=r"meta tensor"):
+        load_audio({"array": torch.empty(2, 16000, device="meta"), "sampling_rate": 16000})
+
+
+def test_samples_rate_pairs():
+    x = sine(sr=8000)
+    np.testing.assert_array_equal(load_audio((x, 8000)), load_audio(x, 8000))
+    np.testing.assert_array_equal(load_audio((8000, x)), load_audio(x, 8000))  # gradio's (rate, samples)
+    check_output(load_audio((torch.from_numpy(x), None), sampling_rate=8000), 16000)
+    with pytest.raises(ValueError, match=r"\(samples, sampling_rate\) pair has sampling rate None.*\(samples, 16000\)"):
+        load_audio((x, None))
+    with pytest.raises(ValueError, match="sampling_rate=16000 was passed but"):
+        load_audio((x, 8000), sampling_rate=16000)
+    with pytest.raises(ValueError, match="implausibly high"):
+        load_audio((x, 1e9))
 
 
 def test_ndim_greater_than_two():
@@ -496,3 +645,36 @@ def test_read_only_input_is_fine():
     x = sine()
     x.setflags(write=False)  # e.g. the demo corpus' cached arrays
     check_output(load_audio(x, 16000), 16000)
+
+
+# ------------------------------------------------------------------------------------------- through the processor
+@pytest.fixture(scope="module")
+def processor():
+    from deeptalk import DeepTalkProcessor
+    from deeptalk.processing.tokenizer import train_demo_tokenizer
+
+    return DeepTalkProcessor.from_codec_layout(train_demo_tokenizer(["what is two plus two", "four"]),
+                                               num_audio_streams=2, codebook_size=8)
+
+
+def asked(audio, **part):
+    return [{"role": "user", "content": [{"type": "audio", "audio": audio, **part}]},
+            {"role": "assistant", "content": "four"}]
+
+
+def test_processor_names_the_short_or_truncated_file(processor, tmp_path):
+    ok = tmp_path / "ok.wav"
+    sf.write(ok, sine(seconds=0.025), 16000)
+    assert processor.encode_conversation(asked(str(ok)))["audio_feature_lengths"] == [2]
+    click = tmp_path / "click.wav"
+    sf.write(click, sine()[:100], 16000)
+    with pytest.raises(ValueError, match=r"click\.wav' is only 6\.25 ms long.*min_seconds"):
+        processor.encode_conversation(asked(str(click)))
+    with pytest.raises(ValueError, match=r"audio array is only 0\.03 ms long \(20 samples at 768000 Hz\)"):
+        processor.encode_conversation(asked(sine(sr=768_000)[:20], sampling_rate=768_000))
+    with pytest.raises(ValueError, match="implausibly high"):
+        processor.encode_conversation(asked(sine(), sampling_rate=10**9))
+    cut = tmp_path / "cut.wav"
+    cut.write_bytes(encoded("WAV")[0][:20_000])
+    with pytest.raises(ValueError, match=r"cut\.wav' is truncated or corrupt"):
+        processor.encode_conversation(asked(str(cut)))

@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import pathlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never touch the network (must precede transformers' import)
 
@@ -345,6 +346,47 @@ def test_snac_stays_in_eval_mode():
     codec = _build("snac")
     codec.train()
     assert not codec.training and not codec.model.training
+
+
+class _TouchOnUnpickle:
+    """Unpickling this creates ``marker``: stands in for a checkpoint that runs code when it is loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def _native_snac_folder(folder, weights):
+    """A folder laid out like hubertsiuzdak/snac_24khz: config.json + a pickled pytorch_model.bin."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_SNAC_24K))
+    torch.save(weights, folder / "pytorch_model.bin")
+    return folder
+
+
+def test_native_snac_folder_loads_with_weights_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # an explicit weights_only=True still wins
+    reference = _build("snac")
+    folder = _native_snac_folder(tmp_path / "snac_24khz", reference.model.state_dict())
+    codec = load_codec(folder)
+    assert isinstance(codec, SNACCodec)
+    x = _audio_at(reference, 0.3)
+    assert torch.equal(codec.encode(x, reference.sampling_rate), reference.encode(x, reference.sampling_rate))
+
+    marker = tmp_path / "code-ran"
+    hostile = _native_snac_folder(tmp_path / "hostile", {"weight": _TouchOnUnpickle(marker)})
+    with pytest.raises(ValueError, match=r"hostile/pytorch_model\.bin' could not be read as plain tensors.*"
+                                         r"weights_only=True.*safetensors"):
+        load_codec(hostile)
+    assert not marker.exists()
+    torch.load(hostile / "pytorch_model.bin", weights_only=False)  # what a plain torch.load would have done
+    assert marker.exists()
+
+    (folder / "pytorch_model.bin").unlink()
+    with pytest.raises(FileNotFoundError, match=r"pytorch_model\.bin' does not exist.*model\.safetensors"):
+        load_codec(folder)
 
 
 # ----------------------------------------------------------------------------------------------- transformers specifics

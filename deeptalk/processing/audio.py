@@ -25,7 +25,9 @@ Accepted sources
   (e.g. m4a/AAC) give a "could not be decoded as audio" error with a conversion hint.
 * ``bytes`` / ``bytearray`` / ``memoryview``: the contents of an audio file.
 * ``numpy.ndarray`` / ``torch.Tensor`` (also lists and other array-likes): raw samples;
-  ``sampling_rate`` is then **required**.
+  ``sampling_rate`` is then **required**. Meta tensors (no data) and sparse tensors are refused.
+* a pair ``(samples, sampling_rate)`` or ``(sampling_rate, samples)`` (gradio's order); a pair whose
+  rate is ``None`` is refused as a missing rate.
 * a mapping in ``datasets`` style: ``{"array": ..., "sampling_rate": ...}`` (decoded audio,
   e.g. :func:`deeptalk.data.load_demo_corpus`) or ``{"path": ..., "bytes": ...}``
   (``datasets.Audio(decode=False)``). ``"array"`` wins over ``"bytes"``, which wins over ``"path"``.
@@ -39,9 +41,10 @@ Choices (documented behaviour)
 * **Sampling rate.** For arrays, ``sampling_rate`` must be a whole number of Hz
   (``16000`` and ``16000.0`` are fine, ``22050.5``, ``"16000"``, ``True``, ``0`` and negatives
   are errors). Rates below 1000 Hz are rejected as a likely kHz/Hz mix-up (``16`` instead of
-  ``16000``). For files / bytes / decoders the rate comes from the source; passing a
-  *different* ``sampling_rate`` is an error (it describes the input, it does not choose the
-  output rate - use ``target_sampling_rate`` for that).
+  ``16000``), rates above ``MAX_SAMPLING_RATE`` (768 kHz, the highest rate audio hardware records
+  at) as a mistake (``1e9`` would squeeze a clip into one sample). For files / bytes / decoders
+  the rate comes from the source; passing a *different* ``sampling_rate`` is an error (it
+  describes the input, it does not choose the output rate - use ``target_sampling_rate`` for that).
 * **Sample formats.** Integer PCM is scaled to ``[-1, 1)``: ``int16`` / 32768, ``int32`` / 2**31,
   ``int8`` / 128, ``uint8`` (8-bit WAV, centred at 128) as ``(x - 128) / 128``. ``float16``,
   ``float32``, ``float64`` (and ``bfloat16`` tensors) are cast to ``float32``. ``int64`` and
@@ -64,10 +67,20 @@ Choices (documented behaviour)
   ringing can overshoot by a hair near full scale, so the output is clipped to ``[-1, 1]``.
 * **Checks**, in this order, each a ``ValueError`` naming the problem and the fix: empty
   audio; NaN / inf samples; float peak > 1; duration > ``max_seconds`` (checked from the
-  header before a file is decoded; ``max_seconds=None`` disables it); silence (peak of the
-  mono mix below ``SILENCE_PEAK`` = 1e-4) unless ``allow_silence=True``. Missing files
-  raise ``FileNotFoundError``; undecodable files (corrupt, truncated, not audio) raise
-  ``ValueError`` naming the file. An unsupported *kind* of source raises ``TypeError``.
+  header before a file is decoded; ``max_seconds=None`` disables it); duration <
+  ``min_seconds`` (default ``MIN_SECONDS`` = 25 ms, one analysis window of Whisper's feature
+  extractor: 400 samples at 16 kHz; shorter clips cannot be turned into log-mel features);
+  silence (peak of the mono mix below ``SILENCE_PEAK`` = 1e-4) unless ``allow_silence=True``.
+  Missing files raise ``FileNotFoundError``; undecodable files (corrupt, truncated, not audio)
+  raise ``ValueError`` naming the file. An unsupported *kind* of source raises ``TypeError``.
+* **Truncated files.** libsndfile derives the length of a WAV / AIFF from the file size, so a file
+  cut short (an interrupted download or copy) would load as partial audio. Before decoding, the
+  container's own declared sizes are read instead: the RIFF / RIFX / RF64 / BW64 / Wave64 / CAF
+  ``data`` chunk and RIFF size, and the AIFF / AIFC ``SSND`` chunk and FORM size, against the
+  bytes present (streaming placeholders such as ``0xFFFFFFFF`` mean "unknown" and are not
+  checked). FLAC is checked against the sample count of its STREAMINFO header. A truncated
+  file is a ``ValueError`` that says so. Formats without a declared length (OGG, MP3) are not
+  checked.
 * **Clipping** is not an error: when more than 0.1 % of the samples belong to flat runs of
   at least 3 consecutive samples at ``|x| >= 0.999`` (in any channel), a ``UserWarning``
   says the audio is clipped and recognition may suffer. Requiring runs (rather than single
@@ -82,6 +95,7 @@ import io
 import math
 import numbers
 import os
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -93,6 +107,8 @@ __all__ = [
     "WHISPER_SAMPLING_RATE",
     "MAX_CHANNELS",
     "MIN_SAMPLING_RATE",
+    "MAX_SAMPLING_RATE",
+    "MIN_SECONDS",
     "SILENCE_PEAK",
     "CLIP_LEVEL",
     "CLIP_MIN_RUN",
@@ -110,6 +126,13 @@ MAX_CHANNELS = 16
 MIN_SAMPLING_RATE = 1000
 """Rates below this are rejected as a likely kHz-vs-Hz mix-up."""
 
+MAX_SAMPLING_RATE = 768_000
+"""Rates above this (the highest rate audio hardware records at) are rejected as a mistake."""
+
+WHISPER_N_FFT = 400
+MIN_SECONDS = WHISPER_N_FFT / WHISPER_SAMPLING_RATE
+"""Default shortest clip (25 ms): Whisper's feature extractor needs one 400-sample analysis window."""
+
 SILENCE_PEAK = 1e-4
 """Mono peak below this counts as silence (about 3 LSB of 16-bit PCM)."""
 
@@ -120,6 +143,8 @@ CLIP_FRACTION = 1e-3
 _FLOAT_TOLERANCE = 1e-6
 # Formats whose header frame count is exact, so a short read means a truncated file.
 _EXACT_LENGTH_FORMATS = {"FLAC", "WAV", "WAVEX", "RF64", "W64", "AIFF", "CAF"}
+# libsndfile reports SF_COUNT_MAX frames when the header does not say.
+_UNKNOWN_FRAMES = 2**62
 
 Source = Union[str, os.PathLike, bytes, bytearray, memoryview, np.ndarray, "torch.Tensor", Mapping, Any]  # noqa: F821
 
@@ -149,7 +174,22 @@ def _check_rate(value: Any, what: str = "sampling_rate") -> int:
             f"{what}={rate} Hz is implausibly low for audio (minimum {MIN_SAMPLING_RATE} Hz). If you meant "
             f"kHz, pass Hz instead (e.g. {what}={rate * 1000})."
         )
+    if rate > MAX_SAMPLING_RATE:
+        raise ValueError(
+            f"{what}={rate} Hz is implausibly high for audio (maximum {MAX_SAMPLING_RATE} Hz, the highest rate audio "
+            f"hardware records at). Pass the rate the audio was recorded at in Hz, e.g. {what}=16000 or 48000."
+        )
     return rate
+
+
+def _check_min_seconds(min_seconds: Any) -> Optional[float]:
+    if min_seconds is None:
+        return None
+    if isinstance(min_seconds, bool) or not isinstance(min_seconds, numbers.Real) or not min_seconds >= 0:
+        raise ValueError(
+            f"min_seconds must be a non-negative number of seconds or None (no minimum), got {min_seconds!r}."
+        )
+    return float(min_seconds)
 
 
 def _check_max_seconds(max_seconds: Any) -> Optional[float]:
@@ -188,10 +228,111 @@ def _describe_path(path: Union[str, os.PathLike]) -> str:
     return f"audio file '{os.fspath(path)}'"
 
 
+# --------------------------------------------------------------------------------------------- container sizes
+# Writers that stream to a pipe cannot seek back to fill in sizes; they leave one of these (ffmpeg: 0xFFFFFFFF,
+# sox: 0x7FFFF000-ish), which means "unknown length", not "truncated".
+_PLACEHOLDER_MIN = 0x7FFFF000
+_W64_RIFF_GUID = b"riff\x2e\x91\xcf\x11\xa5\xd6\x28\xdb\x04\xc1\x00\x00"
+# Some writers count the 8-byte RIFF / FORM header in its own size field; libsndfile tolerates it, so do we.
+_FORM_SIZE_SLACK = 8
+
+
+def _is_placeholder(size: int, width: int) -> bool:
+    return size == 0 or (width == 4 and size >= _PLACEHOLDER_MIN)
+
+
+def _declared_truncation(f: Any) -> Optional[str]:
+    """Why the container's own header says the binary, seekable file ``f`` is cut short, or ``None``.
+
+    Covers RIFF/RIFX/RF64/BW64 WAVE, Sony Wave64, CAF and AIFF/AIFC: the audio chunk's declared size and the
+    declared file size are compared with the bytes present. Other formats give ``None``.
+    """
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    f.seek(0)
+    head = f.read(40)
+    try:
+        magic, form = head[:4], head[8:12]
+        if magic in (b"RIFF", b"RIFX", b"RF64", b"BW64") and form == b"WAVE":
+            endian = ">" if magic == b"RIFX" else "<"
+            (declared,) = struct.unpack(endian + "I", head[4:8])
+            return _chunk_truncation(f, size, kind=magic.decode(), declared_end=declared + 8, start=12, id_len=4,
+                                     size_format=endian + "I", align=2, size_counts_header=False, audio_id=b"data")
+        if magic == b"FORM" and form in (b"AIFF", b"AIFC"):
+            (declared,) = struct.unpack(">I", head[4:8])
+            return _chunk_truncation(f, size, kind=form.decode(), declared_end=declared + 8, start=12, id_len=4,
+                                     size_format=">I", align=2, size_counts_header=False, audio_id=b"SSND")
+        if magic == b"caff":  # sizes are signed 64-bit; the data chunk's -1 means "unknown length"
+            return _chunk_truncation(f, size, kind="CAF", declared_end=None, start=8, id_len=4, size_format=">q",
+                                     align=1, size_counts_header=False, audio_id=b"data")
+        if head[:16] == _W64_RIFF_GUID and head[24:28] == b"wave":
+            (declared,) = struct.unpack("<Q", head[16:24])
+            return _chunk_truncation(f, size, kind="Wave64", declared_end=declared, start=40, id_len=16,
+                                     size_format="<Q", align=8, size_counts_header=True, audio_id=b"data")
+        return None
+    finally:
+        f.seek(0)
+
+
+def _chunk_truncation(f: Any, size: int, *, kind: str, declared_end: Optional[int], start: int, id_len: int,
+                      size_format: str, align: int, size_counts_header: bool, audio_id: bytes) -> Optional[str]:
+    width = struct.calcsize(size_format)
+    header = id_len + width
+    rf64_sizes = None  # (riff size, data size) from an RF64/BW64 ds64 chunk
+    pos = start
+    while pos + header <= size:
+        f.seek(pos)
+        raw = f.read(header)
+        chunk_id = raw[:4]
+        (declared,) = struct.unpack(size_format, raw[id_len:header])
+        payload = declared - header if size_counts_header else declared
+        if payload < 0:
+            return None  # not a size at all: let the decoder judge the file
+        present = size - pos - header
+        if chunk_id == b"ds64" and kind in ("RF64", "BW64") and present >= 16:
+            rf64_sizes = struct.unpack("<QQ", f.read(16))
+            declared_end = rf64_sizes[0] + 8
+        if chunk_id == audio_id:
+            if rf64_sizes is not None and declared == 0xFFFFFFFF:
+                payload = rf64_sizes[1]
+            elif _is_placeholder(declared, width):
+                return None  # written as a stream of unknown length
+            if payload > present:
+                return (
+                    f"its {kind} header declares {payload} bytes of audio data but only {present} are present "
+                    f"({100 * present / payload:.0f}%)"
+                )
+        elif payload > present:
+            name = chunk_id.decode("latin-1")
+            return f"its '{name}' chunk declares {payload} bytes but only {present} are present"
+        pos += header + payload + (-payload) % align
+    if declared_end is None or _is_placeholder(declared_end - 8, width):
+        return None
+    if declared_end > size + _FORM_SIZE_SLACK:
+        return f"its {kind} header declares a file of {declared_end} bytes but only {size} are present"
+    return None
+
+
 # --------------------------------------------------------------------------------------------- decoding
+def _truncation_error(name: str, why: str) -> ValueError:
+    return ValueError(
+        f"{name} is truncated or corrupt: {why}. It was probably cut short (an interrupted download, copy or "
+        "recording): re-download or re-export it. (Decoders would silently read only the part that is present.)"
+    )
+
+
 def _decode_file(file: Any, name: str, max_seconds: Optional[float]) -> Tuple[np.ndarray, int]:
     """Decode a path or file-like with soundfile to ``([samples, channels] float32, rate)``."""
     import soundfile as sf
+
+    if isinstance(file, (str, bytes, os.PathLike)):
+        with open(file, "rb") as f:
+            why, is_flac = _declared_truncation(f), f.read(4) == b"fLaC"
+    else:
+        why, is_flac = _declared_truncation(file), file.read(4) == b"fLaC"
+        file.seek(0)
+    if why is not None:
+        raise _truncation_error(name, why)
 
     hint = (
         "The file may be corrupt, truncated or not an audio file at all. soundfile/libsndfile reads WAV, FLAC, "
@@ -199,25 +340,36 @@ def _decode_file(file: Any, name: str, max_seconds: Optional[float]) -> Tuple[np
         "(e.g. `ffmpeg -i input -ac 1 -ar 16000 output.wav`), or decode it yourself and pass the array "
         "with its sampling_rate."
     )
+    errors = (sf.SoundFileError, RuntimeError, TypeError, ValueError, EOFError)
     try:
         handle = sf.SoundFile(file)
-    except (sf.SoundFileError, RuntimeError, TypeError, ValueError, EOFError) as err:
+    except errors as err:
+        if is_flac:  # a FLAC stream that cannot be parsed is cut short or damaged, not of an unknown format
+            raise _truncation_error(name, f"the FLAC decoder could not read its header ({err})") from None
         raise ValueError(f"{name} could not be decoded as audio ({err}). {hint}") from None
     with handle:
         rate, frames, fmt = int(handle.samplerate), int(handle.frames), str(handle.format)
-        if max_seconds is not None and rate > 0 and frames / rate > max_seconds:
+        if frames >= _UNKNOWN_FRAMES:  # e.g. a FLAC stream whose STREAMINFO leaves the total at 0
+            raise ValueError(
+                f"{name} could not be decoded as audio: its {fmt} header does not give the stream's length (it was "
+                "written as a stream), which libsndfile cannot read. Re-encode it, e.g. `ffmpeg -i input output.wav`, "
+                "or decode it yourself and pass the array with its sampling_rate."
+            )
+        if rate <= 0 or rate > MAX_SAMPLING_RATE:
+            raise ValueError(
+                f"{name} could not be decoded as audio: its header gives sampling rate {rate} Hz (accepted: 1 to "
+                f"{MAX_SAMPLING_RATE} Hz), so the header is corrupt. {hint}"
+            )
+        if max_seconds is not None and frames / rate > max_seconds:
             raise _too_long(name, frames / rate, max_seconds)
         try:
             data = handle.read(dtype="float32", always_2d=True)
-        except (sf.SoundFileError, RuntimeError, TypeError, ValueError, EOFError) as err:
+        except errors as err:
+            if fmt == "FLAC":
+                raise _truncation_error(name, f"the FLAC decoder failed before the end of the stream ({err})") from None
             raise ValueError(f"{name} could not be decoded as audio ({err}). {hint}") from None
     if fmt in _EXACT_LENGTH_FORMATS and data.shape[0] < frames:
-        raise ValueError(
-            f"{name} could not be decoded as audio: it is truncated (the header announces {frames} samples, only "
-            f"{data.shape[0]} could be read). {hint}"
-        )
-    if rate <= 0:
-        raise ValueError(f"{name} could not be decoded as audio: its header gives sampling rate {rate}. {hint}")
+        raise _truncation_error(name, f"its {fmt} header announces {frames} samples, {data.shape[0]} could be decoded")
     return data, rate
 
 
@@ -250,9 +402,19 @@ def _read_bytes(blob: Union[bytes, bytearray, memoryview], name: str, max_second
     return _decode_file(io.BytesIO(blob), name, max_seconds)
 
 
-def _tensor_to_numpy(t: Any) -> np.ndarray:
+def _tensor_to_numpy(t: Any, name: str) -> np.ndarray:
     import torch
 
+    if t.is_meta:
+        raise ValueError(
+            f"{name} is a meta tensor (shape {tuple(t.shape)}): it has a shape but no samples, e.g. because it was "
+            "created under device='meta' or init_empty_weights. Pass a tensor that holds the recorded samples."
+        )
+    if t.layout != torch.strided:
+        raise ValueError(
+            f"{name} is a {str(t.layout).replace('torch.', '')} tensor; load_audio takes dense samples: pass "
+            "x.to_dense() (audio is rarely sparse: check that this is the waveform)."
+        )
     t = t.detach()
     if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
         t = t.float()  # bfloat16 / float8: numpy has no such dtype; float32 holds them exactly
@@ -269,7 +431,7 @@ def _is_tensor(x: Any) -> bool:
 
 def _as_numpy(x: Any, name: str) -> np.ndarray:
     if _is_tensor(x):
-        return _tensor_to_numpy(x)
+        return _tensor_to_numpy(x, name)
     if isinstance(x, np.ndarray):
         return x
     try:
@@ -387,6 +549,7 @@ def _finish(
     layout: str,
     target: int,
     max_seconds: Optional[float],
+    min_seconds: Optional[float],
     allow_silence: bool,
 ) -> np.ndarray:
     if x.ndim == 0:
@@ -417,6 +580,14 @@ def _finish(
     seconds = n_samples / rate
     if max_seconds is not None and seconds > max_seconds:
         raise _too_long(name, seconds, max_seconds)
+    if min_seconds is not None and seconds < min_seconds:
+        raise ValueError(
+            f"{name} is only {1000 * seconds:.2f} ms long ({n_samples} samples at {rate} Hz), shorter than the minimum "
+            f"min_seconds={min_seconds:g} s: Whisper's feature extractor analyses audio in {WHISPER_N_FFT}-sample "
+            f"({1000 * WHISPER_N_FFT / WHISPER_SAMPLING_RATE:g} ms) windows and cannot turn less into features. "
+            "Check that sampling_rate is right and that trimming / voice-activity detection did not cut the clip; "
+            "if it really is this short, pad it with silence (numpy.pad(x, (0, n)))."
+        )
 
     clipped = _clipped_fraction(x, axis)
     mono = x if axis is None else x.mean(axis=axis, dtype=np.float32)
@@ -440,6 +611,25 @@ def _finish(
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def _samples_rate_pair(source: Any) -> Optional[Tuple[Any, Any]]:
+    """``(samples, rate)`` from a 2-tuple in either order (gradio gives ``(rate, samples)``), else ``None``."""
+    if not isinstance(source, tuple) or len(source) != 2:
+        return None
+
+    def is_rate(v: Any) -> bool:
+        return v is None or isinstance(v, numbers.Real)
+
+    def is_samples(v: Any) -> bool:
+        return _is_tensor(v) or isinstance(v, (np.ndarray, list))
+
+    first, second = source
+    if is_samples(first) and is_rate(second):
+        return first, second
+    if is_rate(first) and is_samples(second):
+        return second, first
+    return None
+
+
 # --------------------------------------------------------------------------------------------- public API
 def load_audio(
     source: Source,
@@ -447,6 +637,7 @@ def load_audio(
     *,
     target_sampling_rate: int = WHISPER_SAMPLING_RATE,
     max_seconds: Optional[float] = 30.0,
+    min_seconds: Optional[float] = MIN_SECONDS,
     allow_silence: bool = False,
 ) -> np.ndarray:
     """Load / validate / convert one audio clip to a mono float32 waveform at ``target_sampling_rate``.
@@ -454,14 +645,17 @@ def load_audio(
     Args:
         source: a file path (``str`` / ``os.PathLike``), the ``bytes`` of an audio file, a numpy array or
             torch tensor of samples (``[samples]``, or 2-D with the smaller dimension as channels), a
-            ``datasets``-style dict (``{"array", "sampling_rate"}`` or ``{"path", "bytes"}``), or a
-            torchcodec-style decoder with ``get_all_samples()``.
+            ``datasets``-style dict (``{"array", "sampling_rate"}`` or ``{"path", "bytes"}``), a
+            ``(samples, sampling_rate)`` pair (either order), or a torchcodec-style decoder with
+            ``get_all_samples()``.
         sampling_rate: rate of ``source`` in Hz. Required for arrays / tensors (and ``{"array"}`` dicts
             without ``"sampling_rate"``); for files, bytes and decoders it is read from the source and, if
             given anyway, must agree.
         target_sampling_rate: rate of the returned waveform (default 16000, Whisper's rate).
         max_seconds: longest accepted duration in seconds (default 30, one Whisper window); ``None`` for
             no limit.
+        min_seconds: shortest accepted duration in seconds (default ``MIN_SECONDS``, 25 ms: one Whisper
+            analysis window); ``None`` for no minimum (only for audio that does not go to Whisper).
         allow_silence: accept audio whose peak is below ``SILENCE_PEAK`` (default: error).
 
     Returns:
@@ -470,8 +664,9 @@ def load_audio(
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: undecodable file, empty / non-finite / silent / too long / out-of-range audio, bad or
-            missing sampling rate, unsupported dtype or shape. The message names the fix.
+        ValueError: undecodable or truncated file, empty / non-finite / silent / too long / too short /
+            out-of-range audio, bad or missing sampling rate, meta or sparse tensor, unsupported dtype or shape.
+            The message names the fix.
         TypeError: ``source`` is of an unsupported kind.
 
     Warns:
@@ -481,7 +676,9 @@ def load_audio(
     """
     target = _check_rate(target_sampling_rate, "target_sampling_rate")
     max_seconds = _check_max_seconds(max_seconds)
+    min_seconds = _check_min_seconds(min_seconds)
     layout = "auto"
+    pair = _samples_rate_pair(source)
 
     if callable(getattr(source, "get_all_samples", None)):  # torchcodec AudioDecoder (datasets>=4 Audio)
         name = f"audio decoder {type(source).__name__}"
@@ -501,6 +698,20 @@ def load_audio(
         rate = _check_rate(source.sample_rate, "the samples' sample_rate")
         _check_rate_agrees(name, rate, sampling_rate)
         x, layout = _as_numpy(source.data, name), "channels_first"
+    elif pair is not None:
+        samples, pair_rate = pair
+        name = "audio (samples, sampling_rate) pair"
+        if pair_rate is None and sampling_rate is None:
+            raise ValueError(
+                f"{name} has sampling rate None: give the rate the audio was recorded at in Hz, e.g. (samples, 16000) "
+                "(the second value soundfile.read returns)."
+            )
+        if pair_rate is not None:
+            rate = _check_rate(pair_rate, "the pair's sampling rate")
+            _check_rate_agrees(name, rate, sampling_rate)
+        else:
+            rate = _check_rate(sampling_rate)
+        x = _as_numpy(samples, name)
     elif isinstance(source, Mapping):
         path = source.get("path")
         if source.get("array") is not None:
@@ -558,7 +769,7 @@ def load_audio(
             "or a torchcodec AudioDecoder."
         )
 
-    return _finish(x, rate, name, layout, target, max_seconds, bool(allow_silence))
+    return _finish(x, rate, name, layout, target, max_seconds, min_seconds, bool(allow_silence))
 
 
 def audio_duration_seconds(array: Any, sampling_rate: Union[int, float]) -> float:

@@ -41,6 +41,7 @@ from .base import (
 )
 
 SNAC_CONFIG_NAME = "config.json"  # same file name and format as the Hub's snac repos
+SNAC_PICKLE_NAME = "pytorch_model.bin"  # what the Hub's snac repos ship (a pickled state dict)
 STREAM_ORDERS = ("depth_first", "level_major")
 
 
@@ -253,8 +254,9 @@ class SNACCodec(SpeechCodec):
         opts.update(kwargs)
         has_safetensors = os.path.isfile(os.path.join(directory, WEIGHTS_NAME))
         if codec_config is None and not has_safetensors:
-            # a native snac download (config.json + pytorch_model.bin): let the snac library load it
-            model = SNAC.from_pretrained(directory)
+            # a native snac download (config.json + pytorch_model.bin)
+            config_path, weights_path = (os.path.join(directory, n) for n in (SNAC_CONFIG_NAME, SNAC_PICKLE_NAME))
+            model = _load_native_snac(config_path, weights_path)
             snac_config = None
         else:
             snac_config = opts.get("snac_config")
@@ -284,10 +286,15 @@ class SNACCodec(SpeechCodec):
             local = os.path.dirname(hf_hub_download(repo_id, CODEC_CONFIG_NAME, **hub_kwargs))
             hf_hub_download(repo_id, WEIGHTS_NAME, **hub_kwargs)
             return cls._from_local_dir(local, cfg, **kwargs)
-        SNAC = _snac_class()
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-        model = SNAC.from_pretrained(repo_id, **hub_kwargs)
-        return cls(model, codec_name=repo_id, **kwargs)
+        config_path = hf_hub_download(repo_id, SNAC_CONFIG_NAME, **hub_kwargs)
+        try:
+            weights_path = hf_hub_download(repo_id, WEIGHTS_NAME, **hub_kwargs)
+        except (EntryNotFoundError, LocalEntryNotFoundError):  # snac repos ship a pickle, read with weights_only=True
+            weights_path = hf_hub_download(repo_id, SNAC_PICKLE_NAME, **hub_kwargs)
+        return cls(_load_native_snac(config_path, weights_path), codec_name=repo_id, **kwargs)
 
 
 def _snac_class():
@@ -296,6 +303,43 @@ def _snac_class():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
         from snac import SNAC
     return SNAC
+
+
+def _load_native_snac(config_path: str, weights_path: str) -> "torch.nn.Module":
+    """A ``snac.SNAC`` from its ``config.json`` and weights, read safely.
+
+    ``snac.SNAC.from_pretrained`` calls ``torch.load`` without ``weights_only``, which unpickles arbitrary
+    objects when ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set; here a pickle is read with ``weights_only=True``
+    (an explicit argument that environment variable cannot override) and safetensors are preferred.
+    """
+    import pickle
+
+    for path in (config_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path!r} does not exist: a native SNAC checkpoint is {SNAC_CONFIG_NAME} plus {WEIGHTS_NAME} or "
+                f"{SNAC_PICKLE_NAME} (as in hubertsiuzdak/snac_24khz)."
+            )
+    with open(config_path, "r", encoding="utf-8") as f:
+        model = _snac_class()(**json.load(f))
+    if weights_path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state_dict = load_file(weights_path, device="cpu")
+    else:
+        try:
+            state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            reason = str(err).strip().splitlines()[0]
+            raise ValueError(
+                f"{weights_path!r} could not be read as plain tensors ({type(err).__name__}: {reason}). deeptalk only "
+                "reads weights with torch.load(weights_only=True), never arbitrary pickled objects: re-download the "
+                f"checkpoint, or convert a trusted one to {WEIGHTS_NAME} (safetensors.torch.save_file)."
+            ) from None
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{weights_path!r} holds a {type(state_dict).__name__}, not a state dict of tensors.")
+    model.load_state_dict(state_dict)
+    return model.eval()
 
 
 def _snac_config_of(model: "torch.nn.Module") -> Dict[str, Any]:
