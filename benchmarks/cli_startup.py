@@ -1,10 +1,11 @@
 # Copyright 2026 The deeptalk authors. Apache-2.0.
-"""How fast the command line answers: `deeptalk --help` and every subcommand's `--help`.
+"""How fast the command line answers: `deeptalk --help`, every subcommand's `--help`, and the error for
+a Hub id that cannot be fetched (offline mode, and a Hub that refuses connections).
 
-Each command runs as a fresh subprocess (`python -m deeptalk ... --help`) `--runs` times, interleaved
-with the baseline `python -c pass` so that both see the same machine load; the script prints the
-median wall time of each, its ratio to the baseline, and whether the help imported torch or
-transformers (it must not).
+Each command runs as a fresh subprocess (`python -m deeptalk ...`) `--runs` times, interleaved with
+the baseline `python -c pass` so that all see the same machine load; the script prints the median
+wall time of each, its ratio to the baseline, and whether the help imported torch or transformers
+(it must not).
 
     OMP_NUM_THREADS=1 python benchmarks/cli_startup.py                 # 9 runs per command
     python benchmarks/cli_startup.py --runs 21 --json startup.json
@@ -33,10 +34,13 @@ IMPORTS_PROBE = (
 )
 
 
-def timed(argv: list[str], env: dict) -> float:
+def timed(argv: list[str], env: dict, expected_code: int = 0) -> float:
     start = time.perf_counter()
-    subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
-    return time.perf_counter() - start
+    code = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode
+    elapsed = time.perf_counter() - start
+    if code != expected_code:
+        raise SystemExit(f"{' '.join(argv)} exited with {code}, not {expected_code}")
+    return elapsed
 
 
 def main() -> None:
@@ -50,12 +54,20 @@ def main() -> None:
     cases = {"python -c pass": [sys.executable, "-c", "pass"],
              "deeptalk --help": [sys.executable, "-m", "deeptalk", "--help"]}
     cases.update({f"deeptalk {c} --help": [sys.executable, "-m", "deeptalk", c, "--help"] for c in COMMANDS})
-    for argv in cases.values():  # warm the file cache and check every command answers
-        timed(argv, env)
-    times = {name: [] for name in cases}
+    hub_id = [sys.executable, "-m", "deeptalk", "convert", "deepseek-ai/DeepSeek-V2-Lite-Chat", "unused_out"]
+    errors = {  # a Hub id that is not cached: one line and exit code 2
+        "convert HUB_ID (offline)": (hub_id, {"HF_HUB_CACHE": os.devnull + "_no_cache"}),
+        "convert HUB_ID (no network)": (hub_id, {"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9",
+                                                 "HF_HUB_CACHE": os.devnull + "_no_cache"}),
+    }
+    runs = {name: (argv, env, 0) for name, argv in cases.items()}
+    runs.update({name: (argv, {**env, **extra}, 2) for name, (argv, extra) in errors.items()})
+    for argv, run_env, code in runs.values():  # warm the file cache and check every command answers
+        timed(argv, run_env, code)
+    times = {name: [] for name in runs}
     for _ in range(args.runs):
-        for name, argv in cases.items():
-            times[name].append(timed(argv, env))
+        for name, (argv, run_env, code) in runs.items():
+            times[name].append(timed(argv, run_env, code))
 
     baseline = statistics.median(times["python -c pass"])
     rows = []
@@ -63,7 +75,7 @@ def main() -> None:
     for name, samples in times.items():
         median = statistics.median(samples)
         heavy = ""
-        if name != "python -c pass":
+        if name in cases and name != "python -c pass":
             probe = subprocess.run([sys.executable, "-c", IMPORTS_PROBE, *cases[name][3:]], env=env,
                                    capture_output=True, text=True, check=True)
             heavy = probe.stderr.strip().splitlines()[-1]

@@ -181,8 +181,9 @@ def check_upload_possible(what: str, alternative: str) -> None:
 
 
 def check_input_file(value: str | None, option: str) -> None:
-    if value is not None and not os.path.isfile(os.path.expanduser(value)):
-        what = "is a folder, not a file" if os.path.isdir(value) else "no such file"
+    path = os.path.expanduser(value) if value is not None else None
+    if path is not None and not os.path.isfile(path):
+        what = "is a folder, not a file" if os.path.isdir(path) else "no such file"
         raise UsageError(f"{option} {value}: {what}.")
 
 
@@ -225,12 +226,12 @@ def check_output_file(value: str, option: str) -> None:
     _check_parent_writable(path, option, value, create=True)
 
 
-def check_output_folder(value: str, option: str, *, inputs: dict[str, str] = ()) -> None:
+def check_output_folder(value: str, option: str, *, inputs: dict[str, str] | None = None) -> None:
     """An output folder that is not a file, not one of the inputs, and can be created."""
     path = Path(value).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{option} {value} is a file; give a folder.")
-    for other_option, other in dict(inputs).items():
+    for other_option, other in (inputs or {}).items():
         other_path = os.path.expanduser(other or "")
         if other and os.path.exists(other_path) and path.exists() and os.path.samefile(path, other_path):
             raise UsageError(f"{option} {value} is the input given to {other_option}: write to another folder.")

@@ -96,9 +96,8 @@ def test_routing_mode_choices_match_the_config():
 
 @pytest.mark.parametrize("imports", [
     "import deeptalk",
-    "import transformers; import deeptalk",
     "import deeptalk; from transformers import WhisperModel",  # transformers' Auto modules load mid-import
-    "import deeptalk.modeling_deeptalk",
+    "import deeptalk.modeling_deeptalk",  # transformers is first imported by a half-imported deeptalk module
 ])
 def test_import_deeptalk_makes_the_auto_classes_load_deeptalk_folders(model_dir, tmp_path, imports):
     result = _python(f"""
