@@ -158,10 +158,11 @@ def route_tokens(router_logits: torch.Tensor, allowed: torch.Tensor | None, spec
         group_index = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_index, 1.0)
         expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, grouped // spec.num_groups).reshape(num_tokens, -1)
-        expert_mask = F.pad(expert_mask, (0, num_experts - grouped), value=1.0)
+        if grouped < num_experts:
+            expert_mask = F.pad(expert_mask, (0, num_experts - grouped), value=1.0)
         choice_scores = probs.masked_fill(~expert_mask.bool(), 0.0)
 
-    expert_weight, expert_index = torch.topk(choice_scores, spec.top_k, dim=-1)
+    expert_weight, expert_index = torch.topk(choice_scores, spec.top_k, dim=-1, sorted=False)
     if allowed is not None:
         filled = allowed.expand_as(probs).gather(1, expert_index)
         expert_index = expert_index.masked_fill(~filled, -1)
@@ -315,6 +316,7 @@ class _JoinedCache:
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_joined_views", None)
+        self.__dict__.pop("_packed_module", None)
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -355,6 +357,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         self.has_speech_bank = bool(self.bank_members[SPEECH_MODALITY])
         self.fill_placement()
         self.__dict__.pop("_joined_views", None)
+        self.__dict__.pop("_packed_module", None)
 
     @torch.no_grad()
     def fill_placement(self):
@@ -402,6 +405,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
             bank.gate_up_proj = nn.Parameter(gate_up.contiguous())
             bank.down_proj = nn.Parameter(down.contiguous())
         self.__dict__.pop("_joined_views", None)
+        self.__dict__.pop("_packed_module", None)
 
     def split_source_experts(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> dict:
         """Source-order fused expert weights -> `{"text_bank": (gate_up, down), "speech_bank": ...}`,
@@ -442,8 +446,8 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
             return self.banks()[bank](hidden_states, self.local_index[index.clamp(min=0)], weight)
         if not torch.is_grad_enabled():
             packed = self._packed_experts()
-            if packed is not None:  # both banks as one experts call, like the source's block
-                return packed(hidden_states, self.packed_index[index.clamp(min=0)], weight)
+            if packed is not None:  # both banks as one experts call, like the source's block (no empty slots here)
+                return packed(hidden_states, self.packed_index[index], weight)
         # Training (or partitioned weights): each bank runs its own slots; the other bank's are sentinels.
         source = index.clamp(min=0)
         speech_slot = self.is_speech_expert[source]
@@ -455,18 +459,19 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
 
     def _packed_experts(self) -> DeepTalkExperts | None:
         """Both banks as ONE experts module (text experts, then speech experts), for inference."""
-        banks = (self.text_bank, self.speech_bank)
+        cached = self.__dict__.get("_packed_module")
+        if torch.compiler.is_compiling():  # data_ptr cannot be traced: use what eager mode prepared
+            return cached
+        text_bank, speech_bank = self._modules["text_bank"], self._modules["speech_bank"]
+        if cached is not None and cached.source_ptrs == (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr()):
+            return cached  # the hot path: one check per layer and step
+        banks = (text_bank, speech_bank)
         if not all(type(bank) is DeepTalkExperts for bank in banks):
             return None  # e.g. a PEFT adapter wraps a bank: packing raw weights would skip it
         gate_up = self._joined("gate_up_proj", self.text_bank.gate_up_proj, self.speech_bank.gate_up_proj)
         down = self._joined("down_proj", self.text_bank.down_proj, self.speech_bank.down_proj)
         if gate_up is None or down is None:
             return None
-        cached = self.__dict__.get("_packed_module")
-        if cached is not None and cached.gate_up_proj is gate_up and cached.down_proj is down:
-            return cached
-        if torch.compiler.is_compiling():
-            return cached
         packed = DeepTalkExperts.__new__(DeepTalkExperts)
         nn.Module.__init__(packed)
         packed.__dict__.update({k: v for k, v in self.text_bank.__dict__.items() if k not in ("_parameters", "_buffers")})
@@ -474,6 +479,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         packed._parameters = {"gate_up_proj": gate_up, "down_proj": down}
         packed.num_experts = gate_up.shape[0]
         packed._is_expert_parallel = False  # no sentinels here: the source's exact kernel path
+        packed.source_ptrs = (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr())
         self.__dict__["_packed_module"] = packed
         return packed
 
