@@ -284,16 +284,18 @@ def joined_view(first: nn.Parameter, second: nn.Parameter) -> torch.Tensor | Non
     """
     if not (_exclusively_local(first) and _exclusively_local(second)):
         return None
-    if not _back_to_back(first, second):
-        if first.untyped_storage().nbytes() != first.numel() * first.element_size() or (
-            second.untyped_storage().nbytes() != second.numel() * second.element_size()
-        ):
-            return None  # a view into someone else's storage
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors that training can use later
+    if first.is_inference() or second.is_inference():
+        return None  # tensors made under inference_mode cannot be re-pointed
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors that training can use later
+        if not _back_to_back(first, second):
+            if first.untyped_storage().nbytes() != first.numel() * first.element_size() or (
+                second.untyped_storage().nbytes() != second.numel() * second.element_size()
+            ):
+                return None  # a view into someone else's storage
             storage = torch.cat([first.detach(), second.detach()])
             first.data = storage[: first.shape[0]]
             second.data = storage[first.shape[0] :]
-    return first.detach().as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride())
+        return first.detach().as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride())
 
 
 class _JoinedCache:
