@@ -171,6 +171,17 @@ def check_source(value: str, option: str, *, default: str | None = None, need_co
     return value
 
 
+def check_model(value: str, option: str = "--model", *, default: str | None = None) -> str:
+    """`check_source` for a saved DeepTalk model; a local folder is also checked file by file (config, format,
+    weights complete, processor present) so a damaged folder fails here with the file named."""
+    from .folder_checks import check_model_folder
+
+    path = check_source(value, option, default=default)
+    if os.path.isdir(path):
+        check_model_folder(path, need_processor=True, option=option)
+    return path
+
+
 def check_upload_possible(what: str, alternative: str) -> None:
     if _offline_mode():
         raise UsageError(f"{what} uploads to the Hub, but offline mode is on (HF_HUB_OFFLINE=1): unset it, "
@@ -315,7 +326,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    model_dir = check_source(args.model, "--model")
+    model_dir = check_model(args.model)
     codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
     check_input_file(args.data, "--data")
     check_output_folder(args.output, "--output", inputs={"--model": model_dir})
@@ -351,7 +362,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_assign(args) -> int:
-    model_dir = check_source(args.model, "--model")
+    model_dir = check_model(args.model)
     if args.strategy != "random":
         data = {"--text-data": args.text_data, "--speech-data": args.speech_data}
         for option, value in data.items():
@@ -412,7 +423,7 @@ def cmd_quickstart(args) -> int:
 
 
 def _check_model_and_codec(args) -> tuple[str, str | None]:
-    model_dir = check_source(args.model, "--model", default=default_model())
+    model_dir = check_model(args.model, default=default_model())
     codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
     return model_dir, codec_dir
 

@@ -50,9 +50,14 @@ def _one_line_error(result, command, expected):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny saved DeepTalk model (config, safetensors, remote-code files)."""
+    """A tiny saved DeepTalk model (config, safetensors, remote-code files) with its processor."""
+    from deeptalk import DeepTalkProcessor
+    from deeptalk.processing.tokenizer import train_demo_tokenizer
+
     folder = tmp_path_factory.mktemp("tiny") / "model"
+    processor = DeepTalkProcessor.from_codec_layout(train_demo_tokenizer(["what does the dog say woof"], vocab_size=120), 2, 8)
     convert(tiny_text_moe("qwen3_moe"), experts=(1, 5)).save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
