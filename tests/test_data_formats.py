@@ -162,9 +162,10 @@ def cache_dir(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- answer_snac
-def test_answer_snac_parses_into_snac_flatten_order_with_no_reencoding(schema_data):
+def test_answer_snac_parses_into_snac_flatten_order_with_no_reencoding(schema_data, cache_dir):
     data = schema_data["voiceassistant"]
-    for record_codes, text in zip(data["codes"], Dataset.from_parquet(data["parquet"])["answer_snac"]):
+    texts = Dataset.from_parquet(data["parquet"], cache_dir=cache_dir)["answer_snac"]
+    for record_codes, text in zip(data["codes"], texts):
         codes = parse_answer_snac(text, codebook_size=256)
         assert codes.shape == (7, record_codes.shape[1]) and codes.dtype == np.int32
         assert np.array_equal(codes, record_codes.numpy())  # Mini-Omni's order == depth-first snac_flatten
@@ -246,7 +247,7 @@ def test_todays_json_lines_with_relative_audio_paths(schema_data, cache_dir):
 
 
 def test_glob_and_folder_of_parquet_files(schema_data, cache_dir, tmp_path):
-    table = Dataset.from_parquet(schema_data["asr"]["parquet"])
+    table = Dataset.from_parquet(schema_data["asr"]["parquet"], cache_dir=cache_dir)
     for i in range(2):
         table.select(range(i * 5, i * 5 + 5)).to_parquet(str(tmp_path / f"part-{i}.parquet"))
     for source in (str(tmp_path / "part-*.parquet"), str(tmp_path)):
@@ -255,7 +256,8 @@ def test_glob_and_folder_of_parquet_files(schema_data, cache_dir, tmp_path):
 
 
 def test_columns_option_maps_other_names(schema_data, cache_dir, tmp_path):
-    table = Dataset.from_parquet(schema_data["asr"]["parquet"]).rename_columns({"audio": "wav", "text": "sentence"})
+    table = Dataset.from_parquet(schema_data["asr"]["parquet"], cache_dir=cache_dir)
+    table = table.rename_columns({"audio": "wav", "text": "sentence"})
     table.to_parquet(str(tmp_path / "renamed.parquet"))
     with pytest.raises(ValueError, match=r"no column\(s\) \['audio', 'text'\].*columns="):
         load_conversation_dataset(str(tmp_path / "renamed.parquet"), data_format="asr", cache_dir=cache_dir)
@@ -293,7 +295,7 @@ def test_bad_options_are_refused_before_reading(schema_data):
 def test_decoding_audio_feature_and_torchcodec(schema_data, cache_dir):
     """A dataset whose Audio column decodes (datasets' default) is read without decoding; when torchcodec
     and Debian's ffmpeg libraries are installed, its decoded values work too."""
-    table = Dataset.from_parquet(schema_data["spoken_qa"]["parquet"])
+    table = Dataset.from_parquet(schema_data["spoken_qa"]["parquet"], cache_dir=cache_dir)
     assert table.features["audio"].decode
     check_conversations("spoken_qa", rows_of(load_conversation_dataset(table, data_format="spoken_qa")),
                         schema_data["spoken_qa"])
