@@ -245,6 +245,8 @@ def processor_messages(messages: Sequence[Mapping]) -> list[dict]:
         parts = []
         for part in message["content"]:
             clean = {k: v for k, v in part.items() if v is not None}
+            if "audio_codes" in clean:  # an array, not nested lists: the chat template walks lists item by item
+                clean["audio_codes"] = np.asarray(clean["audio_codes"], dtype=np.int64)
             if isinstance(clean.get("audio"), Mapping):
                 clean["audio"] = {k: v for k, v in clean["audio"].items() if v is not None}
             parts.append(clean)
@@ -346,8 +348,16 @@ def conversation_mapper(data_format: str, *, columns: Mapping[str, str] | None =
 
 
 # ---------------------------------------------------------------------------------------------- sources
-def _data_files(source: str) -> list[str] | None:
-    """Local data files named by `source` (a file, a glob or a folder of data files), or None."""
+def _data_files(source) -> list[str] | None:
+    """Local data files named by `source` (a file, a glob, a folder of data files, or a list of those), or None."""
+    if isinstance(source, (list, tuple)):
+        found = []
+        for item in source:
+            matched = _data_files(os.fspath(item))
+            if not matched:
+                raise FileNotFoundError(f"No data file at {os.fspath(item)!r} (one of the sources given as a list).")
+            found += matched
+        return found or None
     if os.path.isfile(source):
         return [os.path.abspath(source)]
     if os.path.isdir(source):
@@ -397,8 +407,10 @@ def load_raw_dataset(source, *, split: str = "train", streaming: bool = False, *
         return source, None
     if isinstance(source, datasets.DatasetDict):
         return load_raw_dataset(_pick_split(source, split, "the DatasetDict"), split=split, streaming=streaming)
-    source = os.fspath(source)
-    if os.path.isdir(source) and _is_saved_dataset(source):
+    if isinstance(source, (list, tuple)) and not source:
+        raise ValueError("The list of data files is empty.")
+    source = [os.fspath(s) for s in source] if isinstance(source, (list, tuple)) else os.fspath(source)
+    if isinstance(source, str) and os.path.isdir(source) and _is_saved_dataset(source):
         loaded = datasets.load_from_disk(source)
         if isinstance(loaded, datasets.DatasetDict):
             loaded = _pick_split(loaded, split, source)
@@ -440,7 +452,7 @@ def load_conversation_dataset(source, *, data_format: str = "messages", split: s
 
     Args:
         source: a JSON Lines file of conversations, a ``save_to_disk`` folder, data files (parquet, arrow,
-            json, jsonl, csv), a glob or folder of them, a Hub dataset id, or a ``datasets`` object.
+            json, jsonl, csv), a glob, folder or list of them, a Hub dataset id, or a ``datasets`` object.
         data_format: the source's schema, one of :data:`DATA_FORMATS` (see the module docstring).
         split: the split to read (for files: the name given to them; slices like ``"train[:100]"`` work
             when not streaming).
@@ -467,8 +479,8 @@ def load_conversation_dataset(source, *, data_format: str = "messages", split: s
 
     if data_format == "messages" and not isinstance(source, (datasets.Dataset, datasets.IterableDataset,
                                                              datasets.DatasetDict)):
-        path = os.fspath(source)
-        files = None if os.path.isdir(path) and _is_saved_dataset(path) else _data_files(path)
+        path = [os.fspath(s) for s in source] if isinstance(source, (list, tuple)) else os.fspath(source)
+        files = None if isinstance(path, str) and os.path.isdir(path) and _is_saved_dataset(path) else _data_files(path)
         if files and all(Path(f).suffix in (".jsonl", ".json") for f in files):
             if keep:
                 raise ValueError("keep_columns is not supported for JSON Lines conversations (only 'messages' is read).")
