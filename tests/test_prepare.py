@@ -6,6 +6,7 @@ Resumption is tested for real: a subprocess preparing a dataset is SIGKILLed mid
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,6 +216,22 @@ def test_prepare_killed_mid_shard_resumes_complete_without_duplicates(schema_dat
     uninterrupted = prepare_dataset(dataset, processor, output_dir=tmp_path / "whole", shard_size=3,
                                     keep_columns=["id"], source=source, data_format="asr")
     assert same_rows(resumed, uninterrupted)
+
+
+def test_streamed_prepare_resumes_at_the_first_missing_shard(schema_data, cache_dir, processor, tmp_path):
+    def run():
+        streamed = conversations(schema_data, "asr", cache_dir, streaming=True)
+        return prepare_dataset(streamed, processor, output_dir=tmp_path / "out", shard_size=4, data_format="asr")
+
+    whole = rows_of(run())
+    first = os.stat(tmp_path / "out" / "shard-00000" / "data-00000-of-00001.arrow").st_mtime_ns
+    shutil.rmtree(tmp_path / "out" / "shard-00001")  # as if the run had died while writing it
+    (tmp_path / "out" / "shard-00002.tmp-1").mkdir()
+    resumed = run()
+    assert rows_of(resumed) == whole and len(whole) == ROWS
+    assert os.stat(tmp_path / "out" / "shard-00000" / "data-00000-of-00001.arrow").st_mtime_ns == first
+    assert sorted(os.listdir(tmp_path / "out")) == ["prepare_manifest.json", "shard-00000", "shard-00001",
+                                                    "shard-00002"]
 
 
 def test_other_settings_are_refused_and_overwrite_starts_again(schema_data, cache_dir, processor, tmp_path):

@@ -513,8 +513,8 @@ def load_conversation_dataset(source, *, data_format: str = "messages", split: s
         features = datasets.Features({**features, **{n: raw.features[col[n]] for n in keep}}) if raw.features else None
     if isinstance(raw, datasets.IterableDataset):
         return raw.map(convert, batched=True, batch_size=64, remove_columns=names, features=features)
-    return raw.map(convert, batched=True, batch_size=64, remove_columns=names, features=features, num_proc=num_proc,
-                   desc=f"{data_format} -> conversations")
+    return raw.map(convert, batched=True, batch_size=64, writer_batch_size=64, remove_columns=names, features=features,
+                   num_proc=num_proc, desc=f"{data_format} -> conversations")
 
 
 # ---------------------------------------------------------------------------------------------- mixing

@@ -169,6 +169,7 @@ def _encode_shard(shard, *, processor, codec, num_proc, batch_size, max_length, 
         fn_kwargs={"processor": processor, "codec": codec, "max_length": max_length,
                    "keep_columns": tuple(keep_columns), "skip_invalid": skip_invalid, "first_row": first_row},
         cache_file_name=os.path.join(work_dir, "encoded.arrow"),
+        writer_batch_size=batch_size,  # rows can hold 30 s of log-mel features each: flush often
         load_from_cache_file=False,
         new_fingerprint=fingerprint,
         desc=f"prepare rows {first_row}-{first_row + len(shard) - 1}",
@@ -179,6 +180,24 @@ def _encode_shard(shard, *, processor, codec, num_proc, batch_size, max_length, 
     if stats["rows"] != len(shard):
         encoded = encoded.filter(lambda status: status == "ok", input_columns="status")
     return encoded.remove_columns("status"), stats
+
+
+def _spool(rows, features, folder: str, batch_size: int):
+    """A streamed shard's rows written to an Arrow file as they come (memory stays at a batch), or None
+    when there are no rows."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    os.makedirs(folder)
+    path = os.path.join(folder, "rows.arrow")
+    with ArrowWriter(features=features, path=path, writer_batch_size=batch_size) as writer:
+        for row in rows:
+            writer.write(row)
+        count, _ = writer.finalize()
+    if count == 0:
+        shutil.rmtree(folder)
+        return None
+    return datasets.Dataset.from_file(path)
 
 
 # ---------------------------------------------------------------------------------------------- shards on disk
@@ -385,11 +404,17 @@ def prepare_dataset(dataset, processor, *, output_dir, codec=None, num_proc: int
     else:
         rows = iter(dataset)
         for index in range(2**31):
-            batch = list(islice(rows, shard_size))  # a complete shard's rows are read and skipped
-            if not batch:
+            shard_rows = islice(rows, shard_size)
+            if index in done:  # a complete shard's rows are read and skipped
+                if sum(1 for _ in shard_rows) == 0:
+                    break
+                continue
+            shard = _spool(shard_rows, dataset.features, os.path.join(output_dir, f"source-{index:05d}.tmp-{os.getpid()}"),
+                           batch_size)
+            if shard is None:
                 break
-            if index not in done:
-                write_shard(index, datasets.Dataset.from_list(batch, features=dataset.features))
+            write_shard(index, shard)
+            shutil.rmtree(os.path.dirname(shard.cache_files[0]["filename"]), ignore_errors=True)
     write_manifest(complete=True)
     return load_prepared_dataset(output_dir)
 
