@@ -190,6 +190,14 @@ def test_bad_answer_snac_is_refused(text, words):
     assert words in str(err.value)
 
 
+def test_a_bad_row_is_named(schema_data, cache_dir):
+    table = Dataset.from_parquet(schema_data["voiceassistant"]["parquet"], cache_dir=cache_dir)
+    table = table.map(lambda row, i: {"answer_snac": "# 1 2 3" if i == 3 else row["answer_snac"]}, with_indices=True)
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match="voiceassistant row 3: answer_snac frame 0 has 3 codes"):
+            rows_of(load_conversation_dataset(table, data_format="voiceassistant", streaming=streaming))
+
+
 def test_answer_snac_trailing_separator_and_spacing_are_accepted():
     assert parse_answer_snac("#1 2 3 4 5 6 7#  8 9 10 11 12 13 14 #").tolist() == \
         [[1, 8], [2, 9], [3, 10], [4, 11], [5, 12], [6, 13], [7, 14]]

@@ -318,31 +318,33 @@ def conversation_mapper(data_format: str, *, columns: Mapping[str, str] | None =
         asr_instruction = ASR_INSTRUCTION
     col = {name: (columns or {}).get(name, name) for name in FORMAT_COLUMNS[data_format]}
 
-    def convert(batch: dict) -> dict:
-        size = len(next(iter(batch.values())))
+    def convert(batch: dict, indices: list[int]) -> dict:
         out: dict[str, list] = {"messages": []}
-        for i in range(size):
-            if data_format == "messages":
-                messages = normalize_messages(batch[col["messages"]][i], base_dir)
-            elif data_format == "asr":
-                messages = _asr_conversation(audio_reference(batch[col["audio"]][i], base_dir), batch[col["text"]][i],
-                                             asr_instruction)
-            elif data_format == "voiceassistant":
-                codes = None
-                if answer_modality == "speech":
-                    codes = parse_answer_snac(batch[col["answer_snac"]][i]).tolist()
-                audio = audio_reference(batch[col["question_audio"]][i], base_dir) if question_modality == "audio" else None
-                messages = _qa_conversation(batch[col["question"]][i], audio, batch[col["answer"]][i], codes)
-            else:  # spoken_qa
-                answers = batch[col["answers"]][i]
-                if isinstance(answers, str) or not answers:
-                    raise ValueError(f"spoken_qa row {i}: 'answers' must be a non-empty list of strings, got {answers!r}.")
-                audio = audio_reference(batch[col["audio"]][i], base_dir) if question_modality == "audio" else None
-                messages = _qa_conversation(batch[col["question"]][i], audio, answers[0])
-            out["messages"].append(messages)
+        for i, index in enumerate(indices):
+            try:
+                out["messages"].append(conversation(batch, i))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"{data_format} row {index}: {err}") from err
         for name in keep_columns:
             out[name] = batch[(columns or {}).get(name, name)]
         return out
+
+    def conversation(batch: dict, i: int) -> list[dict]:
+        if data_format == "messages":
+            return normalize_messages(batch[col["messages"]][i], base_dir)
+        if data_format == "asr":
+            return _asr_conversation(audio_reference(batch[col["audio"]][i], base_dir), batch[col["text"]][i],
+                                     asr_instruction)
+        audio_column = "question_audio" if data_format == "voiceassistant" else "audio"
+        audio = audio_reference(batch[col[audio_column]][i], base_dir) if question_modality == "audio" else None
+        question = batch[col["question"]][i] if question_modality == "text" else None
+        if data_format == "voiceassistant":
+            codes = parse_answer_snac(batch[col["answer_snac"]][i]).tolist() if answer_modality == "speech" else None
+            return _qa_conversation(question, audio, batch[col["answer"]][i], codes)
+        answers = batch[col["answers"]][i]  # spoken_qa
+        if isinstance(answers, str) or not answers:
+            raise ValueError(f"'answers' must be a non-empty list of strings, got {answers!r}.")
+        return _qa_conversation(question, audio, answers[0])
 
     return convert
 
@@ -512,9 +514,9 @@ def load_conversation_dataset(source, *, data_format: str = "messages", split: s
     if keep:  # kept columns keep their type; unknown types (a stream without features) stay unknown
         features = datasets.Features({**features, **{n: raw.features[col[n]] for n in keep}}) if raw.features else None
     if isinstance(raw, datasets.IterableDataset):
-        return raw.map(convert, batched=True, batch_size=64, remove_columns=names, features=features)
-    return raw.map(convert, batched=True, batch_size=64, writer_batch_size=64, remove_columns=names, features=features,
-                   num_proc=num_proc, desc=f"{data_format} -> conversations")
+        return raw.map(convert, with_indices=True, batched=True, batch_size=64, remove_columns=names, features=features)
+    return raw.map(convert, with_indices=True, batched=True, batch_size=64, writer_batch_size=64, remove_columns=names,
+                   features=features, num_proc=num_proc, desc=f"{data_format} -> conversations")
 
 
 # ---------------------------------------------------------------------------------------------- mixing
