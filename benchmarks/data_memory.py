@@ -18,7 +18,9 @@ Measured, each in its own fresh subprocess so that its peak RSS is its own:
    (memory-mapped ``load_prepared_dataset``, or streamed). Clip data stops at ``--clip-rows``; larger
    sizes use the prepared code rows.
 2. **Prepare throughput**: ``prepare_dataset`` rows/s with ``num_proc`` 1 and 2 on the same rows
-   (``--throughput-rows``), clips (audio -> log-mel features) and code rows (``answer_snac`` parsed).
+   (``--throughput-rows``), clips (audio -> log-mel features) and code rows (``answer_snac`` parsed),
+   and the CPU time it spent per row (its own and its map workers'), which other processes' load
+   disturbs far less than rows/s.
 
 Peak RSS is read from ``VmHWM`` after resetting the high-water mark to the current RSS right before
 the loop (``echo 5 > /proc/self/clear_refs``), so loading code and opening the data are not counted.
@@ -194,18 +196,26 @@ def worker_prepare(spec: dict) -> dict:
     datasets.disable_progress_bars()
     processor = build_processor()
     data = conversations(spec["kind"], spec["folder"], spec["rows"], False, spec["cache_dir"])
-    started, children = time.perf_counter(), _children_cpu_s()
+    started, children, own = time.perf_counter(), _children_cpu_s(), _own_cpu_s()
     with ForeignLoad() as load:
         prepared = prepare_dataset(data, processor, output_dir=spec["output"], num_proc=spec["num_proc"],
                                    shard_size=spec["shard_size"], data_format=spec["format"], overwrite=True)
     seconds = time.perf_counter() - started
+    children = _children_cpu_s() - children
     if load.cores is not None:  # map's worker processes are ours, not foreign load
-        load.cores = max(0.0, load.cores - (_children_cpu_s() - children) / seconds)
+        load.cores = max(0.0, load.cores - children / seconds)
+    cpu = children + _own_cpu_s() - own
     if len(prepared) != spec["rows"]:
         raise RuntimeError(f"prepared {len(prepared)} rows, expected {spec['rows']}")
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(spec["output"]) for f in fs)
     return {"rows_per_s": spec["rows"] / seconds, "seconds": seconds, "foreign_load": load.cores,
+            "cpu_ms_per_row": 1000 * cpu / spec["rows"],
             "mib_on_disk": size / 2**20, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def _children_cpu_s() -> float:
@@ -261,8 +271,9 @@ def main():
                     "output": output, "shard_size": args.shard_size, "format": fmt, "cache_dir": paths["cache"]}
             result = dict(run_worker(spec), kind=kind, rows=rows, num_proc=num_proc)
             results["prepare"].append(result)
-            print(f"prepare {kind:5s} {rows:>7d} rows, {num_proc} proc: {result['rows_per_s']:8.1f} rows/s "
-                  f"({result['mib_on_disk']:.0f} MiB, other load {load_flag(result['foreign_load'])})", flush=True)
+            print(f"prepare {kind:5s} {rows:>7d} rows, {num_proc} proc: {result['rows_per_s']:8.1f} rows/s, "
+                  f"{result['cpu_ms_per_row']:.2f} CPU ms/row ({result['mib_on_disk']:.0f} MiB, other load "
+                  f"{load_flag(result['foreign_load'])})", flush=True)
 
         parts = args.parts.split(",")
         if "prepare" in parts:
@@ -299,20 +310,31 @@ def main():
 
 
 def print_tables(results):
+    if results["iterate"]:
+        print_iterate_table(results)
+    if results["prepare"]:
+        print_prepare_table(results)
+
+
+def print_iterate_table(results):
     print("\n| data | source | read as | rows | RSS before (MiB) | peak growth (MiB) | heap growth (MiB) | rows/s |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in results["iterate"]:
         print(f"| {r['kind']} | {r['source']} | {'streamed' if r['streaming'] else 'memory-mapped'} | {r['rows']} | "
               f"{r['rss_before_mib']:.0f} | {r['peak_growth_mib']:.1f} | {r['anon_growth_mib']:.1f} | "
               f"{r['rows_per_s']:.0f} |")
-    print("\n| data | rows | processes | rows/s | vs 1 process | on disk (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
+
+
+def print_prepare_table(results):
+    print("\n| data | rows | processes | rows/s | vs 1 process | CPU ms/row | on disk (MiB) | other load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     base = {}
     for r in results["prepare"]:
         key = (r["kind"], r["rows"])
         base.setdefault(key, r["rows_per_s"] if r["num_proc"] == 1 else None)
         ratio = f"{r['rows_per_s'] / base[key]:.2f}x" if base.get(key) else "-"
-        print(f"| {r['kind']} | {r['rows']} | {r['num_proc']} | {r['rows_per_s']:.1f} | {ratio} | {r['mib_on_disk']:.1f} |")
+        print(f"| {r['kind']} | {r['rows']} | {r['num_proc']} | {r['rows_per_s']:.1f} | {ratio} | "
+              f"{r['cpu_ms_per_row']:.2f} | {r['mib_on_disk']:.1f} | {load_flag(r['foreign_load'])} |")
 
 
 if __name__ == "__main__":
