@@ -40,9 +40,9 @@ def test_different_words_stay_different():
 
 
 def test_british_spellings_map_to_american():
-    from deeptalk.conversion.whisper_ct2 import _spelling_mapping_file
+    from deeptalk.conversion.whisper_ct2 import english_spelling_mapping_file
 
-    if _spelling_mapping_file() is None:
+    if english_spelling_mapping_file() is None:
         pytest.skip('whisper-normalizer is not installed (pip install "deeptalk[whisper]")')
     assert normalize_transcript("What colour is the sky?") == normalize_transcript("what color is the sky")
 

