@@ -850,10 +850,12 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         hidden, lengths = self.audio_encoder.encode(input_features, feature_lengths, self.config.audio_pad_to_30s)
         return self.audio_adapter(hidden, lengths)
 
-    def mean_stream_embedding(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def mean_stream_embedding(self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, 1 + N, T]` ids -> `[B, T, H]`: the mean of the streams' embeddings, leaving PAD_A slots
-        out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts)."""
-        embeddings = self.embed_tokens(input_ids)
+        out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts). `embeddings`:
+        `embed_tokens(input_ids)` when the caller already has it."""
+        if embeddings is None:
+            embeddings = self.embed_tokens(input_ids)
         if self.config.stream_embedding_mean == "all":
             return embeddings.mean(dim=1)
         weight = (input_ids != self.stream_pad_ids[None, :, None]).to(embeddings.dtype).unsqueeze(-1)
@@ -866,7 +868,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         At an audio-input position the N audio slots take the adapter output while the text slot keeps
         its placeholder embedding, as in the authors' code: `(text_embedding + N * feature) / (1 + N)`.
         """
-        inputs_embeds = self.mean_stream_embedding(input_ids) if input_ids.dim() == 3 else self.embed_tokens(input_ids)
+        # the table is looked up once per call: under FSDP each lookup of a sharded table is a collective,
+        # so a second lookup for the audio positions would desync ranks whose batches hold no audio
+        if input_ids.dim() == 3:
+            stream_embeddings = self.embed_tokens(input_ids)
+            inputs_embeds, text_embeds = self.mean_stream_embedding(input_ids, stream_embeddings), stream_embeddings[:, 0]
+        else:
+            inputs_embeds = text_embeds = self.embed_tokens(input_ids)
         if input_features is None:
             if self.training and hasattr(self, "audio_encoder") or _distributed() and hasattr(self, "audio_encoder"):
                 # every rank runs the same modules each step, whatever its batch holds, or collectives desync
@@ -884,8 +892,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             )
         num_audio = self.config.num_audio_streams
         if num_audio:
-            text_ids = input_ids[:, 0] if input_ids.dim() == 3 else input_ids
-            text_slot = self.embed_tokens(text_ids)[audio_input_mask]
+            text_slot = text_embeds[audio_input_mask]
             features = (text_slot + num_audio * features) / (num_audio + 1)
         mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features)
