@@ -695,7 +695,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     config: DeepTalkConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DeepTalkDecoderLayer", "WhisperEncoderLayer"]
+    _no_split_modules = ["DeepTalkDecoderLayer"]  # a speech model adds its encoder's WhisperEncoderLayer
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
