@@ -27,6 +27,7 @@ checkpointed forward and its backward.
 Invariant (tested for every family): in ``free`` mode a converted model computes its source's logits.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -792,6 +793,12 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self._ep_plan.update(_tp_plan_for_banks(getattr(text_config, "base_model_ep_plan", None)))
         if self.config.speech_layout is not None:  # a vocabulary-sharded table cannot hold two row blocks
             self._tp_plan.pop("embed_tokens", None)
+        # the family's plan names modules its configs may lack (q_b_proj without q_lora_rank, dense MLPs of a
+        # model with none): keep what this model holds, as transformers matches it (layer indices as `*`)
+        present = {re.sub(r"\d+", "*", name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
+        for plan in (self._tp_plan, self._ep_plan):
+            for key in [key for key in plan if key not in present]:
+                del plan[key]
 
     def _build_speech_input(self, audio_rows: torch.Tensor | None = None):
         """The speech-side modules a `speech_layout` / `audio_config` call for. At construction the tables
@@ -1318,6 +1325,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if hasattr(self.model, "audio_encoder"):
             self.model.audio_encoder.to(text_embedding.device)
             self.model.audio_adapter.to(text_embedding.device)
+        self.model.init_parallel_plans()  # the table and the head now hold two row blocks: not vocabulary-sharded
+        self.init_parallel_plans()
         return self
 
     # ---- expert placement ----------------------------------------------------------------------
