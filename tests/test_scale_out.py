@@ -22,6 +22,7 @@ CPU Adam (about 10 minutes on 2 cores) into torch's extension cache (TORCH_EXTEN
 
 import importlib.util
 import json
+import math
 import os
 import socket
 import subprocess
@@ -36,7 +37,7 @@ from safetensors import safe_open
 SCRIPTS = Path(__file__).parent / "scripts"
 CONFIGS = Path(__file__).parent.parent / "deeptalk" / "recipes" / "accelerate"
 sys.path.insert(0, str(SCRIPTS))
-from scale_out_setup import PHASES, write_model_and_data  # noqa: E402
+from scale_out_setup import PHASES, write_model_and_data
 
 # bf16: what the shipped accelerate configs say; checkpointing and accumulation: what the paper's recipes use
 OVERRIDES = ["bf16=true", "gradient_checkpointing=true", "gradient_accumulation_steps=2", "per_device_train_batch_size=1"]
@@ -80,12 +81,12 @@ def accelerate_launch(config: str, *command: str, env: dict, timeout: int):
               "--num_processes", "2", "--main_process_port", str(free_port())]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")])), **env}
-    return subprocess.run(launch + list(command), capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(launch + list(command), capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
 def tensors(folder: Path) -> dict:
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {name: f.get_tensor(name) for name in f.keys()}
+        return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,7 @@ def check_phase(phase: str, reports: list, source: dict, output: Path, distribut
     assert [r["world_size"] for r in reports] == [2, 2], where
     # trained: 4 optimizer steps, finite losses the ranks agree on
     assert first["global_step"] == 4 and first["logged_steps"] == [1, 2, 3, 4], where
-    assert all(loss == loss and abs(loss) < 100 for loss in first["losses"]), (where, first["losses"])
+    assert all(math.isfinite(loss) and abs(loss) < 100 for loss in first["losses"]), (where, first["losses"])
     assert first["losses"] == second["losses"], where
     # the optimizer holds exactly the trainable parameters, counted from the saved input model too
     trainable_in_source = sum(source[name].numel() for name in first["trainable"])

@@ -18,20 +18,20 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
 
 if os.environ.get("SCALE_OUT_FORCE_FSDP") == "1":
-    import fsdp_cpu_shim  # noqa: E402
+    import fsdp_cpu_shim
 
     fsdp_cpu_shim.install()
 
-from scale_out_setup import PHASES  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoProcessor  # noqa: E402
-from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # noqa: E402
+from scale_out_setup import PHASES
+from transformers import AutoModelForCausalLM, AutoProcessor
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-import deeptalk  # noqa: E402, F401
-from deeptalk.trainers.freezing import unwrap_deeptalk  # noqa: E402
-from deeptalk.trainers.recipes import build_trainer, encode_dataset, load_conversations, load_recipe, parse_overrides  # noqa: E402
+import deeptalk  # noqa: F401
+from deeptalk.trainers.freezing import unwrap_deeptalk
+from deeptalk.trainers.recipes import build_trainer, encode_dataset, load_conversations, load_recipe, parse_overrides
 
 STEPS, CHECKPOINT_STEP = 4, 2
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 STREAMS, CODEBOOK = 2, 16
 # phase name in the matrix -> (deeptalk train phase, tiny_cpu recipe, data file)
