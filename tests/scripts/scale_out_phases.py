@@ -6,6 +6,9 @@ the phase froze, which engine ran, and whether each of its batches had audio.
 
     scale_out_phases.py WORKDIR OUTPUT PHASE[,PHASE...] [KEY=VALUE ...]   (recipe overrides)
 
+A phase written `dpo@zero_init` loads its model after the previous phase's ZeRO-3 config exists, so
+DeepSpeed partitions it as it loads (zero.Init); its reports go to `<output>/dpo@zero_init/`.
+
 With SCALE_OUT_FORCE_FSDP=1 the FSDP test shim runs first (see tests/test_scale_out.py).
 """
 
@@ -63,14 +66,17 @@ def numel(p) -> int:
 
 
 def train_phase(workdir: Path, output: Path, name: str, overrides: dict, resume_from=None):
+    name, _, variant = name.partition("@")
     phase, recipe_name, data_file = PHASES[name]
     recipe = load_recipe(recipe_name)
     args = {**recipe["args"], "max_steps": STEPS, "save_strategy": "steps", "save_steps": CHECKPOINT_STEP,
             "logging_steps": 1, "report_to": "none", "dataloader_num_workers": 0, "per_device_train_batch_size": 2,
             **overrides, "output_dir": str(output)}
     # `deeptalk train` runs one phase per process and loads the model before any DeepSpeed config exists; a
-    # previous phase's ZeRO-3 config would make this load partition the model (zero.Init) instead
-    unset_hf_deepspeed_config()
+    # previous phase's ZeRO-3 config would make this load partition the model (zero.Init) instead. The
+    # `PHASE@zero_init` variant keeps it: the Python API's way to load a large model under ZeRO-3.
+    if variant != "zero_init":
+        unset_hf_deepspeed_config()
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.bfloat16 if args.get("bf16") else None)
     processor = AutoProcessor.from_pretrained(workdir / "model")
     dataset = encode_dataset(processor, load_conversations(workdir / data_file), max_length=recipe["data"].get("max_length"))
