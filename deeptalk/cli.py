@@ -355,9 +355,10 @@ def cmd_train(args) -> int:
     trainer = build_trainer(args.phase, model, processor, dataset, train_args, codec=codec)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
-    processor.save_pretrained(args.output)
-    print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {len(dataset)} conversations "
-          f"-> {args.output}")
+    if trainer.is_world_process_zero():  # one writer and one completion line under a multi-process launch
+        processor.save_pretrained(args.output)
+        print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {len(dataset)} conversations "
+              f"-> {args.output}")
     return 0
 
 

@@ -27,6 +27,7 @@ checkpointed forward and its backward.
 Invariant (tested for every family): in ``free`` mode a converted model computes its source's logits.
 """
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -703,7 +704,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     config: DeepTalkConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DeepTalkDecoderLayer", "WhisperEncoderLayer"]
+    _no_split_modules = ["DeepTalkDecoderLayer"]  # a speech model adds its encoder's WhisperEncoderLayer
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -800,6 +801,12 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self._ep_plan.update(_tp_plan_for_banks(getattr(text_config, "base_model_ep_plan", None)))
         if self.config.speech_layout is not None:  # a vocabulary-sharded table cannot hold two row blocks
             self._tp_plan.pop("embed_tokens", None)
+        # the family's plan names modules its configs may lack (q_b_proj without q_lora_rank, dense MLPs of a
+        # model with none): keep what this model holds, as transformers matches it (layer indices as `*`)
+        present = {re.sub(r"\d+", "*", name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
+        for plan in (self._tp_plan, self._ep_plan):
+            for key in [key for key in plan if key not in present]:
+                del plan[key]
 
     def _build_speech_input(self, audio_rows: torch.Tensor | None = None):
         """The speech-side modules a `speech_layout` / `audio_config` call for. At construction the tables
@@ -858,10 +865,12 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         hidden, lengths = self.audio_encoder.encode(input_features, feature_lengths, self.config.audio_pad_to_30s)
         return self.audio_adapter(hidden, lengths)
 
-    def mean_stream_embedding(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def mean_stream_embedding(self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, 1 + N, T]` ids -> `[B, T, H]`: the mean of the streams' embeddings, leaving PAD_A slots
-        out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts)."""
-        embeddings = self.embed_tokens(input_ids)
+        out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts). `embeddings`:
+        `embed_tokens(input_ids)` when the caller already has it."""
+        if embeddings is None:
+            embeddings = self.embed_tokens(input_ids)
         if self.config.stream_embedding_mean == "all":
             return embeddings.mean(dim=1)
         weight = (input_ids != self.stream_pad_ids[None, :, None]).to(embeddings.dtype).unsqueeze(-1)
@@ -874,7 +883,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         At an audio-input position the N audio slots take the adapter output while the text slot keeps
         its placeholder embedding, as in the authors' code: `(text_embedding + N * feature) / (1 + N)`.
         """
-        inputs_embeds = self.mean_stream_embedding(input_ids) if input_ids.dim() == 3 else self.embed_tokens(input_ids)
+        # the table is looked up once per call: under FSDP each lookup of a sharded table is a collective,
+        # so a second lookup for the audio positions would desync ranks whose batches hold no audio
+        if input_ids.dim() == 3:
+            stream_embeddings = self.embed_tokens(input_ids)
+            inputs_embeds, text_embeds = self.mean_stream_embedding(input_ids, stream_embeddings), stream_embeddings[:, 0]
+        else:
+            inputs_embeds = text_embeds = self.embed_tokens(input_ids)
         if input_features is None:
             if self.training and hasattr(self, "audio_encoder") or _distributed() and hasattr(self, "audio_encoder"):
                 # every rank runs the same modules each step, whatever its batch holds, or collectives desync
@@ -892,8 +907,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             )
         num_audio = self.config.num_audio_streams
         if num_audio:
-            text_ids = input_ids[:, 0] if input_ids.dim() == 3 else input_ids
-            text_slot = self.embed_tokens(text_ids)[audio_input_mask]
+            text_slot = text_embeds[audio_input_mask]
             features = (text_slot + num_audio * features) / (num_audio + 1)
         mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features)
@@ -1319,6 +1333,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if hasattr(self.model, "audio_encoder"):
             self.model.audio_encoder.to(text_embedding.device)
             self.model.audio_adapter.to(text_embedding.device)
+        self.model.init_parallel_plans()  # the table and the head now hold two row blocks: not vocabulary-sharded
+        self.init_parallel_plans()
         return self
 
     # ---- expert placement ----------------------------------------------------------------------
