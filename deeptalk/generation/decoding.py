@@ -22,7 +22,9 @@ Two strategies (``SpeechDecodingConfig.strategy``):
     and the cache repeated, so the extra cost is the second row of each decode step while text lasts.
 
 Sampling follows the authors' code by default: text greedy with repetition penalty 1.2, audio top-k 10
-(``audio_top_k=1`` is greedy). Sampling uses its own seeded generator, so replies are reproducible.
+(``audio_top_k=1`` is greedy), through transformers' ``RepetitionPenaltyLogitsProcessor``,
+``TemperatureLogitsWarper`` and ``TopKLogitsWarper``; the N audio streams are drawn together by one
+``torch.multinomial`` on the decoding's own seeded generator, so replies are reproducible.
 """
 
 from __future__ import annotations
@@ -127,64 +129,73 @@ def _synchronize(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-class _StreamRules:
-    """The layout rules of one answer: which token each audio stream may or must emit at a step."""
+class _StepSampler:
+    """Chooses each step's column with transformers' logits processors, every audio stream at once.
 
-    def __init__(self, layout, voice: str | None):
-        self.layout = layout
-        self.eoa = layout.audio_special_ids("<|eoa|>").tolist()
-        self.pad_a = layout.audio_special_ids("<|pad_a|>").tolist()
-        self.starts = [layout.stream_offset(i + 1) for i in range(layout.num_audio_streams)]
+    The text token: greedy over the text block after `RepetitionPenaltyLogitsProcessor` on the answer's
+    text so far. The audio tokens: the head's audio blocks (contiguous, equal-sized) viewed as
+    `[N, block]`, restricted to the codebook (plus EOA for the first stream), warped by
+    `TemperatureLogitsWarper` + `TopKLogitsWarper` and drawn by one `torch.multinomial`; the layout
+    rules then replace what a stream may not choose at this step, in one `torch.where`.
+    The end of speech stays on the device (`end_frame`), so choosing a column needs no host sync.
+    """
+
+    def __init__(self, layout, config: SpeechDecodingConfig, device: torch.device, generator: torch.Generator):
+        from transformers import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+        )
+
+        num_streams, block, codebook = layout.num_audio_streams, layout.audio_block_size, layout.codebook_size
+        self.text_vocab_size = layout.text_vocab_size
+        self.audio_span = (layout.stream_range(1)[0], layout.stream_range(num_streams)[1])
+        self.num_streams, self.block = num_streams, block
+        self.delays = torch.tensor(layout.delays, device=device)
+        self.offsets = torch.tensor([layout.stream_offset(i + 1) for i in range(num_streams)], device=device)
+        self.pad_a = layout.audio_special_ids("<|pad_a|>").to(device)
+        self.eoa = layout.audio_special_ids("<|eoa|>").to(device)
+        self.pad_t = torch.tensor([layout.pad_t_id], device=device)
         # the voice (speaker) token opens the audio streams at step 0, as in training (layout.py)
-        self.voice_ids = layout.voice_ids(voice) if voice is not None else None
-        self.frames: int | None = None  # set when the first audio stream emits EOA
+        self.opening = torch.tensor(layout.voice_ids(config.voice), device=device) if config.voice else self.pad_a
+        eoa_index = codebook + layout.audio_special_tokens.index("<|eoa|>")
+        allowed = torch.zeros(num_streams, block, dtype=torch.bool)
+        allowed[:, :codebook] = True
+        allowed[0, eoa_index] = True  # the first stream decides when speech ends
+        self.blocked = (~allowed).to(device)
+        self.first_eoa_index = eoa_index
+        self.no_end = torch.iinfo(torch.long).max
+        self.end_frame = torch.tensor(self.no_end, device=device)  # frame of the first stream's EOA
+        self.text_penalty = (RepetitionPenaltyLogitsProcessor(float(config.text_repetition_penalty))
+                             if config.text_repetition_penalty != 1.0 else None)
+        self.greedy_audio = config.audio_top_k == 1
+        self.audio_warpers = LogitsProcessorList([TemperatureLogitsWarper(float(config.audio_temperature)),
+                                                  TopKLogitsWarper(config.audio_top_k)])
+        self.generator = generator
 
+    def text_token(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """`[1]` the greedy text id from one row of logits, penalising the answer's `history` `[1, L]`."""
+        scores = logits[None, : self.text_vocab_size].float()
+        if self.text_penalty is not None and history.numel():
+            scores = self.text_penalty(history, scores)
+        return scores.argmax(dim=-1)
 
-def _penalized_text_logits(model, logits, history: list[int], penalty: float) -> torch.Tensor:
-    text_logits = model.stream_logits(logits, 0).float()
-    if penalty != 1.0 and history:
-        text_logits = text_logits.clone()
-        seen = torch.tensor(sorted(set(history)), device=text_logits.device)
-        values = text_logits[seen]
-        text_logits[seen] = torch.where(values > 0, values / penalty, values * penalty)
-    return text_logits
-
-
-def _pick_audio(model, logits, stream: int, allow_eoa: bool, config: SpeechDecodingConfig, generator) -> int:
-    """A codebook index (or `codebook_size` for EOA) for audio `stream` (1-based) from its logits."""
-    layout = model.config.layout
-    codebook = layout.codebook_size
-    stream_logits = model.stream_logits(logits, stream)
-    allowed = stream_logits[:codebook].float()
-    if allow_eoa:  # EOA as one more choice, wherever it sits among the specials
-        eoa = codebook + layout.audio_special_tokens.index("<|eoa|>")
-        allowed = torch.cat([allowed, stream_logits[eoa : eoa + 1].float()])
-    if config.audio_top_k == 1:
-        return int(allowed.argmax())
-    values, indices = allowed.topk(min(config.audio_top_k, allowed.numel()))
-    probs = torch.softmax(values / config.audio_temperature, dim=-1)
-    return int(indices[torch.multinomial(probs, 1, generator=generator)])
-
-
-def _next_audio_tokens(model, logits, step: int, rules: _StreamRules, config, generator) -> list[int]:
-    layout = rules.layout
-    tokens = []
-    for i, delay in enumerate(layout.delays):
-        frame = step - delay
-        if frame < 0:
-            tokens.append(rules.voice_ids[i] if rules.voice_ids is not None and step == 0 else rules.pad_a[i])
-        elif rules.frames is not None and frame > rules.frames:
-            tokens.append(rules.pad_a[i])
-        elif rules.frames is not None and frame == rules.frames:
-            tokens.append(rules.eoa[i])
+    def audio_tokens(self, logits: torch.Tensor, step: int) -> torch.Tensor:
+        """`[N]` global ids of the audio streams at `step` from one row of logits."""
+        start, end = self.audio_span
+        scores = logits[start:end].view(self.num_streams, self.block).float().masked_fill(self.blocked, float("-inf"))
+        if self.greedy_audio:
+            picked = scores.argmax(dim=-1)
         else:
-            code = _pick_audio(model, logits, i + 1, allow_eoa=(i == 0), config=config, generator=generator)
-            if code == layout.codebook_size:  # the first stream ends the speech
-                rules.frames = frame
-                tokens.append(rules.eoa[i])
-            else:
-                tokens.append(rules.starts[i] + code)
-    return tokens
+            probs = self.audio_warpers(None, scores).softmax(dim=-1)
+            picked = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        frame = step - self.delays
+        ends_now = (picked[0] == self.first_eoa_index) & (frame[0] >= 0) & (frame[0] < self.end_frame)
+        self.end_frame = torch.where(ends_now, frame[0], self.end_frame)
+        before = self.opening if step == 0 else self.pad_a
+        return torch.where(frame < 0, before, torch.where(frame < self.end_frame, picked + self.offsets,
+                                                          torch.where(frame == self.end_frame, self.eoa, self.pad_a)))
 
 
 def _prepare_prompt(processor, conversation, device):
@@ -230,7 +241,8 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     result = result if result is not None else DecodeResult()
     layout = processor.layout
     _check_delays(layout)
-    rules = _StreamRules(layout, config.voice)
+    if config.voice is not None:
+        layout.voice_ids(config.voice)  # an unknown voice is refused before any work
     device = next(model.parameters()).device
     generator = torch.Generator(device=device)
     if config.seed is not None:
@@ -274,31 +286,34 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     two_rows = batch_parallel  # row 0 speaks, row 1 is the text-only copy
     attention_mask = prompt["attention_mask"][:1]
     sequence = prompt["input_ids"]
-    text_done, history = False, []
+    sampler = _StepSampler(layout, config, device, generator)
+    text_done, frames = False, None  # frames: the answer's speech length, once the first stream ends it
+    history = torch.empty(1, 0, dtype=torch.long, device=device)  # the answer's text ids, for the penalty
+    first_delay, last_delay, first_eoa = layout.delays[0], layout.delays[-1], layout.audio_special_id("<|eoa|>", 0)
     logits = out.logits[:, -1]  # [rows, vocab]; a prefill shared by both rows has one row
     for step in range(config.max_steps):
-        if text_done:
-            text_token = None
-            text_id = layout.pad_t_id
-        else:
-            text_row = logits.shape[0] - 1  # the text-only copy when batch-parallel, else the one row
-            text_logits = _penalized_text_logits(model, logits[text_row], history, config.text_repetition_penalty)
-            text_id = int(text_logits.argmax())
-            history.append(text_id)
-            text_token = text_id
-            text_done = text_id == layout.eot_id
-        column = [text_id] + _next_audio_tokens(model, logits[0], step, rules, config, generator)
+        # the text token comes from the text-only copy when batch-parallel (the last row), else the one row
+        text_token = sampler.pad_t if text_done else sampler.text_token(logits[-1], history)
+        column_ids = torch.cat([text_token, sampler.audio_tokens(logits[0], step)])
+        column = column_ids.tolist()  # the step's one host sync: the column is yielded
         result.columns.append(column)
-        yield DecodeStep(step=step, column=column, text_token=text_token, elapsed_s=time.perf_counter() - started)
-        speech_done = rules.frames is not None and step - layout.delays[-1] >= rules.frames
-        if (text_done and (speech_done or layout.num_audio_streams == 0)) or step == config.max_steps - 1:
+        text_id = column[0]
+        yield DecodeStep(step=step, column=column, text_token=None if text_done else text_id,
+                         elapsed_s=time.perf_counter() - started)
+        if not text_done:
+            history = torch.cat([history, text_token[None]], dim=1)
+            text_done = text_id == layout.eot_id
+        if frames is None and column[1] == first_eoa:
+            frames = step - first_delay
+        speech_done = frames is not None and step - last_delay >= frames
+        if (text_done and speech_done) or step == config.max_steps - 1:
             break
-        step_ids = torch.tensor(column, device=device).view(1, -1, 1)
+        step_ids = column_ids.view(1, -1, 1)
         if two_rows and text_done and not static:  # the text is complete: drop the text-only copy
             cache.batch_select_indices(torch.tensor([0], device=device))
             two_rows = False
         if two_rows:  # the copy gets the same text token and silent audio streams
-            text_only = torch.tensor([text_id] + rules.pad_a, device=device).view(1, -1, 1)
+            text_only = torch.cat([text_token, sampler.pad_a]).view(1, -1, 1)
             step_ids = torch.cat([step_ids, text_only])
         live_rows = 2 if two_rows else 1
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=1)
