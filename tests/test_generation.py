@@ -116,6 +116,55 @@ def test_sampling_is_seeded(setup):
     assert torch.equal(a.layout, b.layout) and not torch.equal(a.layout[1:], c.layout[1:])
 
 
+def test_the_layout_rules_apply_to_every_stream_at_once():
+    """One step of the sampler on hand-made logits: before its delay a stream holds PAD_A (the voice at step 0),
+    then samples codes (never a special, even a likelier one); the first stream's EOA ends every stream at that
+    frame (the same step for equal delays); PAD_A after. The result is exactly the training layout."""
+    from deeptalk.configuration_deeptalk import AUDIO_SPECIAL_TOKENS, SpeechTokenLayout, voice_token
+    from deeptalk.generation_deeptalk import _StepSampler
+
+    layout = SpeechTokenLayout(text_vocab_size=10, num_audio_streams=4, codebook_size=8, eot_id=1, pad_t_id=2,
+                               delays=[1, 1, 2, 4], audio_special_tokens=[*AUDIO_SPECIAL_TOKENS, voice_token("a")])
+    sampler = _StepSampler(layout, SpeechDecodingConfig(audio_top_k=3, voice="a"), torch.device("cpu"),
+                           torch.Generator().manual_seed(0))
+    frames = 2
+    columns = []
+    for step in range(max(layout.delays) + frames + 2):
+        logits = torch.zeros(layout.vocab_size)
+        for i in range(layout.num_audio_streams):
+            start = layout.stream_offset(i + 1)
+            logits[start + (step + i) % 8] = 100.0  # the one likely code
+            logits[start + layout.codebook_size : start + layout.audio_block_size] = 200.0  # specials: never sampled
+        if step - layout.delays[0] != frames:
+            logits[layout.audio_special_id("<|eoa|>", 0)] = -100.0  # the first stream ends at `frames`, not before
+        columns.append(sampler.audio_tokens(logits, step).tolist())
+    codes = torch.tensor([[(f + d + i) % 8 for f in range(frames)] for i, d in enumerate(layout.delays)])
+    expected = layout.build_delayed_layout([5], codes, voice="a")[1:]
+    grid = torch.tensor(columns).T
+    assert torch.equal(grid[:, : expected.shape[1]], expected)
+    assert (grid[:, expected.shape[1]:] == layout.audio_special_ids("<|pad_a|>")[:, None]).all()
+
+
+def test_audio_sampling_draws_among_the_top_k_codes_of_every_stream():
+    from deeptalk.configuration_deeptalk import SpeechTokenLayout
+    from deeptalk.generation_deeptalk import _StepSampler
+
+    layout = SpeechTokenLayout(text_vocab_size=10, num_audio_streams=3, codebook_size=16, eot_id=1, pad_t_id=2,
+                               delays=[0, 0, 0])
+    logits = torch.zeros(layout.vocab_size)
+    for i in range(3):  # codes 4, 5, 6 tie at the top; 7 is next
+        logits[layout.stream_offset(i + 1) + torch.tensor([4, 5, 6, 7])] = torch.tensor([5.0, 5.0, 5.0, 4.0])
+    logits[layout.audio_special_id("<|eoa|>", 0)] = -1e4
+    config = SpeechDecodingConfig(audio_top_k=3)
+    sampler = _StepSampler(layout, config, torch.device("cpu"), torch.Generator().manual_seed(0))
+    drawn = torch.stack([sampler.audio_tokens(logits, 0) for _ in range(300)]) - torch.tensor(
+        [layout.stream_offset(i + 1) for i in range(3)])
+    for i in range(3):
+        assert set(drawn[:, i].tolist()) == {4, 5, 6}, i
+    again = _StepSampler(layout, config, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(again.audio_tokens(logits, 0), drawn[0] + torch.tensor([layout.stream_offset(i + 1) for i in range(3)]))
+
+
 @pytest.mark.parametrize(
     "options, words",
     [
