@@ -364,3 +364,15 @@ def generate_speech_answer(model, processor, conversation: list[dict], config: S
     return SpeechAnswer(text=text, codes=codes, layout=layout, steps=len(result.columns), timings=result.timings,
                         expert_load=result.expert_load, waveform=waveform,
                         sampling_rate=None if codec is None else codec.sampling_rate)
+
+
+__all__ = [
+    "CACHE_IMPLEMENTATIONS",
+    "STRATEGIES",
+    "DecodeResult",
+    "DecodeStep",
+    "SpeechAnswer",
+    "SpeechDecodingConfig",
+    "decode_steps",
+    "generate_speech_answer",
+]

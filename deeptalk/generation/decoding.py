@@ -5,24 +5,5 @@ Defined in `deeptalk/generation_deeptalk.py`, the remote-code file saved folders
 strategies, the layout rules and the sampling.
 """
 
-from ..generation_deeptalk import (
-    CACHE_IMPLEMENTATIONS,
-    STRATEGIES,
-    DecodeResult,
-    DecodeStep,
-    SpeechAnswer,
-    SpeechDecodingConfig,
-    decode_steps,
-    generate_speech_answer,
-)
-
-__all__ = [
-    "CACHE_IMPLEMENTATIONS",
-    "STRATEGIES",
-    "DecodeResult",
-    "DecodeStep",
-    "SpeechAnswer",
-    "SpeechDecodingConfig",
-    "decode_steps",
-    "generate_speech_answer",
-]
+from ..generation_deeptalk import *  # noqa: F403
+from ..generation_deeptalk import __all__  # noqa: F401
