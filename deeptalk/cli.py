@@ -39,37 +39,14 @@ def parse_speech_experts(value: str | None) -> list[list[int]] | None:
     return experts
 
 
-def load_source(spec: str, dtype: str | None = None):
-    """Load the source MoE LLM named by `spec` (`tiny:FAMILY`, a folder, or a Hub id)."""
-    if spec.startswith("tiny:"):
-        from .tiny import tiny_text_moe
-
-        return tiny_text_moe(spec.split(":", 1)[1]), None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
-    model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError):  # a source without a tokenizer still converts
-        tokenizer = None
-    return model, tokenizer
-
-
 def cmd_convert(args) -> int:
-    import deeptalk
+    from .conversion import convert_folder
 
-    source, tokenizer = load_source(args.source, args.dtype)
     overrides = {"routing_mode": args.routing_mode}
     if args.num_speech_experts:
         overrides["num_speech_experts"] = args.num_speech_experts
-    model = deeptalk.DeepTalkForCausalLM.from_text_moe(
-        source, speech_experts=parse_speech_experts(args.speech_experts), **overrides
-    )
-    model.save_pretrained(args.output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output)
+    model = convert_folder(args.source, args.output, parse_speech_experts(args.speech_experts), dtype=args.dtype,
+                           **overrides)
     assigned = "assigned" if model.config.speech_experts else "not assigned yet (run the assignment step)"
     print(f"Converted {args.source} ({model.config.family}) -> {args.output}: "
           f"{len(model.config.moe_layer_indices)} MoE layers x {model.config.num_routed_experts} routed experts; "
