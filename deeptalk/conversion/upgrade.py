@@ -37,9 +37,11 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
         raise ValueError(f"{old_dir} is already in format {FORMAT_VERSION}: nothing to upgrade.")
     if new_dir.exists():
         raise FileExistsError(f"{new_dir} exists: give a new folder for the upgraded model.")
-    weight_files = sorted(old_dir.glob("*.safetensors"))
-    if not weight_files or (old_dir / "model.safetensors.index.json").exists():
+    weights = old_dir / "model.safetensors"  # other .safetensors files (reports, test data) are not weights
+    if (old_dir / "model.safetensors.index.json").exists():
         raise ValueError(f"{old_dir}: upgrade handles one model.safetensors file (sharded format-1 folders were never written).")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{old_dir} has no model.safetensors: it is not a folder saved by deeptalk 0.1.")
 
     num_audio_streams = config.get("num_audio_streams", 0)
     text_vocab_size = config.get("text_vocab_size") or config["text_config"]["vocab_size"]
@@ -62,7 +64,7 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
     config["deeptalk_format_version"] = FORMAT_VERSION
 
     tensors = {}
-    with safe_open(weight_files[0], framework="pt") as f:
+    with safe_open(weights, framework="pt") as f:
         metadata = f.metadata()
         for key in f.keys():
             tensor = f.get_tensor(key)
@@ -77,7 +79,7 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
     staging = Path(tempfile.mkdtemp(prefix=f".{new_dir.name}.upgrading-", dir=new_dir.parent))
     try:
         for item in old_dir.iterdir():
-            if item.suffix == ".py" or item.name == "config.json" or item in weight_files:
+            if item.suffix == ".py" or item.name == "config.json" or item == weights:
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         save_file(tensors, staging / "model.safetensors", metadata=metadata or {"format": "pt"})
