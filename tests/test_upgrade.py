@@ -37,3 +37,11 @@ def test_an_upgraded_format_1_folder_reproduces_its_logits(tmp_path):
     _check_upgraded(upgrade_folder(FORMAT_1, tmp_path / "upgraded"))
     with pytest.raises(ValueError, match="already in format"):
         upgrade_folder(tmp_path / "upgraded", tmp_path / "again")
+
+
+def test_upgrade_refuses_an_existing_folder_before_reading(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        upgrade_folder(FORMAT_1, tmp_path / "taken")
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
