@@ -23,8 +23,9 @@ _FLAT_SPEECH_FIELDS = ("num_audio_streams", "audio_codebook_size", "audio_stream
                        "text_vocab_size")
 
 
-def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Path:
-    """Write the format-1 folder `old_dir` in the current format to `new_dir` (new or empty; written atomically).
+def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the format-1 folder `old_dir` in the current format to `new_dir` (new or empty unless `overwrite`;
+    written atomically).
     Files other than config.json and the weights (tokenizer, processor, codec, reports) are copied."""
     old_dir, new_dir = Path(old_dir), Path(new_dir)
     config_path = old_dir / "config.json"
@@ -35,7 +36,7 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
         raise ValueError(f"{config_path} describes a {config.get('model_type')!r} model, not a DeepTalk one.")
     if config.get("deeptalk_format_version", 1) == FORMAT_VERSION:
         raise ValueError(f"{old_dir} is already in format {FORMAT_VERSION}: nothing to upgrade.")
-    check_output_path(new_dir, forbid=[old_dir], what="the new folder")
+    check_output_path(new_dir, overwrite=overwrite, forbid=[old_dir], what="the new folder")
     weights = old_dir / "model.safetensors"  # other .safetensors files (reports, test data) are not weights
     if (old_dir / "model.safetensors.index.json").exists():
         raise ValueError(f"{old_dir}: upgrade handles one model.safetensors file (format 1 was never sharded).")
@@ -74,7 +75,7 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
             else:
                 tensors[new_key] = tensor
 
-    with atomic_directory(new_dir, forbid=[old_dir], what="the new folder") as staging:
+    with atomic_directory(new_dir, overwrite=overwrite, forbid=[old_dir], what="the new folder") as staging:
         staging = Path(staging)
         for item in old_dir.iterdir():
             if item.suffix == ".py" or item.name == "config.json" or item == weights:
