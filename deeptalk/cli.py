@@ -2,6 +2,7 @@
 
     deeptalk demo                          # the embedded-defaults job: convert, check, save, reload
     deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
+    deeptalk upgrade OLD NEW               # a folder saved by deeptalk 0.1 -> the current format
     deeptalk assign --model DIR --text-data T.jsonl --speech-data S.jsonl --output DIR
     deeptalk train {align,experts,joint,dpo} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
     deeptalk quickstart                    # the whole recipe offline on tiny models
@@ -51,6 +52,15 @@ def cmd_convert(args) -> int:
     print(f"Converted {args.source} ({model.config.family}) -> {args.output}: "
           f"{len(model.config.moe_layer_indices)} MoE layers x {model.config.num_routed_experts} routed experts; "
           f"speech experts {assigned}; routing mode {model.config.routing_mode}.")
+    return 0
+
+
+def cmd_upgrade(args) -> int:
+    from .configuration_deeptalk import FORMAT_VERSION
+    from .conversion import upgrade_folder
+
+    folder = upgrade_folder(args.old, args.new, overwrite=args.overwrite)
+    print(f"Upgraded {args.old} -> {folder} (format {FORMAT_VERSION}).")
     return 0
 
 
@@ -313,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--routing-mode", default="free", help="free | speech_only | text_only | by_token_modality")
     convert.add_argument("--dtype", help="load the source in this dtype, e.g. bfloat16 (default: as saved)")
     convert.set_defaults(func=cmd_convert)
+
+    upgrade = sub.add_parser("upgrade", help="rewrite a folder saved by deeptalk 0.1 in the current format")
+    upgrade.add_argument("old", help="the old model folder (left untouched)")
+    upgrade.add_argument("new", help="the new folder (new or empty)")
+    upgrade.add_argument("--overwrite", action="store_true", help="replace NEW if it holds something")
+    upgrade.set_defaults(func=cmd_upgrade)
 
     train = sub.add_parser("train", help="run one training phase from a recipe")
     train.add_argument("phase", choices=["align", "experts", "joint", "dpo"])
