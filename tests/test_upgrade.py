@@ -4,6 +4,8 @@ the logits it gave when it was saved)."""
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -45,3 +47,14 @@ def test_upgrade_refuses_an_existing_folder_before_reading(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         upgrade_folder(FORMAT_1, tmp_path / "taken")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
+
+
+def test_deeptalk_upgrade_command(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "deeptalk", "upgrade", str(FORMAT_1), str(tmp_path / "upgraded")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"format {FORMAT_VERSION}" in result.stdout
+    _check_upgraded(tmp_path / "upgraded")
+    result = subprocess.run([sys.executable, "-m", "deeptalk", "upgrade", str(FORMAT_1), str(tmp_path / "upgraded")],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2 and "not empty" in result.stderr
