@@ -68,8 +68,8 @@ def test_trl_sft_cli_fine_tunes_a_converted_folder_on_chat_data(tmp_path):
     convert_folder("tiny:qwen3_moe", converted, progress=False)  # what `deeptalk convert tiny:qwen3_moe OUT` runs
     data = tmp_path / "chat"
     data.mkdir()
-    pairs = [("what is two plus two", "four"), ("is seven bigger than three", "yes"), ("what colour is the sky", "blue"),
-             ("what does a cow say", "moo")]
+    pairs = [("what is two plus two", "four"), ("is seven bigger than three", "yes"),
+             ("what colour is the sky", "blue"), ("what does a cow say", "moo")]
     with open(data / "train.jsonl", "w") as f:
         for question, answer in pairs * 2:
             f.write(json.dumps({"messages": [{"role": "user", "content": question},
@@ -80,8 +80,9 @@ def test_trl_sft_cli_fine_tunes_a_converted_folder_on_chat_data(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [trl, "sft", "--model_name_or_path", str(converted), "--trust_remote_code", "--dataset_name", str(data),
-         "--output_dir", str(tuned), "--max_steps", "2", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
-         "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--dtype", "float32"],
+         "--output_dir", str(tuned), "--max_steps", "2", "--per_device_train_batch_size", "4",
+         "--learning_rate", "1e-2", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+         "--use_cpu", "--dtype", "float32"],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     assert "'loss'" in result.stdout + result.stderr

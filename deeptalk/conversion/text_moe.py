@@ -133,9 +133,9 @@ def load_source_tokenizer(source: str | os.PathLike):
                          "model's tokenizer: give a folder or Hub id that holds it.") from None
     if len(tokenizer) <= max(1, len(set(tokenizer.all_special_ids))):
         raise ValueError(
-            f"{source} has no tokenizer: loading it gave one with {len(tokenizer)} token(s) and no vocabulary. Copy the "
-            "source model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder, or give the "
-            "Hub id the model came from."
+            f"{source} has no tokenizer: loading it gave one with {len(tokenizer)} token(s) and no vocabulary. Copy "
+            "the source model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder, or give "
+            "the Hub id the model came from."
         )
     return tokenizer
 

@@ -4,15 +4,7 @@ remote-code file saved folders carry."""
 
 from . import decoding
 from .chat import ChatReply, SpeechChat, user_message
-from .decoding import (
-    STRATEGIES,
-    DecodeResult,
-    DecodeStep,
-    SpeechAnswer,
-    SpeechDecodingConfig,
-    decode_steps,
-    generate_speech_answer,
-)
+from .decoding import *  # noqa: F403  (the decoding names, listed once: generation_deeptalk.__all__)
 from .streaming import AudioChunk, IncrementalSpeechDecoder, TextDelta
 
 __all__ = ["AudioChunk", "ChatReply", "IncrementalSpeechDecoder", "SpeechChat", "TextDelta", "user_message",
