@@ -148,7 +148,8 @@ class _StepSampler:
     The text token: greedy over the text block after `RepetitionPenaltyLogitsProcessor` on the answer's
     text so far. The audio tokens: the head's audio blocks (contiguous, equal-sized) viewed as
     `[N, block]`, restricted to the codebook (plus EOA for the first stream), warped by
-    `TemperatureLogitsWarper` + `TopKLogitsWarper` and drawn by one `torch.multinomial`; the layout
+    `TemperatureLogitsWarper` + `TopKLogitsWarper` and drawn by one `torch.multinomial` among each
+    stream's top k; the layout
     rules then replace what a stream may not choose at this step, in one `torch.where`.
     The end of speech stays on the device (`end_frame`), so choosing a column needs no host sync.
     """
@@ -169,15 +170,19 @@ class _StepSampler:
         allowed = torch.zeros(num_streams, block, dtype=torch.bool)
         allowed[:, :codebook] = True
         allowed[0, eoa_index] = True  # the first stream decides when speech ends
-        self.blocked = (~allowed).to(device)
+        # an additive mask (0 or -inf): a plain add, cheaper than masked_fill's boolean pass
+        self.audio_mask = torch.zeros(num_streams, block).masked_fill(~allowed, float("-inf")).to(device)
         self.first_eoa_index = eoa_index
         self.no_end = torch.iinfo(torch.long).max
         self.end_frame = torch.tensor(self.no_end, device=device)  # frame of the first stream's EOA
         self.text_penalty = (RepetitionPenaltyLogitsProcessor(float(config.text_repetition_penalty))
                              if config.text_repetition_penalty != 1.0 else None)
         self.greedy_audio = config.audio_top_k == 1
-        self.audio_warpers = LogitsProcessorList([TemperatureLogitsWarper(float(config.audio_temperature)),
-                                                  TopKLogitsWarper(config.audio_top_k)])
+        self.audio_top_k = min(config.audio_top_k, block)
+        # as transformers' generate: a temperature of 1.0 adds no warper
+        self.audio_warpers = LogitsProcessorList(
+            [TemperatureLogitsWarper(float(config.audio_temperature))] if config.audio_temperature != 1.0 else [])
+        self.audio_warpers.append(TopKLogitsWarper(config.audio_top_k))
         self.generator = generator
 
     def text_token(self, logits: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
@@ -190,12 +195,16 @@ class _StepSampler:
     def audio_tokens(self, logits: torch.Tensor, step: int) -> torch.Tensor:
         """`[N]` global ids of the audio streams at `step` from one row of logits."""
         start, end = self.audio_span
-        scores = logits[start:end].view(self.num_streams, self.block).float().masked_fill(self.blocked, float("-inf"))
+        scores = logits[start:end].view(self.num_streams, self.block).float() + self.audio_mask
         if self.greedy_audio:
             picked = scores.argmax(dim=-1)
         else:
-            probs = self.audio_warpers(None, scores).softmax(dim=-1)
-            picked = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+            scores = self.audio_warpers(None, scores)
+            # the warped distribution is zero outside each stream's top k: drawing among those k gives the same
+            # distribution, and a multinomial over the whole block costs far more than the warpers
+            top_scores, candidates = scores.topk(self.audio_top_k, dim=-1)
+            choice = torch.multinomial(top_scores.softmax(dim=-1), 1, generator=self.generator)
+            picked = candidates.gather(-1, choice).squeeze(-1)
         frame = step - self.delays
         ends_now = (picked[0] == self.first_eoa_index) & (frame[0] >= 0) & (frame[0] < self.end_frame)
         self.end_frame = torch.where(ends_now, frame[0], self.end_frame)

@@ -1,6 +1,8 @@
 """Speech decoding: single-pass and batch-parallel strategies, static cache, the stream rules, and the
 `SpeechChat` API (streamed text and audio, timings, expert load, history, loading from a folder)."""
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -188,10 +190,27 @@ def test_unknown_voice_is_refused_with_the_known_voices(setup):
 
 
 # ---------------------------------------------------------------------------------------------- SpeechChat
+@contextmanager
+def speaking_to_the_end(model, layout):
+    """The first audio stream's EOA made impossible: the untrained model speaks until max_steps, whatever the
+    sampling draws, so a streaming test always has several chunks to check."""
+    eoa = layout.audio_special_id("<|eoa|>", 0)
+
+    def no_end(module, args, output):
+        output[..., eoa] = float("-inf")
+
+    handle = model.lm_head.register_forward_hook(no_end)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def test_chat_stream_events_add_up_to_the_reply(setup):
     model, processor, codec, question = setup
     chat = SpeechChat(model, processor, codec, chunk_frames=4, first_chunk_frames=2, output_expert_load=True)
-    events = list(chat.stream(audio=question, max_steps=30))
+    with speaking_to_the_end(model, processor.layout):
+        events = list(chat.stream(audio=question, max_steps=30))
     reply = events[-1]
     assert isinstance(reply, ChatReply)
     texts = [e for e in events if isinstance(e, TextDelta)]
