@@ -408,7 +408,6 @@ class DeepTalkDataCollator:
         return self.processor.pad(encoded, padding_side=self.padding_side)
 
 
-
 # ---- user audio -------------------------------------------------------------------------------------
 def load_user_audio(source, sampling_rate=None, *, target_sampling_rate: int,
                     max_seconds: float | None = None) -> np.ndarray:
