@@ -2,6 +2,7 @@
 
     deeptalk demo                          # the embedded-defaults job: convert, check, save, reload
     deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
+    deeptalk upgrade OLD NEW               # a folder saved by deeptalk 0.1 -> the current format
     deeptalk assign --model DIR --text-data T.jsonl --speech-data S.jsonl --output DIR
     deeptalk train {align,experts,joint,dpo} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
     deeptalk quickstart                    # the whole recipe offline on tiny models
@@ -270,24 +271,6 @@ def parse_speech_experts(value: str | None) -> list[list[int]] | None:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def load_source(spec: str, dtype: str | None = None):
-    """Load the source MoE LLM named by `spec` (`tiny:FAMILY`, a folder, or a Hub id)."""
-    if spec.startswith("tiny:"):
-        from .tiny import tiny_text_moe
-
-        return tiny_text_moe(spec.split(":", 1)[1]), None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
-    model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError):  # a source without a tokenizer still converts
-        tokenizer = None
-    return model, tokenizer
-
-
 def cmd_convert(args) -> int:
     source = args.source
     tiny = source.startswith("tiny:")
@@ -301,20 +284,25 @@ def cmd_convert(args) -> int:
         family = source.split(":", 1)[1]
         if family not in TINY_FAMILIES:
             raise UsageError(f"{source}: unknown tiny family {family!r}; one of {', '.join(TINY_FAMILIES)}.")
-    import deeptalk
+    from .conversion import convert_folder
 
-    source_model, tokenizer = load_source(source, args.dtype)
     overrides = {"routing_mode": args.routing_mode}
     if args.num_speech_experts is not None:
         overrides["num_speech_experts"] = args.num_speech_experts
-    model = deeptalk.DeepTalkForCausalLM.from_text_moe(source_model, speech_experts=speech_experts, **overrides)
-    model.save_pretrained(args.output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output)
+    model = convert_folder(source, args.output, speech_experts, dtype=args.dtype, **overrides)
     assigned = "assigned" if model.config.speech_experts else "not assigned yet (run the assignment step)"
     print(f"Converted {args.source} ({model.config.family}) -> {args.output}: "
           f"{len(model.config.moe_layer_indices)} MoE layers x {model.config.num_routed_experts} routed experts; "
           f"speech experts {assigned}; routing mode {model.config.routing_mode}.")
+    return 0
+
+
+def cmd_upgrade(args) -> int:
+    from .configuration_deeptalk import FORMAT_VERSION
+    from .conversion import upgrade_folder
+
+    folder = upgrade_folder(args.old, args.new, overwrite=args.overwrite)
+    print(f"Upgraded {args.old} -> {folder} (format {FORMAT_VERSION}).")
     return 0
 
 
@@ -678,6 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          help="load the source in this dtype (default: as saved)")
     convert.set_defaults(func=cmd_convert)
+
+    upgrade = command("upgrade", "rewrite a folder saved by deeptalk 0.1 in the current format")
+    upgrade.add_argument("old", metavar="OLD", help="the old model folder (left untouched)")
+    upgrade.add_argument("new", metavar="NEW", help="the new folder (new or empty)")
+    upgrade.add_argument("--overwrite", action="store_true", help="replace NEW if it holds something")
+    upgrade.set_defaults(func=cmd_upgrade)
 
     train = command("train", "run one training phase from a recipe")
     train.add_argument("phase", choices=["align", "experts", "joint", "dpo"], help="the phase to run")

@@ -27,6 +27,7 @@ checkpointed forward and its backward.
 Invariant (tested for every family): in ``free`` mode a converted model computes its source's logits.
 """
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -1397,6 +1398,30 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 "`deeptalk.DeepTalkForCausalLM.from_text_moe(...)` or `deeptalk convert SRC OUT`."
             ) from None
         return from_text_moe(source, speech_experts, progress=progress, model_class=cls, **config_overrides)
+
+    # ---- speaking (remote code: generation_deeptalk.py, codec_deeptalk.py) --------------------------
+    def generate_speech(self, processor, conversation: list[dict], codec=None, **decoding):
+        """A text + speech answer to `conversation` (chat messages ending with a user turn, e.g. a spoken
+        question `{"type": "audio", "audio": "question.wav"}`): a `SpeechAnswer` with `.text`, `.codes` and,
+        given the model's `codec` (see `load_codec`), `.waveform`. `decoding` options are the fields of
+        `SpeechDecodingConfig` (strategy, max_steps, audio_top_k, seed, voice, ...)."""
+        from .generation_deeptalk import generate_speech_answer
+
+        return generate_speech_answer(self, processor, conversation, codec=codec, **decoding)
+
+    def load_codec(self, path: str | os.PathLike | None = None, **kwargs):
+        """The speech codec saved with this model (`codec/` in its folder or Hub repo), or the one at `path`."""
+        from .codec_deeptalk import load_codec
+
+        if path is None:
+            if not self.name_or_path:
+                raise ValueError("This model was not loaded from a folder or Hub repo: pass the codec's path.")
+            path = os.path.join(self.name_or_path, "codec")
+            if not os.path.isdir(path):  # a Hub repo: fetch its codec/ folder
+                from huggingface_hub import snapshot_download
+
+                path = os.path.join(snapshot_download(self.name_or_path, allow_patterns=["codec/*"]), "codec")
+        return load_codec(path, **kwargs)
 
 
 def _new_rows(reference: torch.Tensor, count: int, mean_resizing: bool, config: DeepTalkConfig) -> torch.Tensor:

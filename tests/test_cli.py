@@ -16,7 +16,7 @@ from conftest import convert
 from deeptalk.tiny import tiny_text_moe
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["demo", "quickstart", "chat", "evaluate", "push", "space", "convert", "train", "assign"]
+COMMANDS = ["demo", "quickstart", "chat", "evaluate", "push", "space", "convert", "upgrade", "train", "assign"]
 
 
 def _env(**changes):
