@@ -792,6 +792,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self._ep_plan.update(_tp_plan_for_banks(getattr(text_config, "base_model_ep_plan", None)))
         if self.config.speech_layout is not None:  # a vocabulary-sharded table cannot hold two row blocks
             self._tp_plan.pop("embed_tokens", None)
+        elif self._tp_plan:  # as transformers does for a family's base model, whose plan sits on its own config
+            self._tp_plan = {"embed_tokens": "embedding_rowwise", **self._tp_plan}
 
     def _build_speech_input(self, audio_rows: torch.Tensor | None = None):
         """The speech-side modules a `speech_layout` / `audio_config` call for. At construction the tables
