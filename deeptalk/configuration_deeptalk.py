@@ -461,6 +461,16 @@ class DeepTalkConfig(PreTrainedConfig):
     def vocab_size(self, value: int):
         self.text_config.vocab_size = value
 
+    # `model.config.use_cache = False` (Trainer with gradient checkpointing, generation tests) must reach the
+    # decoder, which reads it from the text config.
+    @property
+    def use_cache(self) -> bool:
+        return bool(getattr(self.text_config, "use_cache", True))
+
+    @use_cache.setter
+    def use_cache(self, value: bool):
+        self.text_config.use_cache = bool(value)
+
     # ---- the source family -------------------------------------------------------------------
     @property
     def family(self) -> str:
