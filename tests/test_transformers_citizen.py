@@ -6,8 +6,13 @@ checkpoint initialised, `return_dict=False`, `shift_labels`, the deprecated `pas
 and resolvable return annotations with one recorded router-logit tensor per MoE layer.
 """
 
+import ast
+import importlib.util
+import subprocess
+import sys
 import typing
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,6 +141,19 @@ def test_past_key_values_name_warns_like_the_family(family):
     assert out.cache.get_seq_length() == input_ids.shape[1]  # the old name still delivers the cache
 
 
+# ---- top-level config switches a causal LM's users and transformers' tests set -------------------------
+def test_top_level_vocab_size_and_use_cache_reach_the_text_config():
+    model = tiny_model("qwen3_moe")
+    assert model.config.vocab_size == model.config.text_config.vocab_size == 128
+    model.config.use_cache = False  # what Trainer does under gradient checkpointing
+    assert model.config.text_config.use_cache is False
+    with torch.no_grad():
+        assert model(ids()).cache is None
+        model.config.use_cache = True
+        assert model(ids()).cache.get_seq_length() == 7
+    assert "use_cache" not in model.config.to_dict() and "vocab_size" not in model.config.to_dict()
+
+
 # ---- 6. return annotations and recorded router logits -----------------------------------------------
 def test_return_annotations_are_the_output_classes():
     """transformers' tests read the raw return annotation (`forward.__annotations__`, not resolved) to learn
@@ -171,3 +189,32 @@ def test_router_logits_recorded_once_per_moe_layer(family, from_config):
     assert out.aux_loss is not None and torch.isfinite(out.aux_loss)
     with torch.no_grad():
         assert model(input_ids, output_router_logits=False).router_logits is None
+
+
+# ---- the runner of transformers' generic tests (the suite itself is external, see its docstring) -----
+RUNNER = Path(__file__).resolve().parent.parent / "scripts" / "run_transformers_generic_tests.py"
+
+
+def test_generic_test_runner_refuses_a_folder_without_the_suite(tmp_path):
+    (tmp_path / "tests").mkdir()
+    result = subprocess.run([sys.executable, str(RUNNER), "--transformers-tests", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert str(tmp_path) in result.stderr and "causal_lm_tester.py" in result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["tests"]  # nothing written
+
+
+def test_generic_test_module_names_both_families_and_every_skip_reason(tmp_path):
+    spec = importlib.util.spec_from_file_location("generic_runner", RUNNER)
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    package = runner.write_test_module(tmp_path, [1, 5])
+    source = (package / "test_modeling_deeptalk.py").read_text()
+    tree = ast.parse(source)
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert {"DeepTalkQwen3MoeModelTest", "DeepTalkDeepseekV2ModelTest"} <= classes
+    assert "SPEECH_EXPERTS = (1, 5)" in source
+    for reasons in (runner.SKIPS, *runner.FAMILY_SKIPS.values()):
+        assert all(isinstance(reason, str) and len(reason) > 20 for reason in reasons.values())
+    with pytest.raises(SystemExit, match="exists"):  # never overwrites a module another run is using
+        runner.write_test_module(tmp_path, [1, 5])
