@@ -802,6 +802,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self._ep_plan.update(_tp_plan_for_banks(getattr(text_config, "base_model_ep_plan", None)))
         if self.config.speech_layout is not None:  # a vocabulary-sharded table cannot hold two row blocks
             self._tp_plan.pop("embed_tokens", None)
+        elif self._tp_plan:  # as transformers does for a family's base model, whose plan sits on its own config
+            self._tp_plan = {"embed_tokens": "embedding_rowwise", **self._tp_plan}
         # the family's plan names modules its configs may lack (q_b_proj without q_lora_rank, dense MLPs of a
         # model with none): keep what this model holds, as transformers matches it (layer indices as `*`)
         present = {re.sub(r"\d+", "*", name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
