@@ -4,6 +4,7 @@
     deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
     deeptalk upgrade OLD NEW               # a folder saved by deeptalk 0.1 -> the current format
     deeptalk assign --model DIR --text-data T.jsonl --speech-data S.jsonl --output DIR
+    deeptalk prepare DATA --data-format voiceassistant --model DIR --output PREPARED   # encode once, train many times
     deeptalk train {align,experts,joint,dpo} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
     deeptalk quickstart                    # the whole recipe offline on tiny models
     deeptalk chat --audio question.wav --out reply.wav      deeptalk evaluate --output results.json
@@ -16,8 +17,11 @@ SRC is a transformers MoE LLM (a local folder or a Hub id), or `tiny:FAMILY` for
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -268,6 +272,130 @@ def parse_speech_experts(value: str | None) -> list[list[int]] | None:
     return experts
 
 
+DATA_FORMAT_CHOICES = ("messages", "asr", "voiceassistant", "spoken_qa")  # deeptalk.data.formats.DATA_FORMATS
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+_DATASET_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+def _dataset_in_cache(repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"datasets--{repo_id.replace('/', '--')}" / "snapshots"
+    datasets_cache = os.environ.get("HF_DATASETS_CACHE") or os.path.join(constants.HF_HOME, "datasets")
+    prepared = Path(datasets_cache) / repo_id.replace("/", "___")
+    return (snapshots.is_dir() and any(snapshots.iterdir())) or prepared.is_dir()
+
+
+def check_data_source(value: str, option: str = "--data") -> str:
+    """Check a dataset argument before anything loads: a data file (JSON Lines, json, parquet, arrow, csv), a
+    folder (prepared by `deeptalk prepare`, written by `save_to_disk`, or holding data files), a glob that matches
+    files, or a Hub dataset id that can be fetched. Returns the value to load; raises UsageError otherwise."""
+    path = os.path.expanduser(value)
+    if os.path.isfile(path):
+        if Path(path).suffix not in _DATA_SUFFIXES:
+            raise UsageError(f"{option} {value}: not a data file; give a {', '.join(_DATA_SUFFIXES)} file, a folder, "
+                             "a glob of files or a Hub dataset id.")
+        return path
+    if os.path.isdir(path):
+        return path
+    if glob.has_magic(path):
+        if not any(os.path.isfile(p) for p in glob.glob(path, recursive=True)):
+            raise UsageError(f"{option} {value}: the pattern matches no file.")
+        return path
+    if _looks_like_path(value) or Path(value).suffix in _DATA_SUFFIXES or not _DATASET_ID.match(value):
+        raise UsageError(f"{option} {value}: no such file or folder.")
+    local_hint = (f"download it where there is network (`hf download {value} --repo-type dataset --local-dir DIR`) "
+                  f"and pass its files, e.g. {option} 'DIR/data/train-*.parquet'")
+    if _offline_mode():
+        if _dataset_in_cache(value):
+            return value
+        raise UsageError(f"{option} {value}: no such file or folder, and offline mode (HF_HUB_OFFLINE=1) with no "
+                         f"cached copy of the Hub dataset {value!r}: {local_hint}.")
+    if not hub_reachable():
+        _go_offline()
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        if _dataset_in_cache(value):
+            print(f"deeptalk: no network to reach {hub_endpoint()}: using the cached copy of {value}.", file=sys.stderr)
+            return value
+        raise UsageError(f"{option} {value}: no such file or folder, and no network to reach {hub_endpoint()} for the "
+                         f"Hub dataset {value!r}: {local_hint}.")
+    return value
+
+
+def parse_data_specs(values: list[str], option: str = "--data") -> list[tuple[str, float | None]]:
+    """`--data SOURCE[:WEIGHT]` values -> checked (source, weight) pairs; weights are given to all or to none."""
+    from .data.training import parse_data_spec
+
+    specs = []
+    for value in values:
+        try:
+            source, weight = parse_data_spec(value)
+        except ValueError as err:
+            raise UsageError(f"{option} {err}") from None
+        specs.append((check_data_source(source, option), weight))
+    weighted = [w is not None for _, w in specs]
+    if any(weighted) and not all(weighted):
+        raise UsageError(f"give a weight to every {option} (SOURCE:WEIGHT, e.g. {option} text.parquet:0.3) or to none.")
+    return specs
+
+
+def parse_columns(values: list[str] | None) -> dict[str, str]:
+    """`--columns NAME=COLUMN ...` -> {schema name: the dataset's column}."""
+    columns = {}
+    for value in values or []:
+        name, sep, column = value.partition("=")
+        if not sep or not name.strip() or not column.strip():
+            raise UsageError(f"--columns {value!r} is not NAME=COLUMN (e.g. --columns audio=wav text=sentence).")
+        columns[name.strip()] = column.strip()
+    return columns
+
+
+def _per_source(values: list[str] | None, count: int, option: str, default: str) -> list[str]:
+    values = values or [default]
+    if len(values) not in (1, count):
+        raise UsageError(f"{len(values)} {option} values for {count} --data sources: give one for all, or one per "
+                         "--data in the same order.")
+    return values * count if len(values) == 1 else values
+
+
+def _check_format_options(formats: list[str], columns: dict[str, str], question_modality, answer_modality) -> None:
+    """The schema options, checked before anything loads (the loaders check them again, with the data)."""
+    from .data.formats import _check_options
+    from .data.training import check_columns
+
+    try:
+        for data_format in formats:
+            if question_modality is not None or answer_modality is not None:
+                _check_options(data_format, question_modality or "audio", answer_modality)
+        check_columns(columns, formats)
+    except ValueError as err:
+        raise UsageError(f"{err}") from None
+
+
+def _format_options(args) -> dict:
+    return {k: v for k, v in (("question_modality", args.question_modality),
+                              ("answer_modality", args.answer_modality)) if v is not None}
+
+
+def save_codec_beside(output: str, *, codec=None, codec_dir: str | None = None) -> str | None:
+    """Put the codec a model's speech codes belong to in `output/codec` (what `deeptalk chat` loads): `codec` saved
+    with its weights, else a copy of `codec_dir`. Returns the folder written, or None when there is no codec."""
+    target = os.path.join(output, "codec")
+    if codec is None and not codec_dir:
+        return None
+    if codec_dir and os.path.isdir(target) and os.path.samefile(codec_dir, target):
+        return target
+    scratch = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    if codec is not None:
+        codec.save_pretrained(scratch)
+    else:
+        shutil.copytree(codec_dir, scratch)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(scratch, target)
+    return target
+
+
 # ---------------------------------------------------------------------------------------------- commands
 
 
@@ -313,13 +441,82 @@ def cmd_demo(args) -> int:
     return 0 if run_demo(args.output, families=args.family) else 1
 
 
+def _codec_layout(codec_dir: str) -> dict:
+    with open(os.path.join(codec_dir, "codec_config.json"), encoding="utf-8") as f:
+        return json.load(f).get("layout") or {}
+
+
+def _same_codec_layout(a: dict, b: dict) -> bool:
+    keys = ("num_streams", "codebook_size", "sampling_rate")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _codec_summary(layout: dict) -> str:
+    return (f"{layout.get('codec_name')} ({layout.get('num_streams')} streams x {layout.get('codebook_size')} codes, "
+            f"{layout.get('sampling_rate')} Hz)")
+
+
+def cmd_prepare(args) -> int:
+    if (args.model is None) == (args.processor is None):
+        raise UsageError("give the processor as --model DIR (a model folder with its processor) or as --processor DIR, "
+                         "one of the two.")
+    if args.model:
+        processor_dir = check_model(args.model)
+    else:
+        processor_dir = check_source(args.processor, "--processor", need_config=False)
+        if os.path.isdir(processor_dir) and not os.path.isfile(os.path.join(processor_dir, "processor_config.json")):
+            raise UsageError(f"--processor {args.processor} has no processor_config.json: give a folder written by "
+                             "DeepTalkProcessor.save_pretrained (a model folder holds one).")
+    codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
+    source = check_data_source(args.data, "DATA")
+    columns = parse_columns(args.columns)
+    _check_format_options([args.data_format], columns, args.question_modality, args.answer_modality)
+    check_output_folder(args.output, "--output", inputs={"DATA": source})
+
+    from transformers import AutoProcessor
+
+    from .data import load_conversation_dataset, prepare_dataset, prepared_summary
+
+    processor = AutoProcessor.from_pretrained(processor_dir)
+    codec = None
+    if codec_dir:
+        from .processing.codecs import load_codec
+
+        codec = load_codec(codec_dir)
+    dataset = load_conversation_dataset(source, data_format=args.data_format, split=args.split, streaming=args.streaming,
+                                        columns=columns, num_proc=args.num_proc, **_format_options(args))
+    prepare_dataset(dataset, processor, output_dir=args.output, codec=codec, num_proc=args.num_proc,
+                    shard_size=args.shard_size, max_length=args.max_length, skip_invalid=args.skip_invalid,
+                    source=args.data, data_format=args.data_format, overwrite=args.overwrite)
+    summary = prepared_summary(args.output)
+    dropped = f"{summary['too_long']} too long and {summary['invalid']} invalid dropped"
+    codec_note = f"; speech codes of {summary['codec']} (in {os.path.join(args.output, 'codec')})" if summary["codec"] else ""
+    print(f"deeptalk prepare: {summary['num_rows']} of {summary['source_rows']} rows ({dropped}) in {summary['shards']} "
+          f"shards -> {args.output}{codec_note}")
+    return 0
+
+
 def cmd_train(args) -> int:
     model_dir = check_model(args.model)
     codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
-    check_input_file(args.data, "--data")
     check_output_folder(args.output, "--output", inputs={"--model": model_dir})
+    specs = parse_data_specs(args.data)
+    columns = parse_columns(args.columns)
+    formats = _per_source(args.data_format, len(specs), "--data-format", "messages")
+    splits = _per_source(args.split, len(specs), "--split", "train")
+    if args.phase == "dpo":
+        (source, weight), *more = specs
+        if more or weight is not None or args.streaming or not os.path.isfile(source) or args.data_format \
+                or Path(source).suffix not in (".jsonl", ".json"):
+            raise UsageError("the dpo phase reads preference pairs ({'prompt', 'chosen', 'rejected'} rows) from one JSON "
+                             "Lines file: --data PAIRS.jsonl, without weights, --data-format or --streaming.")
+    else:
+        from .data.training import is_prepared_source
 
-    from .trainers.recipes import build_trainer, encode_dataset, load_conversations, load_recipe, parse_overrides
+        _check_format_options([f for (s, _), f in zip(specs, formats) if not is_prepared_source(s)], columns,
+                              args.question_modality, args.answer_modality)
+
+    from .trainers.recipes import build_phase_config, build_trainer, load_recipe, parse_overrides
 
     recipe = load_recipe(args.recipe)
     if recipe["phase"] != args.phase:
@@ -327,31 +524,62 @@ def cmd_train(args) -> int:
     train_args = {**recipe["args"], **parse_overrides(args.set, phase=args.phase), "output_dir": args.output}
     if args.phase == "experts" and args.modality:
         train_args["modality"] = args.modality
+    if args.streaming and not (train_args.get("max_steps") or 0) > 0:
+        raise UsageError("--streaming reads the data as a stream with no length: set max_steps in the recipe or with "
+                         "--set max_steps=N.")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    conversations = load_conversations(args.data)  # a malformed file fails before the model loads
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if train_args.get("bf16") else None)
+    config = build_phase_config(args.phase, train_args)  # sets up the processes of a multi-process launch
     processor = AutoProcessor.from_pretrained(model_dir)
     codec = None
     if codec_dir:
         from .processing.codecs import load_codec
 
         codec = load_codec(codec_dir)
-    dataset = encode_dataset(processor, conversations, codec=codec, max_length=recipe["data"].get("max_length"))
-    trainer = build_trainer(args.phase, model, processor, dataset, train_args, codec=codec)
+    max_length = recipe["data"].get("max_length")
+    # the data is read (and, unless streamed, encoded: once, by the main process) before the model loads, so
+    # that bad data fails fast
+    with config.main_process_first(desc="encoding the training data"):
+        if args.phase == "dpo":
+            from .trainers.recipes import encode_dataset, load_conversations
+
+            dataset = encode_dataset(processor, load_conversations(specs[0][0]), codec=codec, max_length=max_length)
+            rows, prepared_codecs = len(dataset), []
+        else:
+            from .data.training import load_training_data
+
+            data = load_training_data(specs, processor, data_format=formats, split=splits, streaming=args.streaming,
+                                      columns=columns, codec=codec, max_length=max_length, num_proc=args.num_proc,
+                                      seed=config.seed, **_format_options(args))
+            dataset, rows, prepared_codecs = data.dataset, data.num_rows, data.codec_dirs
+    layouts = [_codec_layout(d) for d in prepared_codecs]
+    if codec is not None:
+        layouts.insert(0, {**codec.layout(), "codec_name": codec.codec_name})
+    for layout in layouts[1:]:
+        if not _same_codec_layout(layouts[0], layout):
+            raise UsageError(f"the data's speech codes come from different codecs: {_codec_summary(layouts[0])} and "
+                             f"{_codec_summary(layout)}; train on data of one codec (and --codec, if given, that one).")
+    beside_model = os.path.join(model_dir, "codec")
+    carried_codec = prepared_codecs[0] if prepared_codecs else beside_model if os.path.isdir(beside_model) else None
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if train_args.get("bf16") else None)
+    trainer = build_trainer(args.phase, model, processor, dataset, config, codec=codec)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
     if trainer.is_world_process_zero():  # one writer and one completion line under a multi-process launch
         processor.save_pretrained(args.output)
-        print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {len(dataset)} conversations "
-              f"-> {args.output}")
+        written = save_codec_beside(args.output, codec=codec, codec_dir=None if codec is not None else carried_codec)
+        what = f"{rows} conversations" if rows is not None else f"streamed data ({len(specs)} source{'s' * (len(specs) > 1)})"
+        codec_note = f" (codec in {written})" if written else ""
+        print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {what} -> {args.output}{codec_note}")
     return 0
 
 
 def cmd_assign(args) -> int:
     model_dir = check_model(args.model)
+    codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
     if args.strategy != "random":
         data = {"--text-data": args.text_data, "--speech-data": args.speech_data}
         for option, value in data.items():
@@ -370,9 +598,15 @@ def cmd_assign(args) -> int:
 
     if args.strategy != "random":  # malformed files fail before the model loads
         text_rows, speech_rows = load_conversations(args.text_data), load_conversations(args.speech_data)
+    beside_model = os.path.join(model_dir, "codec")
+    codec = None
+    if codec_dir or (args.strategy != "random" and os.path.isdir(beside_model)):
+        from .processing.codecs import load_codec
+
+        codec = load_codec(codec_dir or beside_model)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     processor = AutoProcessor.from_pretrained(model_dir)
-    collate = DeepTalkDataCollator(processor)
+    collate = DeepTalkDataCollator(processor, codec=codec)
 
     def batches(rows):
         for start in range(0, len(rows), args.batch_size):
@@ -387,6 +621,8 @@ def cmd_assign(args) -> int:
     speech_experts = assign_speech_experts(model, load, strategy=args.strategy, seed=args.seed)
     model.save_pretrained(args.output)
     processor.save_pretrained(args.output)
+    save_codec_beside(args.output, codec=codec if codec_dir else None,
+                      codec_dir=None if codec_dir else beside_model if os.path.isdir(beside_model) else None)
     if load is not None:
         save_load_report(load, speech_experts, args.output, strategy=args.strategy, seed=args.seed)
     print(f"deeptalk assign: {args.strategy} speech experts per MoE layer -> {args.output}")
@@ -473,6 +709,8 @@ def cmd_chat(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    if args.data:  # spoken QA datasets: the paper's benchmark table
+        return _evaluate_datasets(args)
     check_output_file(args.output, "--output")
     model_dir, codec_dir = _check_model_and_codec(args)
     base_dir = check_source(args.base_model, "--base-model") if args.base_model else None
@@ -494,6 +732,44 @@ def cmd_evaluate(args) -> int:
     print(json.dumps(results, indent=2, allow_nan=False))
     for metric, warning in results.get("warnings", {}).items():
         print(f"deeptalk evaluate: warning: {metric}: {warning}", file=sys.stderr)
+    return 0
+
+
+def _evaluate_datasets(args) -> int:
+    """`deeptalk evaluate --data ...`: speech->text and speech->speech accuracy per spoken QA dataset."""
+    check_output_file(args.output, "--output")
+    if args.base_model:
+        raise UsageError("--base-model scores the demo corpus's text QA; with --data (spoken QA datasets) it is not used.")
+    model_dir, codec_dir = _check_model_and_codec(args)
+    sources = [check_data_source(value, "--data") for value in args.data]
+    splits = _per_source(args.split, len(sources), "--split", "test")
+    columns = parse_columns(args.columns)
+    _check_format_options([args.data_format], columns, None, None)
+    asr = args.asr
+    if asr is not None and asr != "own" and not asr.startswith("whisper"):
+        asr = check_source(asr, "--asr")
+
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from .evaluation.benchmarks import evaluate_spoken_qa_datasets, write_benchmark_table
+
+    if args.no_speech_answers:  # no codec needed (nor loaded: a recorded codec may have no weights here)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        processor, codec = AutoProcessor.from_pretrained(model_dir), None
+    else:
+        model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
+    row = evaluate_spoken_qa_datasets(model, processor, sources, codec=codec, splits=splits, columns=columns,
+                                      limit=args.limit, asr=asr, match=args.match,
+                                      speech_answers=not args.no_speech_answers, max_speech_steps=args.max_speech_steps,
+                                      max_new_tokens=args.max_new_tokens,
+                                      decoding={"strategy": args.strategy, "voice": args.voice},
+                                      model_name=args.model)
+    table = write_benchmark_table(row, args.output)
+    print(table["markdown"])
+    for name, reason in row.get("skipped", {}).items():
+        print(f"deeptalk evaluate: {name} skipped: {reason}", file=sys.stderr)
+    print(f"deeptalk evaluate: {len(table['rows'])} model row(s) -> {args.output} and {table['markdown_path']}",
+          file=sys.stderr)
     return 0
 
 
@@ -574,6 +850,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, epilog=_ENVIRONMENT, formatter_class=_HelpFormatter,
                               **kwargs)
 
+    columns_help = "the schema's column names mapped onto the data's, e.g. --columns audio=wav text=sentence"
     model_help = f"DeepTalk model folder (or Hub id), saved with its processor; the default is under ${HOME_VARIABLE}"
     codec_help = "codec folder or Hub id (default: <model>/codec)"
     strategies = ["single_pass", "batch_parallel"]
@@ -629,6 +906,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="decoding of the spoken answers")
     evaluate.add_argument("--voice",
                           help="voice token for the spoken answers (default: the model's first voice, if any)")
+    evaluate.add_argument("--data", action="append", metavar="SOURCE",
+                          help="score spoken QA datasets instead of the demo corpus (repeatable: one table column pair "
+                               "each): files, globs, folders or Hub ids in the spoken_qa schema (question, answers, "
+                               "audio); writes the paper's table (S2T and S2S accuracy per dataset and their average) "
+                               "as --output and a .md beside it; an existing table there gains this model's row. The "
+                               "spoken answers are transcribed by --asr ('own', a checkpoint, or whisper[:NAME] for "
+                               "deeptalk's WhisperJudge)")
+    evaluate.add_argument("--data-format", default="spoken_qa", choices=["spoken_qa"], help="schema of the --data")
+    evaluate.add_argument("--split", action="append", help="split of the --data (one for all or one per --data; "
+                                                           "default: test)")
+    evaluate.add_argument("--columns", nargs="+", action="extend", metavar="NAME=COLUMN", help=columns_help)
+    evaluate.add_argument("--match", default="contains", choices=["contains", "exact"],
+                          help="with --data: an answer is right when a reference answer appears in it (contains) or "
+                               "equals it (exact), both after Whisper's English normalisation")
     evaluate.set_defaults(func=cmd_evaluate)
 
     push = command("push", "export to a Hub-ready folder and upload it (huggingface_hub)")
@@ -673,14 +964,60 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.add_argument("--overwrite", action="store_true", help="replace NEW if it holds something")
     upgrade.set_defaults(func=cmd_upgrade)
 
+    data_help = ("training data, repeatable: a JSON Lines file of {'messages': [...]}, a folder written by "
+                 "`deeptalk prepare`, a save_to_disk folder, parquet/arrow/json/csv files, a glob or folder of them, "
+                 "or a Hub dataset id. SOURCE:WEIGHT (e.g. --data speech.parquet:0.7 --data text.jsonl:0.3) interleaves "
+                 "the sources with those probabilities (every one seen whole); without weights they are concatenated")
+    schemas = ("messages (chat), asr (audio, text), voiceassistant (question, question_audio, answer, answer_snac: "
+               "VoiceAssistant-400K), spoken_qa (question, answers, audio)")
+    formats_help = f"schema of the --data sources (one for all, or one per --data in order; prepared folders ignore it): {schemas}"
+
+    def add_format_options(sub_parser):
+        sub_parser.add_argument("--columns", nargs="+", action="extend", metavar="NAME=COLUMN", help=columns_help)
+        sub_parser.add_argument("--question-modality", choices=["audio", "text"],
+                                help="voiceassistant / spoken_qa: spoken questions (default) or their text")
+        sub_parser.add_argument("--answer-modality", choices=["speech", "text"],
+                                help="voiceassistant: text + speech codes (default) or text answers only")
+
+    prepare = command("prepare", "encode a dataset once into training-ready Arrow shards (resumable), "
+                                 "for `deeptalk train --data`")
+    prepare.add_argument("data", metavar="DATA", help="the dataset: JSON Lines, parquet/arrow/json/csv files, a glob or "
+                                                      "folder of them, a save_to_disk folder or a Hub dataset id")
+    prepare.add_argument("--data-format", required=True, choices=DATA_FORMAT_CHOICES, help=f"schema of DATA: {schemas}")
+    prepare.add_argument("--output", required=True, help="the prepared folder (an interrupted run resumes in it)")
+    prepare.add_argument("--model", help="the model whose processor lays the rows out (a DeepTalk model folder)")
+    prepare.add_argument("--processor", help="a processor folder instead of --model")
+    prepare.add_argument("--codec", help="codec (folder or Hub id) that encodes speech answers given as audio; it is "
+                                         "recorded with the rows (voiceassistant data records SNAC 24 kHz by default)")
+    prepare.add_argument("--split", default="train", help="the split to read (files are named by it)")
+    prepare.add_argument("--streaming", action="store_true", help="read the source as a stream (nothing cached twice)")
+    prepare.add_argument("--num-proc", type=_positive_int, default=1, help="processes that encode rows")
+    prepare.add_argument("--shard-size", type=_positive_int, default=10_000,
+                         help="source rows per shard (the unit of resumption)")
+    prepare.add_argument("--max-length", type=_positive_int, help="drop rows longer than this many steps")
+    prepare.add_argument("--skip-invalid", action="store_true", help="drop (and count) rows that cannot be encoded")
+    prepare.add_argument("--overwrite", action="store_true", help="start again in an --output prepared otherwise")
+    add_format_options(prepare)
+    prepare.set_defaults(func=cmd_prepare)
+
     train = command("train", "run one training phase from a recipe")
     train.add_argument("phase", choices=["align", "experts", "joint", "dpo"], help="the phase to run")
     train.add_argument("--recipe", required=True, help="YAML path or shipped name, e.g. tiny_cpu/experts_speech")
     train.add_argument("--model", required=True, help="DeepTalk model folder (with its processor)")
-    train.add_argument("--data", required=True, help="conversations, JSON Lines of {'messages': [...]}")
-    train.add_argument("--output", required=True, help="where to write the trained model")
+    train.add_argument("--data", required=True, action="append", metavar="SOURCE[:WEIGHT]",
+                       help=data_help + "; the dpo phase reads one JSON Lines file of {'prompt', 'chosen', 'rejected'}")
+    train.add_argument("--data-format", action="append", choices=DATA_FORMAT_CHOICES,
+                       help=formats_help + " (default: messages)")
+    train.add_argument("--split", action="append", help="split of the --data sources (one for all, or one per --data; "
+                                                        "default: train)")
+    train.add_argument("--streaming", action="store_true",
+                       help="read the data as streams, each process its own part, round and round until max_steps "
+                            "(needs max_steps); resuming skips what was read")
+    train.add_argument("--num-proc", type=_positive_int, help="processes that encode conversations (not streamed)")
+    add_format_options(train)
+    train.add_argument("--output", required=True, help="where to write the trained model (with its processor and codec)")
     train.add_argument("--modality", choices=["speech", "text"], help="experts phase: override the recipe's modality")
-    train.add_argument("--codec", help="codec folder for assistant answers given as audio files")
+    train.add_argument("--codec", help="codec folder for assistant answers given as audio files (saved in <output>/codec)")
     train.add_argument("--resume-from-checkpoint", help="a checkpoint folder to resume from")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override recipe args (fields of the phase's config, e.g. max_steps=10 save_strategy=no)")
@@ -697,6 +1034,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="adaptive: the experts speech loads most; random; moextend: new experts")
     assign.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random strategy")
     assign.add_argument("--batch-size", type=_positive_int, default=8, help="conversations per load-measuring batch")
+    assign.add_argument("--codec", help="codec (folder or Hub id) for spoken answers given as audio files (default: "
+                                        "<model>/codec); saved in <output>/codec")
     assign.set_defaults(func=cmd_assign)
     return parser
 

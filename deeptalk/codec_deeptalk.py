@@ -1224,6 +1224,26 @@ def _codec_class_for_native_config(config: dict, where: str) -> type[SpeechCodec
     )
 
 
+def _has_weights(directory: str) -> bool:
+    names = os.listdir(directory)
+    return any(n.endswith((".safetensors", ".safetensors.index.json")) or n == SNAC_PICKLE_NAME for n in names)
+
+
+def _no_weights_message(directory: str, cfg: dict[str, Any]) -> str:
+    """What to do about a codec folder that records a codec's configuration only (e.g. the SNAC 24 kHz of data
+    prepared from VoiceAssistant-style `answer_snac` codes, whose weights are on the Hub)."""
+    layout = cfg.get("layout") or {}
+    name = cfg.get("codec_name") or cfg.get("codec_type")
+    rate = f"{layout['sampling_rate'] / 1000:g} kHz, " if layout.get("sampling_rate") else ""
+    shape = f"{layout.get('num_streams')} streams x {layout.get('codebook_size')} codes"
+    where = "hubertsiuzdak/snac_24khz" if cfg.get("codec_type") == "snac" else name
+    hint = (f"install snac (`pip install snac`) and point --codec at {where} (or at a local copy: "
+            f"`hf download {where} --local-dir DIR`)") if cfg.get("codec_type") == "snac" else \
+        f"point --codec at a saved copy of {where} with its weights"
+    return (f"{directory!r} records this model's codec, {name} ({rate}{shape}), without its weights (no {WEIGHTS_NAME}): "
+            f"it cannot turn speech codes into audio here. To speak, {hint}.")
+
+
 def load_codec(path_or_name: str | os.PathLike, **kwargs: Any) -> SpeechCodec:
     """Load any codec: a directory saved by ``SpeechCodec.save_pretrained`` (dispatch on ``codec_type`` in
     ``codec_config.json``), a native checkpoint directory (transformers Mimi/DAC/EnCodec or snac), or a Hub id.
@@ -1238,7 +1258,10 @@ def load_codec(path_or_name: str | os.PathLike, **kwargs: Any) -> SpeechCodec:
         cfg = read_codec_config(path)
         if cfg is not None:
             where = repr(os.path.join(path, CODEC_CONFIG_NAME))
-            return _registered(cfg.get("codec_type"), where).from_pretrained(path, **kwargs)
+            cls = _registered(cfg.get("codec_type"), where)
+            if not _has_weights(path):
+                raise FileNotFoundError(_no_weights_message(path, cfg))
+            return cls.from_pretrained(path, **kwargs)
         native = os.path.join(path, "config.json")
         if not os.path.isfile(native):
             raise FileNotFoundError(f"{path!r} has neither {CODEC_CONFIG_NAME} nor config.json; it is not a saved codec.")

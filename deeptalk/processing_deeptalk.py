@@ -174,6 +174,7 @@ class DeepTalkProcessor(ProcessorMixin):
         `datasets.Audio` column. Assistant speech comes as `audio_codes` ([N, frames]) or as a
         waveform encoded with `codec`.
         """
+        messages = [_without_unset_fields(message) for message in messages]
         self._check_turns(messages, add_generation_prompt)
         pending_audio = list(audio) if audio is not None else []
         user_clips, speech_turns = [], []
@@ -277,7 +278,12 @@ class DeepTalkProcessor(ProcessorMixin):
             raise ValueError("An assistant turn carries at most one spoken answer (one audio part).")
         part = audio_parts[0]
         if "audio_codes" in part:
-            codes = torch.as_tensor(np.asarray(part["audio_codes"]), dtype=torch.long)
+            codes = part["audio_codes"]
+            if not isinstance(codes, torch.Tensor):
+                codes = np.asarray(codes)
+                if codes.dtype == object:  # rows of arrays (numpy-formatted Arrow rows)
+                    codes = np.stack([np.asarray(row) for row in part["audio_codes"]])
+            codes = torch.as_tensor(codes, dtype=torch.long)
         else:
             if codec is None:
                 raise ValueError(
@@ -368,8 +374,11 @@ class DeepTalkProcessor(ProcessorMixin):
             labels[b, :, span] = torch.as_tensor(example["labels"], dtype=torch.long)
             attention_mask[b, span] = 1
             audio_input_mask[b, span] = torch.as_tensor(example["audio_input_mask"], dtype=torch.bool)
-            features.extend(torch.as_tensor(np.asarray(f), dtype=torch.float32) for f in example.get("input_features") or [])
-            lengths.extend(example.get("audio_feature_lengths") or [])
+            # rows formatted as numpy / torch (`Dataset.with_format`) hold arrays: test for None, not truthiness
+            clips = example.get("input_features")
+            if clips is not None and len(clips):
+                features.extend(torch.as_tensor(np.asarray(f), dtype=torch.float32) for f in clips)
+                lengths.extend(int(n) for n in example["audio_feature_lengths"])
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "audio_input_mask": audio_input_mask}
         if features:
             frames = max(f.shape[-1] for f in features)
@@ -406,6 +415,21 @@ class DeepTalkDataCollator:
                 audio = None if audio is None else (audio if isinstance(audio, (list, tuple)) else [audio])
                 encoded.append(self.processor.encode_conversation(example["messages"], audio=audio, codec=self.codec))
         return self.processor.pad(encoded, padding_side=self.padding_side)
+
+
+def _without_unset_fields(message):
+    """A message with its content parts' unset (None) fields dropped: rows read from Arrow datasets carry
+    every field of the schema in every part (`{"type": "text", "text": ..., "audio": None, "audio_codes": None}`)."""
+    if not isinstance(message, dict) or not isinstance(message.get("content"), (list, tuple)):
+        return message
+    parts = []
+    for part in message["content"]:
+        if isinstance(part, dict):
+            part = {k: v for k, v in part.items() if v is not None}
+            if isinstance(part.get("audio"), dict):
+                part["audio"] = {k: v for k, v in part["audio"].items() if v is not None}
+        parts.append(part)
+    return {**{k: v for k, v in message.items() if v is not None}, "content": parts}
 
 
 # ---- user audio -------------------------------------------------------------------------------------

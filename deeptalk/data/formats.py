@@ -397,6 +397,18 @@ def _read_jsonl_conversations(files: list[str]):
                     raise ValueError(f"{path}:{number}: {err}") from None
 
 
+def _files_fingerprint(files: list[str]) -> str:
+    """A cache key that changes when a file does (path, size, modification time): the generator's own key
+    covers only its arguments, so an edited file would be read back from a stale cache."""
+    import hashlib
+
+    digest = hashlib.sha256(b"deeptalk-jsonl-conversations-v1")
+    for path in files:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:32]
+
+
 def load_raw_dataset(source, *, split: str = "train", streaming: bool = False, **load_kwargs):
     """`source` as a `datasets.Dataset` / `IterableDataset`, its columns untouched (see
     :func:`load_conversation_dataset`). Returns `(dataset, base_dir)`: the folder relative paths in it
@@ -490,7 +502,8 @@ def load_conversation_dataset(source, *, data_format: str = "messages", split: s
                 return datasets.IterableDataset.from_generator(_read_jsonl_conversations, features=features,
                                                                gen_kwargs={"files": files})
             return datasets.Dataset.from_generator(_read_jsonl_conversations, features=features,
-                                                   gen_kwargs={"files": files}, cache_dir=load_kwargs.get("cache_dir"))
+                                                   gen_kwargs={"files": files}, cache_dir=load_kwargs.get("cache_dir"),
+                                                   fingerprint=_files_fingerprint(files))
 
     raw, base_dir = load_raw_dataset(source, split=split, streaming=streaming, **load_kwargs)
     convert = conversation_mapper(data_format, columns=columns, base_dir=base_dir, asr_instruction=asr_instruction,
@@ -522,9 +535,9 @@ def load_conversation_dataset(source, *, data_format: str = "messages", split: s
 # ---------------------------------------------------------------------------------------------- mixing
 def mix_datasets(datasets_and_weights: Iterable[tuple[Any, float]], seed: int = 0,
                  stopping_strategy: str = "all_exhausted"):
-    """Interleave conversation datasets, each drawn with probability proportional to its weight
-    (`datasets.interleave_datasets`). All must be `Dataset`s or all `IterableDataset`s; only the
-    columns they share are kept (at least ``messages``). With ``"all_exhausted"`` (default) small
+    """Interleave conversation datasets (or prepared ones), each drawn with probability proportional to its
+    weight (`datasets.interleave_datasets`). All must be `Dataset`s or all `IterableDataset`s; only the
+    columns they share are kept (at least ``messages`` for conversations). With ``"all_exhausted"`` (default) small
     datasets are repeated until every one has been seen whole."""
     import datasets
 
@@ -544,8 +557,9 @@ def mix_datasets(datasets_and_weights: Iterable[tuple[Any, float]], seed: int = 
     if len(sets) == 1:
         return sets[0]
     shared = [c for c in sets[0].column_names if all(c in d.column_names for d in sets[1:])]
-    if "messages" not in shared:
-        raise ValueError("mix_datasets mixes conversation datasets: every one needs a 'messages' column.")
+    if not shared or any("messages" in d.column_names for d in sets) and "messages" not in shared:
+        raise ValueError("mix_datasets mixes datasets of one kind: conversations (every one with a 'messages' column) "
+                         "or rows encoded by the same processor.")
     sets = [d.select_columns(shared) if d.column_names != shared else d for d in sets]
     total = float(sum(w for _, w in pairs))
     return datasets.interleave_datasets(sets, probabilities=[w / total for _, w in pairs], seed=seed,

@@ -123,12 +123,13 @@ def snac_24khz_codec_config() -> dict:
 
 # ---------------------------------------------------------------------------------------------- encoding
 def _encode_rows(batch: dict, indices: list[int], *, processor, codec, max_length, keep_columns, skip_invalid,
-                 first_row: int) -> dict:
+                 first_row: int, one_thread: bool = True) -> dict:
     import torch
 
     from .formats import processor_messages
 
-    torch.set_num_threads(1)  # one clip at a time: extra intra-op threads only add stalls (and fork is unsafe with them)
+    if one_thread:  # one clip at a time: extra intra-op threads only add stalls (and fork is unsafe with them)
+        torch.set_num_threads(1)
     out: dict[str, list] = {name: [] for name in (*PREPARED_COLUMNS, *keep_columns, "status")}
     for i, (messages, index) in enumerate(zip(batch["messages"], indices)):
         status = "ok"
@@ -198,6 +199,41 @@ def _spool(rows, features, folder: str, batch_size: int):
         shutil.rmtree(folder)
         return None
     return datasets.Dataset.from_file(path)
+
+
+def encode_conversations(dataset, processor, *, codec=None, max_length: int | None = None, num_proc: int | None = None,
+                         batch_size: int = 16, skip_invalid: bool = False):
+    """Conversations -> the rows :func:`prepare_dataset` writes (:data:`PREPARED_COLUMNS`), without its shards:
+    encoded as they are read for an `IterableDataset`, or by a cached `Dataset.map` (reused by a later run with
+    the same data, processor, codec and `max_length`). Rows longer than `max_length` steps are dropped."""
+    import datasets
+    from datasets import Features, Value
+
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        raise TypeError(f"encode_conversations takes a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
+    names = dataset.column_names
+    if names is not None and "messages" not in names:
+        raise ValueError(f"The dataset has no 'messages' column (it has {names}): load it with "
+                         "deeptalk.data.load_conversation_dataset(source, data_format=...) first.")
+    options = {
+        "function": _encode_rows,
+        "batched": True,
+        "batch_size": batch_size,
+        "with_indices": True,
+        "remove_columns": names or ["messages"],
+        "features": Features({**prepared_features(), "status": Value("string")}),
+        "fn_kwargs": {"processor": processor, "codec": codec, "max_length": max_length, "keep_columns": (),
+                      "skip_invalid": skip_invalid, "first_row": 0, "one_thread": bool(num_proc and num_proc > 1)},
+    }
+    if isinstance(dataset, datasets.IterableDataset):
+        encoded = dataset.map(**options)
+    else:
+        key = json.dumps([dataset._fingerprint, processor_fingerprint(processor), codec_fingerprint(codec), max_length,
+                          skip_invalid, MANIFEST_VERSION])
+        encoded = dataset.map(**options, num_proc=num_proc if num_proc and num_proc > 1 and len(dataset) > 1 else None,
+                              writer_batch_size=batch_size, desc="encode conversations",
+                              new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
+    return encoded.filter(lambda status: status == "ok", input_columns="status").remove_columns("status")
 
 
 # ---------------------------------------------------------------------------------------------- shards on disk

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
 
-from .base import DeepTalkTrainerMixin
+from .base import DeepTalkTrainerMixin, stream_per_rank
 from .freezing import plan_for_phase
 
 
@@ -50,4 +50,5 @@ class DeepTalkAlignmentTrainer(DeepTalkTrainerMixin, Trainer):
         plan = plan_for_phase("align", train_embeddings=args.train_embeddings)
         plan.audio_encoder = args.train_audio_encoder
         model = self._setup_phase(model, plan, peft_config)
+        kwargs["train_dataset"] = stream_per_rank(kwargs.get("train_dataset"), args)
         super().__init__(model=model, args=args, **kwargs)

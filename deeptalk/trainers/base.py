@@ -209,6 +209,23 @@ def refuse_options(config, phase: str, allowed: dict[str, tuple]):
             )
 
 
+def stream_per_rank(dataset, args):
+    """A streamed training set (`datasets.IterableDataset`) becomes one endless stream per process, each reading its
+    own part (:func:`deeptalk.data.training.rank_stream`), so that uneven parts never leave a rank waiting for
+    another; it is read round and round until `max_steps`. Other datasets are returned as they are."""
+    import datasets
+
+    if not isinstance(dataset, datasets.IterableDataset):
+        return dataset
+    if args.max_steps is None or args.max_steps <= 0:
+        raise ValueError("A streamed training set has no length: set max_steps (e.g. `--set max_steps=1000`); the "
+                         "stream is read round and round until then.")
+    from ..data.training import rank_stream
+
+    args.accelerator_config.dispatch_batches = False  # each rank reads its own part, rather than rank 0 all of it
+    return rank_stream(dataset, world_size=args.world_size)
+
+
 def drop_long_examples(dataset, max_length: int | None, length_columns: tuple[str, ...]):
     """Examples longer than `max_length` decoder steps are dropped, not truncated: a cut would split a
     spoken segment from its audio features. `length_columns` hold one entry per step."""

@@ -19,7 +19,7 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.utils import use_adapter
 
 from ..modeling_deeptalk import stream_token_log_probs
-from .base import DeepTalkTrainerMixin, drop_long_examples, refuse_options
+from .base import DeepTalkTrainerMixin, drop_long_examples, refuse_options, stream_per_rank
 from .freezing import plan_for_phase, unwrap_deeptalk
 from .joint import bf16_supported
 
@@ -109,6 +109,7 @@ class DeepTalkSpeechDPOTrainer(DeepTalkTrainerMixin, DPOTrainer):
         collator = data_collator or SpeechPreferenceCollator(processing_class)
         train_dataset = drop_long_examples(kwargs.pop("train_dataset", None), args.max_length,
                                            ("chosen_audio_input_mask", "rejected_audio_input_mask"))
+        train_dataset = stream_per_rank(train_dataset, args)
         super().__init__(model=model, ref_model=ref_model, args=args, processing_class=tokenizer,
                          data_collator=collator, train_dataset=train_dataset, **kwargs)
 

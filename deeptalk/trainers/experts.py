@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import Trainer, TrainingArguments
 
-from .base import DeepTalkTrainerMixin
+from .base import DeepTalkTrainerMixin, stream_per_rank
 from .freezing import plan_for_phase
 
 
@@ -56,4 +56,5 @@ class DeepTalkExpertsTrainer(DeepTalkTrainerMixin, Trainer):
             train_shared_experts=args.train_shared_experts,
         )
         model = self._setup_phase(model, plan, peft_config)
+        kwargs["train_dataset"] = stream_per_rank(kwargs.get("train_dataset"), args)
         super().__init__(model=model, args=args, **kwargs)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig, SFTTrainer
 
-from .base import DeepTalkTrainerMixin, drop_long_examples, refuse_options
+from .base import DeepTalkTrainerMixin, drop_long_examples, refuse_options, stream_per_rank
 from .freezing import plan_for_phase
 
 
@@ -64,7 +64,7 @@ class DeepTalkJointTrainer(DeepTalkTrainerMixin, SFTTrainer):
         train_dataset = kwargs.pop("train_dataset", None)
         if args.shuffle_dataset and train_dataset is not None:
             train_dataset = train_dataset.shuffle(seed=args.seed)
-        train_dataset = drop_long_examples(train_dataset, args.max_length, ("audio_input_mask",))
+        train_dataset = stream_per_rank(drop_long_examples(train_dataset, args.max_length, ("audio_input_mask",)), args)
         super().__init__(model=model, args=args, processing_class=tokenizer, train_dataset=train_dataset, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -13,7 +13,8 @@ the string "no"); `--set KEY=VALUE` overrides go through the same checks. YAML i
 1.2 core rules for booleans and numbers (only true/false are booleans; `3e-3` is a number).
 
 Training data is conversations in JSON Lines, one `{"messages": [...]}` per line, in the
-processor's chat format; audio paths are resolved relative to the file.
+processor's chat format (audio paths are resolved relative to the file), or any dataset
+:func:`deeptalk.data.training.load_training_data` reads (prepared folders, public schemas, streamed).
 """
 
 from __future__ import annotations
@@ -358,15 +359,24 @@ def encode_dataset(processor, conversations: list[dict], *, codec=None, max_leng
     return dataset
 
 
-def build_trainer(phase: str, model, processor, train_dataset, args: dict, *, peft_config=None, codec=None):
-    """The phase's trainer with its config dataclass built from `args`."""
+def build_phase_config(phase: str, args: dict):
+    """The phase's config dataclass (`TrainingArguments` subclass) built from validated `args`."""
+    return phase_config_class(phase)(**args)
+
+
+def build_trainer(phase: str, model, processor, train_dataset, args, *, peft_config=None, codec=None):
+    """The phase's trainer with its config dataclass built from `args` (a dict, or the config itself).
+
+    `train_dataset` is a `datasets.Dataset` or, streamed, an `IterableDataset` (read by every process from its
+    own part, until `max_steps`), of processor-encoded rows (`encode_dataset`, or
+    :func:`deeptalk.data.training.load_training_data`)."""
     import importlib
 
     from ..processing.processing_deeptalk import DeepTalkDataCollator
 
     module_name, config_name, trainer_name = PHASE_CLASSES[phase]
     module = importlib.import_module(f"deeptalk.trainers.{module_name}")
-    config = getattr(module, config_name)(**args)
+    config = args if isinstance(args, getattr(module, config_name)) else getattr(module, config_name)(**args)
     kwargs = {"train_dataset": train_dataset}
     if phase == "dpo":
         kwargs["processing_class"] = processor  # the trainer pairs chosen/rejected itself
