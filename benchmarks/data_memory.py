@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 # Copyright 2026 The deeptalk authors. Apache-2.0.
-"""Memory of reading data as it grows, and prepare's throughput (CPU).
+"""Memory of reading and training on data as it grows, and prepare's throughput (CPU).
 
 Synthetic data in local parquet folders (1000-row files):
 
@@ -17,7 +17,13 @@ Measured, each in its own fresh subprocess so that its peak RSS is its own:
    clip on the fly), streamed or memory-mapped; ``prepared``: rows from ``prepare_dataset``'s shards
    (memory-mapped ``load_prepared_dataset``, or streamed). Clip data stops at ``--clip-rows``; larger
    sizes use the prepared code rows.
-2. **Prepare throughput**: ``prepare_dataset`` rows/s with ``num_proc`` 1 and 2 on the same rows
+2. **Training steps**: ``--train-steps`` (16) optimizer steps of the speech-experts phase
+   (``DeepTalkExpertsTrainer``, batch 8) of a tiny DeepTalk speech model (SNAC 24 kHz's 7 x 4096 layout) over
+   the first N rows, read the way ``deeptalk train --data`` reads them (:func:`deeptalk.data.training.load_training_data`):
+   ``raw`` clips straight from parquet (streamed: encoded as they are read), and prepared rows memory-mapped or
+   streamed (one endless stream per rank). Peak RSS growth is measured across ``trainer.train()``; the model, the
+   optimizer and the first batches are the same at every size, so what grows with N is what the data costs.
+3. **Prepare throughput**: ``prepare_dataset`` rows/s with ``num_proc`` 1 and 2 on the same rows
    (``--throughput-rows``), clips (audio -> log-mel features) and code rows (``answer_snac`` parsed),
    and the CPU time it spent per row (its own and its map workers'), which other processes' load
    disturbs far less than rows/s.
@@ -34,6 +40,7 @@ excluded); rows/s from blocks flagged ``(!)`` are not trustworthy on a shared ma
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py                 # ~35 min on 2 busy cores
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --quick         # smoke run, ~5 min
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --json data_memory.json
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --parts train      # training steps only
 
 A script, not a test: it checks the row counts it reads, never the memory or the speed.
 """
@@ -188,6 +195,68 @@ def worker_iterate(spec: dict) -> dict:
             "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def worker_model(spec: dict) -> dict:
+    """A tiny DeepTalk speech model in SNAC 24 kHz's layout, saved (with its processor) for the training runs."""
+    import torch
+
+    import deeptalk
+    from deeptalk.tiny import tiny_text_moe, tiny_whisper_config
+
+    torch.manual_seed(0)
+    processor = build_processor()
+    source = tiny_text_moe("qwen3_moe", vocab_size=len(processor.tokenizer))
+    layers = deeptalk.DeepTalkConfig(text_config=source.config.to_dict()).moe_layer_indices
+    model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, speech_experts=[[1, 5] for _ in layers], progress=False)
+    model.add_speech(audio_config=tiny_whisper_config(), **processor.model_speech_kwargs())
+    model.save_pretrained(spec["output"])
+    processor.save_pretrained(spec["output"])
+    return {"parameters": sum(p.numel() for p in model.parameters())}
+
+
+def worker_train(spec: dict) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from deeptalk import DeepTalkDataCollator
+    from deeptalk.data.training import load_training_data
+    from deeptalk.trainers import DeepTalkExpertsConfig, DeepTalkExpertsTrainer
+
+    datasets.disable_progress_bars()
+    torch.set_num_threads(1)
+    processor = build_processor()
+    rows, streaming = spec["rows"], spec["streaming"]
+    if spec["source"] == "raw":
+        data = load_training_data([files(spec["folder"], rows)], processor, data_format="asr", streaming=streaming,
+                                  split="train" if streaming else f"train[:{rows}]", cache_dir=spec["cache_dir"]).dataset
+    else:
+        data = load_training_data([spec["folder"]], processor, streaming=streaming).dataset
+    data = data.take(rows) if streaming else data.select(range(rows))
+    model = AutoModelForCausalLM.from_pretrained(spec["model"])
+    args = DeepTalkExpertsConfig(output_dir=spec["output"], modality="speech", max_steps=spec["steps"],
+                                 per_device_train_batch_size=BATCH, use_cpu=True, report_to="none", save_strategy="no",
+                                 logging_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = DeepTalkExpertsTrainer(model, args, train_dataset=data, data_collator=DeepTalkDataCollator(processor))
+    anon = {"max": status_kib("RssAnon")}
+
+    class Sample(TrainerCallback):
+        def on_step_end(self, *args, **kwargs):
+            anon["max"] = max(anon["max"], status_kib("RssAnon"))
+
+    trainer.add_callback(Sample())
+    anon0, rss0 = status_kib("RssAnon"), status_kib("VmRSS")
+    reset = reset_peak_rss()
+    started = time.perf_counter()
+    with ForeignLoad() as load:
+        trainer.train()
+    seconds = time.perf_counter() - started
+    if trainer.state.global_step != spec["steps"]:
+        raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {spec['steps']}")
+    return {"rss_before_mib": rss0 / 1024, "peak_growth_mib": (status_kib("VmHWM") - rss0) / 1024,
+            "anon_growth_mib": (max(anon["max"], status_kib("RssAnon")) - anon0) / 1024,
+            "steps_per_s": spec["steps"] / seconds, "seconds": seconds, "peak_reset": reset, "foreign_load": load.cores}
+
+
 def worker_prepare(spec: dict) -> dict:
     import datasets
 
@@ -240,25 +309,30 @@ def main():
     parser.add_argument("--clip-rows", type=int, default=10_000, help="largest 1-second-clip dataset")
     parser.add_argument("--throughput-rows", type=int, default=2000, help="rows prepared with 1 and 2 processes")
     parser.add_argument("--shard-size", type=int, default=5000)
-    parser.add_argument("--parts", default="prepare,iterate", help="what to measure: prepare, iterate or both")
+    parser.add_argument("--parts", default="prepare,iterate,train",
+                        help="what to measure: any of prepare, iterate, train (comma-separated)")
+    parser.add_argument("--train-steps", type=int, default=16, help="optimizer steps per training run")
     parser.add_argument("--quick", action="store_true", help="smoke run: 200/1000 rows, clips up to 1000")
     parser.add_argument("--workdir", help="keep the synthetic data here (default: a temporary folder)")
     parser.add_argument("--json", help="write every number here")
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps((worker_iterate if spec["task"] == "iterate" else worker_prepare)(spec)))
+        workers = {"iterate": worker_iterate, "prepare": worker_prepare, "model": worker_model, "train": worker_train}
+        print(json.dumps(workers[spec["task"]](spec)))
         return
     import datasets
 
     datasets.disable_progress_bars()
     if args.quick:
         args.sizes, args.clip_rows, args.throughput_rows, args.shard_size = "200,1000", 1000, 400, 500
+        args.train_steps = min(args.train_steps, 4)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     code_rows, clip_rows = max(sizes), min(args.clip_rows, max(sizes))
     work = args.workdir or tempfile.mkdtemp(prefix="deeptalk-data-memory-")
-    paths = {k: os.path.join(work, k) for k in ("clips", "codes", "cache", "prepared_clips", "prepared_codes", "tp")}
-    results = {"machine": machine_info(1, mem_total=True), "args": vars(args), "iterate": [], "prepare": []}
+    paths = {k: os.path.join(work, k)
+             for k in ("clips", "codes", "cache", "prepared_clips", "prepared_codes", "tp", "model", "train_out")}
+    results = {"machine": machine_info(1, mem_total=True), "args": vars(args), "iterate": [], "prepare": [], "train": []}
     try:
         started = time.perf_counter()
         write_clips(paths["clips"], clip_rows)
@@ -281,7 +355,7 @@ def main():
             for kind, fmt in (("clips", "asr"), ("codes", "voiceassistant")):
                 for num_proc in (1, 2):
                     prepare(kind, tp, num_proc, paths["tp"], fmt)
-        if "iterate" in parts:
+        if "iterate" in parts or "train" in parts:
             prepare("clips", clip_rows, 2, paths["prepared_clips"], "asr")
             prepare("codes", code_rows, 2, paths["prepared_codes"], "voiceassistant")
 
@@ -300,6 +374,24 @@ def main():
                           f"peak +{result['peak_growth_mib']:7.1f} MiB, heap +{result['anon_growth_mib']:6.1f} MiB, "
                           f"{result['rows_per_s']:8.1f} rows/s (other load {load_flag(result['foreign_load'])})",
                           flush=True)
+        if "train" in parts:
+            run_worker({"task": "model", "output": paths["model"]})
+        for rows in sizes if "train" in parts else ():
+            runs = [("clips", "raw", paths["clips"], True)] if rows <= clip_rows else []
+            if rows <= clip_rows:
+                runs += [("clips", "prepared", paths["prepared_clips"], s) for s in (False, True)]
+            runs += [("codes", "prepared", paths["prepared_codes"], s) for s in (False, True)]
+            for kind, source, folder, streaming in runs:
+                spec = {"task": "train", "kind": kind, "source": source, "folder": folder, "rows": rows,
+                        "streaming": streaming, "cache_dir": paths["cache"], "model": paths["model"],
+                        "output": paths["train_out"], "steps": args.train_steps}
+                result = dict(run_worker(spec), kind=kind, source=source, rows=rows, streaming=streaming,
+                              steps=args.train_steps)
+                results["train"].append(result)
+                print(f"train   {kind:5s} {source:8s} {'streamed' if streaming else 'mapped':8s} {rows:>7d} rows: "
+                      f"peak +{result['peak_growth_mib']:7.1f} MiB, heap +{result['anon_growth_mib']:6.1f} MiB, "
+                      f"{result['steps_per_s']:6.2f} steps/s (other load {load_flag(result['foreign_load'])})",
+                      flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -312,8 +404,20 @@ def main():
 def print_tables(results):
     if results["iterate"]:
         print_iterate_table(results)
+    if results["train"]:
+        print_train_table(results)
     if results["prepare"]:
         print_prepare_table(results)
+
+
+def print_train_table(results):
+    print(f"\n| data | source | read as | rows | {results['args']['train_steps']} steps: RSS before (MiB) | "
+          "peak growth (MiB) | heap growth (MiB) | steps/s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in results["train"]:
+        print(f"| {r['kind']} | {r['source']} | {'streamed' if r['streaming'] else 'memory-mapped'} | {r['rows']} | "
+              f"{r['rss_before_mib']:.0f} | {r['peak_growth_mib']:.1f} | {r['anon_growth_mib']:.1f} | "
+              f"{r['steps_per_s']:.2f} |")
 
 
 def print_iterate_table(results):

@@ -100,8 +100,9 @@ def load_training_data(sources: Sequence, processor, *, data_format: str | Seque
     """Rows ready for `DeepTalkDataCollator` from one or several sources.
 
     Args:
-        sources: sources, or `(source, weight)` pairs; weights (all or none) interleave the sources with those
-            probabilities (`datasets.interleave_datasets`, every source seen whole), else they are concatenated.
+        sources: sources (a path, glob, Hub id, list of data files or `datasets` object), or `(source, weight)`
+            pairs; weights (all or none) interleave the sources with those probabilities
+            (`datasets.interleave_datasets`, every source seen whole), else they are concatenated.
         processor: the model's `DeepTalkProcessor`. Prepared folders must have been prepared with an equal one.
         data_format, split: one for all sources or one per source (prepared folders ignore both).
         streaming: read lazily (`IterableDataset`): nothing is copied or cached.
@@ -163,10 +164,10 @@ def load_training_data(sources: Sequence, processor, *, data_format: str | Seque
         dataset = dataset.select_columns(list(PREPARED_COLUMNS))
         rows = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
         if rows == 0:
-            raise ValueError(f"{os.fspath(source)}: no training example left"
+            raise ValueError(f"{_describe(source)}: no training example left"
                              + (f" (every one is longer than max_length={max_length})." if max_length else "."))
         loaded.append(dataset)
-        described.append({"source": os.fspath(source), "weight": weight, "rows": rows, **entry})
+        described.append({"source": _describe(source), "weight": weight, "rows": rows, **entry})
     if len(loaded) == 1:
         dataset = loaded[0]
     elif weights[0] is None:
@@ -174,6 +175,12 @@ def load_training_data(sources: Sequence, processor, *, data_format: str | Seque
     else:
         dataset = mix_datasets(list(zip(loaded, weights)), seed=seed)
     return TrainingData(dataset, described)
+
+
+def _describe(source) -> str:
+    if isinstance(source, (list, tuple)):
+        return f"{len(source)} files ({os.fspath(source[0])}, ...)" if source else "no files"
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
 
 
 def is_prepared_source(source) -> bool:
