@@ -21,8 +21,9 @@ Measured, each in its own fresh subprocess so that its peak RSS is its own:
    (``DeepTalkExpertsTrainer``, batch 8) of a tiny DeepTalk speech model (SNAC 24 kHz's 7 x 4096 layout) over
    the first N rows, read the way ``deeptalk train --data`` reads them (:func:`deeptalk.data.training.load_training_data`):
    ``raw`` clips straight from parquet (streamed: encoded as they are read), and prepared rows memory-mapped or
-   streamed (one endless stream per rank). Peak RSS growth is measured across ``trainer.train()``; the model, the
-   optimizer and the first batches are the same at every size, so what grows with N is what the data costs.
+   streamed (one endless stream per rank). Each worker first runs the same steps over only the rows they read
+   (steps x 8: the **baseline**), then over N rows, in the same process with the same model; the peaks of the
+   second run are reported as ratios to the first's: 1.0 means the rows not read cost nothing.
 3. **Prepare throughput**: ``prepare_dataset`` rows/s with ``num_proc`` 1 and 2 on the same rows
    (``--throughput-rows``), clips (audio -> log-mel features) and code rows (``answer_snac`` parsed),
    and the CPU time it spent per row (its own and its map workers'), which other processes' load
@@ -214,6 +215,10 @@ def worker_model(spec: dict) -> dict:
 
 
 def worker_train(spec: dict) -> dict:
+    """`steps` training steps over the first `rows` rows, after the same steps over only the rows they read (the
+    baseline), both in this process: the ratios of their peaks say what the other rows cost."""
+    import gc
+
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -225,36 +230,53 @@ def worker_train(spec: dict) -> dict:
     datasets.disable_progress_bars()
     torch.set_num_threads(1)
     processor = build_processor()
-    rows, streaming = spec["rows"], spec["streaming"]
-    if spec["source"] == "raw":
-        data = load_training_data([files(spec["folder"], rows)], processor, data_format="asr", streaming=streaming,
-                                  split="train" if streaming else f"train[:{rows}]", cache_dir=spec["cache_dir"]).dataset
-    else:
-        data = load_training_data([spec["folder"]], processor, streaming=streaming).dataset
-    data = data.take(rows) if streaming else data.select(range(rows))
     model = AutoModelForCausalLM.from_pretrained(spec["model"])
-    args = DeepTalkExpertsConfig(output_dir=spec["output"], modality="speech", max_steps=spec["steps"],
-                                 per_device_train_batch_size=BATCH, use_cpu=True, report_to="none", save_strategy="no",
-                                 logging_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0)
-    trainer = DeepTalkExpertsTrainer(model, args, train_dataset=data, data_collator=DeepTalkDataCollator(processor))
-    anon = {"max": status_kib("RssAnon")}
+    streaming, steps = spec["streaming"], spec["steps"]
 
-    class Sample(TrainerCallback):
-        def on_step_end(self, *args, **kwargs):
-            anon["max"] = max(anon["max"], status_kib("RssAnon"))
+    def read(rows):
+        if spec["source"] == "raw":
+            data = load_training_data([files(spec["folder"], rows)], processor, data_format="asr", streaming=streaming,
+                                      split="train" if streaming else f"train[:{rows}]",
+                                      cache_dir=spec["cache_dir"]).dataset
+        else:
+            data = load_training_data([spec["folder"]], processor, streaming=streaming).dataset
+        return data.take(rows) if streaming else data.select(range(rows))
 
-    trainer.add_callback(Sample())
-    anon0, rss0 = status_kib("RssAnon"), status_kib("VmRSS")
-    reset = reset_peak_rss()
-    started = time.perf_counter()
-    with ForeignLoad() as load:
-        trainer.train()
-    seconds = time.perf_counter() - started
-    if trainer.state.global_step != spec["steps"]:
-        raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {spec['steps']}")
-    return {"rss_before_mib": rss0 / 1024, "peak_growth_mib": (status_kib("VmHWM") - rss0) / 1024,
-            "anon_growth_mib": (max(anon["max"], status_kib("RssAnon")) - anon0) / 1024,
-            "steps_per_s": spec["steps"] / seconds, "seconds": seconds, "peak_reset": reset, "foreign_load": load.cores}
+    def train(rows):
+        data = read(rows)
+        args = DeepTalkExpertsConfig(output_dir=spec["output"], modality="speech", max_steps=steps,
+                                     per_device_train_batch_size=BATCH, use_cpu=True, report_to="none",
+                                     save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True,
+                                     dataloader_num_workers=0)
+        trainer = DeepTalkExpertsTrainer(model, args, train_dataset=data,
+                                         data_collator=DeepTalkDataCollator(processor))
+        heap = {"max": status_kib("RssAnon")}
+
+        class Sample(TrainerCallback):
+            def on_step_end(self, *args, **kwargs):
+                heap["max"] = max(heap["max"], status_kib("RssAnon"))
+
+        trainer.add_callback(Sample())
+        rss0 = status_kib("VmRSS")
+        reset = reset_peak_rss()
+        started = time.perf_counter()
+        with ForeignLoad() as load:
+            trainer.train()
+        seconds = time.perf_counter() - started
+        if trainer.state.global_step != steps:
+            raise RuntimeError(f"trained {trainer.state.global_step} steps, expected {steps}")
+        result = {"rss_before_mib": rss0 / 1024, "peak_rss_mib": status_kib("VmHWM") / 1024,
+                  "peak_heap_mib": max(heap["max"], status_kib("RssAnon")) / 1024, "steps_per_s": steps / seconds,
+                  "peak_reset": reset, "foreign_load": load.cores}
+        del trainer, data
+        gc.collect()
+        return result
+
+    baseline = train(steps * BATCH)
+    measured = train(spec["rows"])
+    return {**measured, "baseline": baseline,
+            "peak_rss_ratio": measured["peak_rss_mib"] / baseline["peak_rss_mib"],
+            "peak_heap_ratio": measured["peak_heap_mib"] / baseline["peak_heap_mib"]}
 
 
 def worker_prepare(spec: dict) -> dict:
@@ -389,7 +411,8 @@ def main():
                               steps=args.train_steps)
                 results["train"].append(result)
                 print(f"train   {kind:5s} {source:8s} {'streamed' if streaming else 'mapped':8s} {rows:>7d} rows: "
-                      f"peak +{result['peak_growth_mib']:7.1f} MiB, heap +{result['anon_growth_mib']:6.1f} MiB, "
+                      f"peak RSS {result['peak_rss_mib']:6.0f} MiB ({result['peak_rss_ratio']:.3f}x baseline), heap "
+                      f"{result['peak_heap_mib']:6.0f} MiB ({result['peak_heap_ratio']:.3f}x), "
                       f"{result['steps_per_s']:6.2f} steps/s (other load {load_flag(result['foreign_load'])})",
                       flush=True)
     finally:
@@ -411,13 +434,14 @@ def print_tables(results):
 
 
 def print_train_table(results):
-    print(f"\n| data | source | read as | rows | {results['args']['train_steps']} steps: RSS before (MiB) | "
-          "peak growth (MiB) | heap growth (MiB) | steps/s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    steps = results["args"]["train_steps"]
+    print(f"\n| data | source | read as | rows | {steps} steps: peak RSS (MiB) | vs baseline | peak heap (MiB) | "
+          "vs baseline | steps/s | other load |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in results["train"]:
         print(f"| {r['kind']} | {r['source']} | {'streamed' if r['streaming'] else 'memory-mapped'} | {r['rows']} | "
-              f"{r['rss_before_mib']:.0f} | {r['peak_growth_mib']:.1f} | {r['anon_growth_mib']:.1f} | "
-              f"{r['steps_per_s']:.2f} |")
+              f"{r['peak_rss_mib']:.0f} | {r['peak_rss_ratio']:.3f} | {r['peak_heap_mib']:.0f} | "
+              f"{r['peak_heap_ratio']:.3f} | {r['steps_per_s']:.2f} | {load_flag(r['foreign_load'])} |")
 
 
 def print_iterate_table(results):
