@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -250,6 +251,52 @@ def check_output_folder(value: str, option: str, *, inputs: dict[str, str] | Non
     _check_parent_writable(path, option, value, create=True)
 
 
+def check_training_output(output: str, model_dir: str, resume: str | None, overwrite: bool) -> str | None:
+    """Validate `deeptalk train --output` (and `--resume-from-checkpoint`) before anything loads; returns the
+    checkpoint to resume from. A folder resumed from is not "non-empty": its checkpoints are kept."""
+    from .saving import check_output_path, checkpoint_is_complete, latest_complete_checkpoint
+
+    if resume == "latest":
+        resume, skipped = latest_complete_checkpoint(output)
+        for partial in skipped:
+            print(f"deeptalk train: skipping {partial}: an incomplete checkpoint (its save was interrupted)",
+                  file=sys.stderr)
+        if resume is None:
+            raise UsageError(f"--resume-from-checkpoint latest: {output} holds no complete checkpoint-N folder; "
+                             "start without --resume-from-checkpoint.")
+    elif resume is not None:
+        if not os.path.isdir(resume):
+            raise UsageError(f"--resume-from-checkpoint {resume}: no such folder (give a checkpoint-N folder, or "
+                             "`latest` for the newest complete one in --output).")
+        if not checkpoint_is_complete(resume):
+            raise UsageError(f"--resume-from-checkpoint {resume}: an incomplete checkpoint (no valid trainer_state.json:"
+                             " its save was interrupted); resume from an earlier one, or pass `latest`.")
+    check_output_folder(output, "--output", inputs={"--model": model_dir})
+    try:
+        check_output_path(output, overwrite=overwrite or resume is not None, forbid=[model_dir], what="--output")
+    except ValueError as err:
+        raise UsageError(str(err).replace("overwrite=True (--overwrite)", "--overwrite")) from None
+    return resume
+
+
+def save_training_output(trainer, output: str, processor, codec_dir: str | None = None) -> None:
+    """The final model, processor (and codec) are saved beside the run's checkpoints and published in one step
+    (`deeptalk.saving.publish_staged`): a kill leaves the previous model or none that loads, never a mix."""
+    from .saving import clear_staging, publish_staged, staging_folder
+
+    staging = staging_folder(output)
+    if trainer.is_world_process_zero():
+        clear_staging(output)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)  # on every process: ZeRO-3 and FSDP gather the weights collectively
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(staging)
+        if codec_dir is not None:
+            shutil.copytree(codec_dir, os.path.join(staging, "codec"))
+        publish_staged(output)
+    trainer.accelerator.wait_for_everyone()
+
+
 def parse_speech_experts(value: str | None) -> list[list[int]] | None:
     """`--speech-experts` accepts inline JSON (`[[3, 17], [5, 9]]`) or a path to a JSON file holding
     one list of source expert indices per MoE layer, in layer order (the authors' format)."""
@@ -317,7 +364,7 @@ def cmd_train(args) -> int:
     model_dir = check_model(args.model)
     codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
     check_input_file(args.data, "--data")
-    check_output_folder(args.output, "--output", inputs={"--model": model_dir})
+    resume = check_training_output(args.output, model_dir, args.resume_from_checkpoint, args.overwrite)
 
     from .trainers.recipes import build_trainer, encode_dataset, load_conversations, load_recipe, parse_overrides
 
@@ -341,10 +388,11 @@ def cmd_train(args) -> int:
         codec = load_codec(codec_dir)
     dataset = encode_dataset(processor, conversations, codec=codec, max_length=recipe["data"].get("max_length"))
     trainer = build_trainer(args.phase, model, processor, dataset, train_args, codec=codec)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output)
+    trainer.train(resume_from_checkpoint=resume)
+    # the codec the answers were encoded with travels with the model, so `deeptalk chat` on it can speak
+    carried_codec = next((d for d in (codec_dir, os.path.join(model_dir, "codec")) if d and os.path.isdir(d)), None)
+    save_training_output(trainer, args.output, processor, codec_dir=carried_codec)
     if trainer.is_world_process_zero():  # one writer and one completion line under a multi-process launch
-        processor.save_pretrained(args.output)
         print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {len(dataset)} conversations "
               f"-> {args.output}")
     return 0
@@ -683,7 +731,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="where to write the trained model")
     train.add_argument("--modality", choices=["speech", "text"], help="experts phase: override the recipe's modality")
     train.add_argument("--codec", help="codec folder for assistant answers given as audio files")
-    train.add_argument("--resume-from-checkpoint", help="a checkpoint folder to resume from")
+    train.add_argument("--resume-from-checkpoint", metavar="CHECKPOINT",
+                       help="a checkpoint-N folder to resume from, or `latest`: the newest complete one in --output")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train into a non-empty --output (its model files are replaced when the new ones are "
+                            "complete; other entries stay)")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override recipe args (fields of the phase's config, e.g. max_steps=10 save_strategy=no)")
     train.set_defaults(func=cmd_train)
