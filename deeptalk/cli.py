@@ -254,6 +254,55 @@ def check_output_folder(value: str, option: str, *, inputs: dict[str, str] | Non
     _check_parent_writable(path, option, value, create=True)
 
 
+def check_training_output(output: str, model_dir: str, resume: str | None, overwrite: bool) -> str | None:
+    """Validate `deeptalk train --output` (and `--resume-from-checkpoint`) before anything loads; returns the
+    checkpoint to resume from. A folder resumed from is not "non-empty": its checkpoints are kept."""
+    from .saving import check_output_path, checkpoint_is_complete, latest_complete_checkpoint
+
+    if resume == "latest":
+        resume, skipped = latest_complete_checkpoint(output)
+        for partial in skipped:
+            print(f"deeptalk train: skipping {partial}: an incomplete checkpoint (its save was interrupted)",
+                  file=sys.stderr)
+        if resume is None:
+            raise UsageError(f"--resume-from-checkpoint latest: {output} holds no complete checkpoint-N folder; "
+                             "start without --resume-from-checkpoint.")
+    elif resume is not None:
+        if not os.path.isdir(resume):
+            raise UsageError(f"--resume-from-checkpoint {resume}: no such folder (give a checkpoint-N folder, or "
+                             "`latest` for the newest complete one in --output).")
+        if not checkpoint_is_complete(resume):
+            raise UsageError(f"--resume-from-checkpoint {resume}: an incomplete checkpoint (no valid trainer_state.json:"
+                             " its save was interrupted); resume from an earlier one, or pass `latest`.")
+    check_output_folder(output, "--output", inputs={"--model": model_dir})
+    try:
+        check_output_path(output, overwrite=overwrite or resume is not None, forbid=[model_dir], what="--output")
+    except ValueError as err:
+        raise UsageError(str(err).replace("overwrite=True (--overwrite)", "--overwrite")) from None
+    return resume
+
+
+def save_training_output(trainer, output: str, processor, codec=None, codec_dir: str | None = None) -> None:
+    """The final model, processor (and codec: `codec` saved with its weights, else a copy of `codec_dir`) are saved
+    beside the run's checkpoints and published in one step (`deeptalk.saving.publish_staged`): a kill leaves the
+    previous model or none that loads, never a mix."""
+    from .saving import clear_staging, publish_staged, staging_folder
+
+    staging = staging_folder(output)
+    if trainer.is_world_process_zero():
+        clear_staging(output)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(staging)  # on every process: ZeRO-3 and FSDP gather the weights collectively
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(staging)
+        if codec is not None:
+            codec.save_pretrained(os.path.join(staging, "codec"))
+        elif codec_dir is not None:
+            shutil.copytree(codec_dir, os.path.join(staging, "codec"))
+        publish_staged(output)
+    trainer.accelerator.wait_for_everyone()
+
+
 def parse_speech_experts(value: str | None) -> list[list[int]] | None:
     """`--speech-experts` accepts inline JSON (`[[3, 17], [5, 9]]`) or a path to a JSON file holding
     one list of source expert indices per MoE layer, in layer order (the authors' format)."""
@@ -499,7 +548,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     model_dir = check_model(args.model)
     codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
-    check_output_folder(args.output, "--output", inputs={"--model": model_dir})
+    resume = check_training_output(args.output, model_dir, args.resume_from_checkpoint, args.overwrite)
     specs = parse_data_specs(args.data)
     columns = parse_columns(args.columns)
     formats = _per_source(args.data_format, len(specs), "--data-format", "messages")
@@ -566,13 +615,14 @@ def cmd_train(args) -> int:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if train_args.get("bf16") else None)
     trainer = build_trainer(args.phase, model, processor, dataset, config, codec=codec)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output)
-    if trainer.is_world_process_zero():  # one writer and one completion line under a multi-process launch
-        processor.save_pretrained(args.output)
-        written = save_codec_beside(args.output, codec=codec, codec_dir=None if codec is not None else carried_codec)
+    trainer.train(resume_from_checkpoint=resume)
+    # the codec the speech codes belong to travels with the model, so `deeptalk chat` on it can speak
+    save_training_output(trainer, args.output, processor, codec=codec,
+                         codec_dir=None if codec is not None else carried_codec)
+    if trainer.is_world_process_zero():  # one completion line under a multi-process launch
         what = f"{rows} conversations" if rows is not None else f"streamed data ({len(specs)} source{'s' * (len(specs) > 1)})"
-        codec_note = f" (codec in {written})" if written else ""
+        has_codec = codec is not None or carried_codec is not None
+        codec_note = f" (codec in {os.path.join(args.output, 'codec')})" if has_codec else ""
         print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {what} -> {args.output}{codec_note}")
     return 0
 
@@ -1020,7 +1070,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="where to write the trained model (with its processor and codec)")
     train.add_argument("--modality", choices=["speech", "text"], help="experts phase: override the recipe's modality")
     train.add_argument("--codec", help="codec folder for assistant answers given as audio files (saved in <output>/codec)")
-    train.add_argument("--resume-from-checkpoint", help="a checkpoint folder to resume from")
+    train.add_argument("--resume-from-checkpoint", metavar="CHECKPOINT",
+                       help="a checkpoint-N folder to resume from, or `latest`: the newest complete one in --output")
+    train.add_argument("--overwrite", action="store_true",
+                       help="train into a non-empty --output (its model files are replaced when the new ones are "
+                            "complete; other entries stay)")
     train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                        help="override recipe args (fields of the phase's config, e.g. max_steps=10 save_strategy=no)")
     train.set_defaults(func=cmd_train)

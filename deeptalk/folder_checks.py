@@ -12,6 +12,8 @@ import os
 import struct
 from pathlib import Path
 
+from .saving import STAGING_NAME
+
 PROCESSOR_FILES = ("processor_config.json",)
 CODEC_FOLDER = "codec"
 
@@ -60,6 +62,12 @@ def check_model_folder(folder: str | os.PathLike, *, need_processor: bool = Fals
         raise ValueError(f"{option} {folder} is a file; give the model's folder.")
     config_path = folder / "config.json"
     if not config_path.is_file():
+        if (folder / STAGING_NAME).is_dir():
+            checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: p.stat().st_mtime)
+            fallback = f", or load its last checkpoint ({checkpoints[-1]})" if checkpoints else ""
+            raise FileNotFoundError(
+                f"{option} {folder}: the training run's final save was interrupted (no config.json yet). Run the same "
+                f"`deeptalk train` again with --resume-from-checkpoint latest{fallback}.")
         raise FileNotFoundError(f"{option} {folder} has no config.json: it is not a saved model folder.")
     config = _json(config_path, "model config")
     if config.get("model_type") != "deeptalk":

@@ -61,7 +61,8 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text", "check_output_path"]
+__all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text", "check_output_path", "clear_staging",
+           "latest_complete_checkpoint", "publish_staged", "staging_folder"]
 
 _PARTIAL, _PREVIOUS = "partial", "previous"
 _NAME_KEEP = 100  # sibling names must stay under NAME_MAX: longer target names are cut and hashed
@@ -425,3 +426,92 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2, overw
             reason = f"{where} is a {type(value).__name__} ({value!r:.80}), which JSON cannot hold; convert it first"
         raise ValueError(f"{_describe(what, os.fspath(path))} was not written: {reason}.") from err
     return atomic_write_text(path, text, overwrite=overwrite, forbid=forbid, what=what)
+
+
+# ---------------------------------------------------------------------------------------------- training outputs
+STAGING_NAME = ".deeptalk-final-save"
+# what makes a folder loadable: moved in last, removed first, so a folder without them is never taken for a model
+_COMMIT_MARKERS = ("config.json", "adapter_config.json")
+_WEIGHT_FILE = re.compile(r"(model|adapter_model)(-\d+-of-\d+)?\.safetensors(\.index\.json)?")
+
+
+def staging_folder(output_dir: PathLike) -> str:
+    """Where a final model is written before :func:`publish_staged` moves it into ``output_dir``.
+
+    A training output also holds the Trainer's ``checkpoint-*`` folders, so it cannot be swapped as a whole
+    (:func:`atomic_directory`) without deleting them. The name is fixed so that every process of a multi-process
+    save (ZeRO-3, FSDP gather on all ranks) writes to the same place.
+    """
+    return os.path.join(os.path.abspath(os.path.expanduser(os.fspath(output_dir))), STAGING_NAME)
+
+
+def clear_staging(output_dir: PathLike) -> None:
+    """Remove what a killed final save left in ``output_dir`` (its staging folder) - call before training."""
+    _remove(staging_folder(output_dir))
+
+
+def publish_staged(output_dir: PathLike) -> str:
+    """Move the model saved in :func:`staging_folder` into ``output_dir``, leaving other entries (checkpoints) alone.
+
+    ``config.json`` (``adapter_config.json`` for an adapter) is removed from ``output_dir`` first and put in place
+    last, and weight files of a previous save that the new one lacks are removed in between, so a kill at any
+    instant leaves the previous complete model, a folder that does not load (no ``config.json``, and the staging
+    folder, which :func:`deeptalk.folder_checks.check_model_folder` names), or the new complete model - never a
+    mix that loads. Returns ``output_dir`` absolute.
+    """
+    staging = staging_folder(output_dir)
+    target = os.path.dirname(staging)
+    if not os.path.isdir(staging):
+        raise FileNotFoundError(f"{staging}: nothing was saved to publish.")
+    _fsync_tree(staging)
+    staged = set(os.listdir(staging))
+    for marker in _COMMIT_MARKERS:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(target, marker))
+    _fsync_path(target, directory=True)
+    for entry in os.listdir(target):
+        if _WEIGHT_FILE.fullmatch(entry) and entry not in staged:
+            _remove(os.path.join(target, entry))
+    for entry in sorted(staged - set(_COMMIT_MARKERS)):
+        destination = os.path.join(target, entry)
+        if os.path.isdir(destination) and not os.path.islink(destination):
+            _remove(destination)  # a folder (codec/) is replaced whole, never merged
+        os.replace(os.path.join(staging, entry), destination)
+    _fsync_path(target, directory=True)
+    for marker in _COMMIT_MARKERS:
+        if marker in staged:
+            os.replace(os.path.join(staging, marker), os.path.join(target, marker))
+    _fsync_path(target, directory=True)
+    _remove(staging)
+    return target
+
+
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_is_complete(folder: PathLike) -> bool:
+    """A Trainer checkpoint is complete once its ``trainer_state.json`` (written last) parses and names its step."""
+    match = _CHECKPOINT.fullmatch(os.path.basename(os.path.normpath(os.fspath(folder))))
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and (match is None or state.get("global_step") == int(match.group(1)))
+
+
+def latest_complete_checkpoint(output_dir: PathLike) -> tuple[str | None, list[str]]:
+    """The newest complete ``checkpoint-N`` folder in ``output_dir`` (or ``None``) and the newer, partial ones
+    skipped on the way (a kill during a checkpoint save leaves one without its ``trainer_state.json``)."""
+    found = []
+    if os.path.isdir(output_dir):
+        for entry in os.listdir(output_dir):
+            match = _CHECKPOINT.fullmatch(entry)
+            if match and os.path.isdir(os.path.join(output_dir, entry)):
+                found.append((int(match.group(1)), os.path.join(output_dir, entry)))
+    skipped = []
+    for _, path in sorted(found, reverse=True):
+        if checkpoint_is_complete(path):
+            return path, skipped
+        skipped.append(path)
+    return None, skipped

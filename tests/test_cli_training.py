@@ -1,6 +1,7 @@
 """`deeptalk assign` and `deeptalk train` as real subprocesses on a tiny model and shipped speech."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -85,3 +86,35 @@ def test_train_dpo_from_preference_jsonl(tmp_path):
     assert "2 steps on 4 conversations" in result.stdout
     phases = json.loads((tmp_path / "dpo" / "deeptalk_phases.json").read_text())
     assert phases[-1]["phase"] == "dpo"
+
+
+def test_train_output_is_guarded_and_resumes_from_the_latest_complete_checkpoint(tmp_path):
+    _write_model_and_data(tmp_path)
+    train = ["train", "joint", "--recipe", "tiny_cpu/joint", "--model", "model", "--data", "speech.jsonl",
+             "--output", "out", "--set", "per_device_train_batch_size=4", "save_strategy=steps", "save_steps=1"]
+    first = _cli(*train, "max_steps=2", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    assert {"checkpoint-1", "checkpoint-2", "config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
+    assert not (out / ".deeptalk-final-save").exists()
+
+    again = _cli(*train, "max_steps=2", cwd=tmp_path)
+    assert again.returncode == 2 and "already exists and is not empty" in again.stderr
+    assert "--overwrite" in again.stderr and len(again.stderr.strip().splitlines()) == 1
+
+    # a checkpoint whose save was killed before trainer_state.json: `latest` skips it
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-3")
+    (out / "checkpoint-3" / "trainer_state.json").unlink()
+    bad = _cli(*train, "max_steps=3", "--resume-from-checkpoint", "out/checkpoint-3", cwd=tmp_path)
+    assert bad.returncode == 2 and "an incomplete checkpoint" in bad.stderr
+    resumed = _cli(*train, "max_steps=3", "--resume-from-checkpoint", "latest", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "skipping" in resumed.stderr and "checkpoint-3: an incomplete checkpoint" in resumed.stderr
+    assert "3 steps on 8 conversations" in resumed.stdout
+    assert json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["global_step"] == 3
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "deeptalk"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    none = _cli(*train[:8], "--output", "empty", "--resume-from-checkpoint", "latest", cwd=tmp_path)
+    assert none.returncode == 2 and "holds no complete checkpoint-N folder" in none.stderr

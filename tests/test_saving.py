@@ -212,3 +212,37 @@ def test_kill_during_save_leaves_the_previous_or_the_new_model(tmp_path):
         assert 0 < switch and set(states[:switch]) == {before_commit} and set(states[switch:]) == {"new"}
         assert final["state"] == "new" and final["hidden"] == [] and final["loads"] is True
     assert any(r["state"] == "absent" for r in rows if r["mode"] == "replace_without_exchange")  # the window exists
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork, SIGKILL and audit hooks as on Linux")
+def test_kill_during_the_final_save_of_a_training_run_never_leaves_a_mix(tmp_path):
+    """publish_staged moves a final model (sharded) over a previous one (one file) beside a checkpoint, killed
+    with SIGKILL before each of its filesystem-changing operations (tests/scripts/kill_during_publish.py)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
+    report = tmp_path / "report.jsonl"
+    run = subprocess.run([sys.executable, str(SCRIPT.with_name("kill_during_publish.py")), str(tmp_path), str(report)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
+    assert len(rows) == rows[0]["n_events"] + 1 >= 8
+    assert all(r["checkpoint_intact"] for r in rows)
+    killed = [r for r in rows if r["ended"] == "SIGKILL"]
+    assert len(killed) == rows[0]["n_events"] == len(rows) - 1
+    assert {r["state"] for r in killed} <= {"previous", "not a model", "new"}
+    assert killed[0]["state"] == "previous" and "not a model" in {r["state"] for r in killed}
+    assert all(r["staging_left"] for r in killed if r["state"] == "not a model")  # check_model names the way out
+    assert rows[-1] == {**rows[-1], "ended": "completed", "state": "new", "staging_left": False}
+
+
+def test_latest_complete_checkpoint_skips_partial_ones(tmp_path):
+    for step, state in ((2, {"global_step": 2}), (4, {"global_step": 4}), (6, None), (8, "{truncated")):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state if isinstance(state, str) else json.dumps(state))
+    (tmp_path / "checkpoint-10").write_text("a file, not a checkpoint")
+    latest, skipped = saving.latest_complete_checkpoint(tmp_path)
+    assert latest == str(tmp_path / "checkpoint-4")
+    assert skipped == [str(tmp_path / "checkpoint-8"), str(tmp_path / "checkpoint-6")]
+    assert saving.latest_complete_checkpoint(tmp_path / "missing") == (None, [])
