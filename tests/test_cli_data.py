@@ -106,23 +106,10 @@ def test_every_schema_prepares_and_trains_streamed_and_not(world):
         # today's JSON Lines: spoken answers as audio files, encoded by the codec here, once
         ["prepare", data["jsonl"], "--data-format", "messages", "--model", "model", "--codec", "codec",
          "--output", "prep/jsonl"],
-    ], cwd=root)
-    assert codes == [0, 0, 0, 0], result.stderr[-4000:]
-    manifests = {name: json.loads((root / "prep" / name / "prepare_manifest.json").read_text())
-                 for name in ("va", "asr", "qa", "chat", "jsonl")}
-    assert {n: m["num_rows"] for n, m in manifests.items()} == {"va": ROWS, "asr": ROWS, "qa": ROWS, "chat": ROWS,
-                                                                 "jsonl": ROWS + 1}
-    assert manifests["asr"]["streamed"] and len(manifests["asr"]["shards"]) == 4
-    for name in ("va", "jsonl"):  # the codec the codes belong to, with its weights
-        assert manifests[name]["codec"]["weights"] is True and (root / "prep" / name / "codec" / "model.safetensors").is_file()
-
-    # not streamed: every schema mixed by weight (each one prepared), then from the raw parquet files as they are
-    stdout = _ok(_cli("train", "joint", "--recipe", "tiny_cpu/joint", "--model", "model", "--data", "prep/va:2",
-                      "--data", "prep/asr:1", "--data", "prep/qa:1", "--data", "prep/chat:1", "--data", "prep/jsonl:1",
-                      "--output", "out/mixed", *TWO_STEPS, cwd=root))
-    assert _line(stdout, "deeptalk train joint:") == [
-        "deeptalk train joint: 2 steps on 51 conversations -> out/mixed (codec in out/mixed/codec)"]
-    result, codes = _commands([
+        # every schema mixed by weight (each one prepared), streamed and not, then from the raw files as they are
+        ["train", "joint", "--recipe", "tiny_cpu/joint", "--model", "model", "--data", "prep/va:2", "--data",
+         "prep/asr:1", "--data", "prep/qa:1", "--data", "prep/chat:1", "--data", "prep/jsonl:1", "--output", "out/mixed",
+         *TWO_STEPS],
         ["train", "joint", "--recipe", "tiny_cpu/joint", "--model", "model", "--data", "prep/va:2", "--data",
          "prep/asr:1", "--data", "prep/qa:1", "--data", "prep/chat:1", "--data", "prep/jsonl:1", "--streaming",
          "--output", "out/mixed_streamed", *TWO_STEPS],
@@ -134,11 +121,21 @@ def test_every_schema_prepares_and_trains_streamed_and_not(world):
          "--output", "out/raw", *TWO_STEPS],
         ["train", "experts", "--recipe", "tiny_cpu/experts_text", "--model", "model", "--data",
          data["messages"]["disk"], "--streaming", "--output", "out/chat_streamed", *TWO_STEPS],
+        # the trained output speaks through the codec it carries
+        ["chat", "--model", "out/mixed", "--text", "what is two plus two", "--out", "reply.wav", "--max-steps", "24"],
     ], cwd=root)
-    assert codes == [0, 0, 0, 0], result.stderr[-4000:]
+    assert codes == [0] * 10, result.stderr[-4000:]
+    manifests = {name: json.loads((root / "prep" / name / "prepare_manifest.json").read_text())
+                 for name in ("va", "asr", "qa", "chat", "jsonl")}
+    assert {n: m["num_rows"] for n, m in manifests.items()} == {"va": ROWS, "asr": ROWS, "qa": ROWS, "chat": ROWS,
+                                                                 "jsonl": ROWS + 1}
+    assert manifests["asr"]["streamed"] and len(manifests["asr"]["shards"]) == 4
+    for name in ("va", "jsonl"):  # the codec the codes belong to, with its weights
+        assert manifests[name]["codec"]["weights"] is True and (root / "prep" / name / "codec" / "model.safetensors").is_file()
     assert _line(result.stdout, "deeptalk train") == [
-        "deeptalk train joint: 2 steps on streamed data (5 sources) -> out/mixed_streamed "
-        "(codec in out/mixed_streamed/codec)",
+        "deeptalk train joint: 2 steps on 51 conversations -> out/mixed (codec in out/mixed/codec)",
+        ("deeptalk train joint: 2 steps on streamed data (5 sources) -> out/mixed_streamed "
+         "(codec in out/mixed_streamed/codec)"),
         "deeptalk train align: 2 steps on streamed data (1 source) -> out/asr_streamed",
         "deeptalk train experts: 2 steps on 31 conversations -> out/raw (codec in out/raw/codec)",
         "deeptalk train experts: 2 steps on streamed data (1 source) -> out/chat_streamed",
@@ -149,9 +146,6 @@ def test_every_schema_prepares_and_trains_streamed_and_not(world):
         assert ("codec" in files) == (name in ("mixed", "mixed_streamed", "raw")), name
     assert json.loads((root / "out/mixed/codec/codec_config.json").read_text())["codec_type"] == "snac"
 
-    # the trained output speaks through the codec it carries
-    stdout = _ok(_cli("chat", "--model", "out/mixed", "--text", "what is two plus two", "--out", "reply.wav",
-                      "--max-steps", "24", cwd=root))
     import soundfile
 
     wave, rate = soundfile.read(root / "reply.wav")
@@ -220,8 +214,8 @@ def test_two_processes_stream_their_own_parts_unevenly_and_resume(world, tmp_pat
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["codes"] for r in reports] == [dict.fromkeys(("uneven", "raw", "full", "resumed"), 0)] * 2
     assert _line(result.stdout, "deeptalk train experts: 3 steps") == [
-        f"deeptalk train experts: 3 steps on streamed data (1 source) -> {tmp_path / 'uneven'} "
-        f"(codec in {tmp_path / 'uneven' / 'codec'})"]  # one completion line, from rank 0
+        (f"deeptalk train experts: 3 steps on streamed data (1 source) -> {tmp_path / 'uneven'} "
+         f"(codec in {tmp_path / 'uneven' / 'codec'})")]  # one completion line, from rank 0
 
     # each rank read its own shards first (6 rows and 4 rows), then went round again: 3 steps of 2 rows each
     first, second = (r["seen"]["uneven"] for r in reports)

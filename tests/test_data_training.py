@@ -172,8 +172,8 @@ def test_trainers_take_a_stream_and_need_max_steps(schema_data, cache_dir, proce
     model.add_speech(audio_config=tiny_whisper_config(), **processor.model_speech_kwargs())
     stream = load_training_data([schema_data["voiceassistant"]["parquet"]], processor, data_format="voiceassistant",
                                 streaming=True, cache_dir=cache_dir).dataset
-    common = dict(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", save_strategy="no",
-                  per_device_train_batch_size=4, logging_steps=1)
+    common = {"output_dir": str(tmp_path / "out"), "use_cpu": True, "report_to": "none", "save_strategy": "no",
+              "per_device_train_batch_size": 4, "logging_steps": 1}
     with pytest.raises(ValueError, match="streamed training set has no length: set max_steps"):
         DeepTalkExpertsTrainer(model, DeepTalkExpertsConfig(**common), train_dataset=stream,
                                data_collator=DeepTalkDataCollator(processor))
