@@ -38,8 +38,9 @@ flat as the data grows. Workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so tha
 the heap. "other load" is CPU used by other processes during a block (prepare's own map workers
 excluded); rows/s from blocks flagged ``(!)`` are not trustworthy on a shared machine.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py                 # ~35 min on 2 busy cores
-    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --quick         # smoke run, ~5 min
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py                 # ~1 h on 2 busy cores
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --parts prepare,train --train-steps 8  # docs/data.md
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --quick         # smoke run, ~10 min
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --json data_memory.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/data_memory.py --parts train      # training steps only
 
