@@ -20,8 +20,8 @@ answers: ``"own"`` or the checkpoint / callable name), ``max_speech_steps``, ``n
 from __future__ import annotations
 
 import json
-import os
 
+from ..saving import atomic_write_text
 from .metrics import (
     asr_error_rates,
     dataset_audio_token_accuracy,
@@ -145,7 +145,6 @@ def write_results(results: dict, path: str) -> dict:
     """Write `results` as strict JSON (atomically) and return what was written: a NaN or infinite number
     (a metric undefined on the examples scored) becomes null, with a note under ``"warnings"``."""
     import math
-    import tempfile
 
     undefined = []
 
@@ -164,19 +163,5 @@ def write_results(results: dict, path: str) -> dict:
         warnings = results.setdefault("warnings", {})
         for where in undefined:
             warnings[where] = "undefined (NaN or infinite) on the examples scored: written as null"
-    text = json.dumps(results, indent=2, allow_nan=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=".evaluation-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(scratch, 0o666 & ~umask)  # mkstemp's 0600 would make the results private
-        os.replace(scratch, path)
-    except BaseException:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
-        raise
+    atomic_write_text(path, json.dumps(results, indent=2, allow_nan=False) + "\n", what="--output")
     return results
