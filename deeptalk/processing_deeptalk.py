@@ -298,12 +298,17 @@ class DeepTalkProcessor(ProcessorMixin):
     def _check_turns(self, messages, add_generation_prompt: bool):
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("A conversation is a non-empty list of {'role': ..., 'content': ...} messages.")
-        roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"Message {i} is a {type(message).__name__}, not a mapping: write it as "
+                                 "{'role': 'user', 'content': '...'}.")
+        roles = [m.get("role") for m in messages]
         for i, role in enumerate(roles):
             if role not in ("system", "user", "assistant"):
                 raise ValueError(f"Message {i} has role {role!r}: use 'system', 'user' or 'assistant'.")
             if role == "system" and i != 0:
                 raise ValueError(f"Message {i} is a system message: only the first message may be one.")
+            self._check_content(messages[i], i)
         turns = roles[1:] if roles[0] == "system" else roles
         for i, role in enumerate(turns):
             expected = "user" if i % 2 == 0 else "assistant"
@@ -316,6 +321,31 @@ class DeepTalkProcessor(ProcessorMixin):
             raise ValueError("add_generation_prompt=True needs the conversation to end with a user turn.")
         if not add_generation_prompt and turns[-1:] != ["assistant"]:
             raise ValueError("A training conversation ends with the assistant turn to learn (or pass add_generation_prompt=True).")
+
+    @staticmethod
+    def _check_content(message: dict, i: int):
+        """The message's 'content': a string, or a non-empty list of text / audio parts."""
+        where = f"Message {i} ({message['role']})"
+        if "content" not in message:
+            raise ValueError(f"{where} has no 'content': give a string or a list of parts.")
+        content = message["content"]
+        if isinstance(content, str):
+            return
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"{where}: 'content' must be a string or a list of parts such as "
+                             f"{{'type': 'text', 'text': '...'}}, got {type(content).__name__} {content!r:.40}.")
+        if not content:
+            raise ValueError(f"{where}: 'content' is an empty list; give at least one text or audio part.")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ValueError(f"{where}, part {j}: a part is a mapping such as {{'type': 'text', 'text': '...'}}, "
+                                 f"got {type(part).__name__} {part!r:.40}.")
+            kind = part.get("type")
+            if kind not in ("text", "audio"):
+                raise ValueError(f"{where}, part {j}: 'type' is {kind!r}; use 'text' or 'audio'.")
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}, part {j}: a text part needs 'text' as a string, got "
+                                 f"{type(part.get('text')).__name__} {part.get('text')!r:.40}.")
 
     def _check_text(self, text: str):
         reserved = [t for t in [*TEXT_SPECIAL_TOKENS.values(), *self.tokenizer.all_special_tokens] if t and t in text]
@@ -344,7 +374,13 @@ class DeepTalkProcessor(ProcessorMixin):
         for i, messages in enumerate(conversations):
             clip = None if audio is None else audio[i]
             clip = None if clip is None else (clip if isinstance(clip, (list, tuple)) else [clip])
-            encoded = self.encode_conversation(messages, audio=clip, add_generation_prompt=add_generation_prompt, codec=codec)
+            try:
+                encoded = self.encode_conversation(messages, audio=clip, add_generation_prompt=add_generation_prompt,
+                                                   codec=codec)
+            except ValueError as err:
+                if len(conversations) == 1:
+                    raise
+                raise ValueError(f"Conversation {i}: {err}") from None
             for key, value in encoded.items():
                 out.setdefault(key, []).append(value)
         return out

@@ -152,7 +152,17 @@ def test_assistant_waveform_goes_through_the_codec(processor, corpus):
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only the first message"),
         ([{"role": "robot", "content": "a"}], "role 'robot'"),
         ([{"role": "user", "content": "say <|eot|> now"}, {"role": "assistant", "content": "ok"}], "reserved special token"),
-        ([{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "ok"}], "Unknown content type 'image'"),
+        ([{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "ok"}],
+         r"Message 0 \(user\), part 0: 'type' is 'image'; use 'text' or 'audio'"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None}],
+         r"Message 1 \(assistant\): 'content' must be a string or a list of parts .* got NoneType"),
+        ([{"role": "user", "content": 7}, {"role": "assistant", "content": "ok"}], r"Message 0 \(user\).* got int 7"),
+        ([{"role": "user", "content": []}, {"role": "assistant", "content": "ok"}], r"Message 0 \(user\): 'content' is an empty"),
+        ([{"role": "user"}, {"role": "assistant", "content": "ok"}], r"Message 0 \(user\) has no 'content'"),
+        ([{"role": "user", "content": [{"type": "text", "text": 3}]}, {"role": "assistant", "content": "ok"}],
+         r"Message 0 \(user\), part 0: a text part needs 'text' as a string, got int 3"),
+        ([{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "ok"}], r"part 0: a part is a mapping"),
+        (["hello", {"role": "assistant", "content": "ok"}], r"Message 0 is a str, not a mapping"),
         ([{"role": "user", "content": "a"}], "ends with the assistant turn"),
         ([], "non-empty list"),
         ([{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "ok"}], "no data"),
@@ -161,6 +171,13 @@ def test_assistant_waveform_goes_through_the_codec(processor, corpus):
 def test_bad_conversations_are_rejected(processor, messages, message):
     with pytest.raises(ValueError, match=message):
         processor.encode_conversation(messages)
+
+
+def test_a_bad_conversation_in_a_batch_is_named_by_its_index(processor):
+    good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    bad = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]
+    with pytest.raises(ValueError, match=r"^Conversation 2: Message 1 \(assistant\): 'content' must be"):
+        processor.encode_batch([good, good, bad])
 
 
 def test_bad_codes_and_audio_are_rejected(processor, corpus):

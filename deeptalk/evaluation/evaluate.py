@@ -51,13 +51,15 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
     """
     from ..data import load_demo_corpus
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of records per task, or None for all; got {limit!r}.")
     if speech_answers and codec is not None and asr is not None and asr != OWN_ASR:
         # a wrong ASR fails here, before minutes of other metrics; a checkpoint runs where the model runs
         asr = load_speech_recognizer(asr, device=next(model.parameters()).device)
 
     def records(task):
         rows = [dict(r) for r in load_demo_corpus(task, decode_audio=False)["test"]]
-        return rows[:limit] if limit else rows
+        return rows if limit is None else rows[:limit]
 
     text_records = records("text_qa")
     results = {"dataset": "deeptalk demo corpus (test split)",
