@@ -182,6 +182,20 @@ def time_decode(model, variant, prompt_ids, new_tokens) -> float:
 
 
 @torch.inference_mode()
+def ops_per_decode_step(model, variant, prompt_ids, steps: int = 4) -> float:
+    """aten operators one cached decode step dispatches: a load-independent view of per-token work, since
+    small models on a CPU spend their decode time in per-operator overhead."""
+    kw = variant_kwargs(variant)
+    out = model(prompt_ids, use_cache=True, **kw)
+    token = prompt_ids[:, -1:]
+    out = model(token, past_key_values=out.past_key_values, use_cache=True, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            out = model(token, past_key_values=out.past_key_values, use_cache=True, **kw)
+    return sum(e.name.startswith("aten::") for e in prof.events()) / steps
+
+
+@torch.inference_mode()
 def run_interleaved(models: dict, fn, warmup: int, repeats: int, wait_idle_s: float = 0.0):
     """Call `fn(model, variant)` for every variant, one call each per round, rotating the order."""
     variants = list(models)
@@ -405,6 +419,7 @@ def main(argv=None) -> int:
                 entry["decode"] = summarize(run_interleaved(
                     models, lambda m, v: time_decode(m, v, prompt_ids, args.new_tokens), args.warmup, args.repeats,
                     args.wait_idle))
+                entry["decode_ops"] = {v: ops_per_decode_step(m, v, prompt_ids) for v, m in models.items()}
             if not args.no_speech_step:
                 entry["speech_step"] = time_speech_step(source, converted, config, args)
             if args.profile:
@@ -522,6 +537,15 @@ def print_table(results, modes, args):
     if noisy:
         print(f"\n(!) other processes kept > {NOISY_FOREIGN_LOAD} cores busy while timing these rows: rerun them "
               "(e.g. with --wait-idle 60) before trusting the numbers.")
+    op_rows = [e for e in results if "decode_ops" in e]
+    if op_rows:
+        print("\n## aten operators per cached decode step (load-independent; ratio = converted / source)\n")
+        print("| family | size | source | " + " | ".join(f"{m} (ratio)" for m in modes) + " |")
+        print("|---|---|---:|" + "---:|" * len(modes))
+        for e in op_rows:
+            ops = e["decode_ops"]
+            cells = [f"{ops[f'converted:{m}']:.0f} ({ops[f'converted:{m}'] / ops['source']:.3f})" for m in modes]
+            print(f"| {e['family']} | {e['size']} | {ops['source']:.0f} | " + " | ".join(cells) + " |")
     speech_rows = [e for e in results if "speech_step" in e]
     if speech_rows:
         print(f"\n## Speech decode step vs the source's text step ({args.speech_streams} audio streams x "
