@@ -60,9 +60,27 @@ from deeptalk.processing.tokenizer import train_demo_tokenizer  # noqa: E402
 from deeptalk.tiny import tiny_text_moe  # noqa: E402
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
-    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, WHISPER_SHAPES, ForeignLoad, load_flag, machine_info, wait_for_idle, whisper_config
+    from _common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        WHISPER_SHAPES,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        wait_for_idle,
+        whisper_config,
+    )
 except ModuleNotFoundError:
-    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, WHISPER_SHAPES, ForeignLoad, load_flag, machine_info, wait_for_idle, whisper_config
+    from benchmarks._common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        WHISPER_SHAPES,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        wait_for_idle,
+        whisper_config,
+    )
 
 GAP_S = 0.2  # silence between joined corpus clips
 SYSTEM_PROMPT = "answer the question"

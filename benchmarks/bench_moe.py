@@ -50,9 +50,25 @@ from deeptalk import DeepTalkForCausalLM  # noqa: E402
 from deeptalk.tiny import TINY_FAMILIES, tiny_text_moe_config  # noqa: E402
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
-    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle
+    from _common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        step_timer,
+        wait_for_idle,
+    )
 except ModuleNotFoundError:
-    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle
+    from benchmarks._common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        step_timer,
+        wait_for_idle,
+    )
 
 MODES = ("free", "speech_only", "text_only")
 FREE_MODE_TOLERANCE = 1e-4

@@ -27,11 +27,12 @@ def _demo_speech_map(config, seed: int = 0) -> list[list[int]]:
 
 
 def check_family(family: str, output_dir: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
     import deeptalk
     from deeptalk.configuration_deeptalk import DeepTalkConfig
     from deeptalk.hub import logits_via_remote_code
     from deeptalk.tiny import tiny_text_moe
-    from transformers import AutoModelForCausalLM
 
     source = tiny_text_moe(family)
     probe = DeepTalkConfig(text_config=source.config.to_dict())

@@ -6,10 +6,9 @@ import warnings
 
 import pytest
 import torch
-
-from deeptalk.configuration_deeptalk import SpeechTokenLayout
 from conftest import convert, random_ids
 
+from deeptalk.configuration_deeptalk import SpeechTokenLayout
 from deeptalk.trainers.assignment import (
     ModalityLoad,
     assign_speech_experts,

@@ -9,11 +9,10 @@ import torch
 from conftest import convert
 from transformers import AutoModelForCausalLM
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
-from deeptalk.tiny import tiny_text_moe
+from deeptalk.tiny import tiny_text_moe, tiny_whisper_config
 
 
 def _cli(*args, cwd):

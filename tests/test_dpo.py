@@ -8,13 +8,13 @@ from test_trainers import COMMON, setup, speech_model  # noqa: F401  (module fix
 from trl import DPOTrainer
 
 from deeptalk.data import load_demo_corpus
+from deeptalk.modeling_deeptalk import stream_token_log_probs
 from deeptalk.trainers.dpo import (
     DeepTalkSpeechDPOConfig,
     DeepTalkSpeechDPOTrainer,
     encode_preference_pairs,
     rank_by_wer,
 )
-from deeptalk.modeling_deeptalk import stream_token_log_probs
 
 
 def sequence_logps(model, logits, labels):
@@ -72,8 +72,8 @@ def test_rank_by_wer_orders_candidates():
 
 
 def test_demo_preference_pairs_rank_with_a_transcriber(setup):  # noqa: F811
-    from deeptalk.recipes.demo_data import fit_demo_codec
     from deeptalk.processing.processing_deeptalk import DeepTalkProcessor
+    from deeptalk.recipes.demo_data import fit_demo_codec
     from deeptalk.trainers.dpo import demo_preference_pairs, model_asr_transcriber
 
     processor, _, _ = setup

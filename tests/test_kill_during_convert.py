@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 CHILD = r"""
 import os, signal, sys
 WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC

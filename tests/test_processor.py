@@ -6,10 +6,10 @@ import torch
 from conftest import convert
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
+from deeptalk.tiny import tiny_whisper_config
 
 STREAMS, CODEBOOK = 3, 16
 

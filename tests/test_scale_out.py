@@ -38,7 +38,7 @@ from safetensors import safe_open
 SCRIPTS = Path(__file__).parent / "scripts"
 CONFIGS = Path(__file__).parent.parent / "deeptalk" / "recipes" / "accelerate"
 sys.path.insert(0, str(SCRIPTS))
-from scale_out_setup import PHASES, write_model_and_data
+from scale_out_setup import PHASES, write_model_and_data  # noqa: E402  (needs tests/scripts on sys.path)
 
 # bf16: what the shipped accelerate configs say; checkpointing and accumulation: what the paper's recipes use
 OVERRIDES = ["bf16=true", "gradient_checkpointing=true", "gradient_accumulation_steps=2", "per_device_train_batch_size=1"]

@@ -5,9 +5,9 @@ import torch
 from conftest import convert, random_ids
 from transformers import AutoModelForCausalLM
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk.hub import logits_via_remote_code
 from deeptalk.processing.layout import SpeechTokenLayout
+from deeptalk.tiny import tiny_whisper_config
 
 STREAMS, CODEBOOK = 3, 16
 

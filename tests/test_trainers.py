@@ -7,11 +7,10 @@ import torch
 from conftest import convert
 from datasets import Dataset
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
-from deeptalk.tiny import tiny_text_moe
+from deeptalk.tiny import tiny_text_moe, tiny_whisper_config
 from deeptalk.trainers import (
     DeepTalkAlignmentConfig,
     DeepTalkAlignmentTrainer,

@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from ..configuration_deeptalk import IGNORED_TOKEN, SPEECH_MODALITY, TEXT_MODALITY
+from ..configuration_deeptalk import SPEECH_MODALITY, TEXT_MODALITY
 
 logger = logging.get_logger(__name__)
 

@@ -10,12 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from deeptalk.tiny import tiny_whisper_config  # noqa: E402
 import deeptalk  # noqa: E402
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor  # noqa: E402
 from deeptalk.data import load_demo_corpus  # noqa: E402
 from deeptalk.processing.tokenizer import train_demo_tokenizer  # noqa: E402
-from deeptalk.tiny import tiny_text_moe  # noqa: E402
+from deeptalk.tiny import tiny_text_moe, tiny_whisper_config  # noqa: E402
 from deeptalk.trainers import DeepTalkExpertsConfig, DeepTalkExpertsTrainer  # noqa: E402
 
 

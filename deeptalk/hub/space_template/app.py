@@ -43,9 +43,9 @@ def model_location() -> str:
 
 def load_chat():
     """The model, processor and codec, loaded once when the Space starts."""
-    from deeptalk.generation import SpeechChat
-
     import torch
+
+    from deeptalk.generation import SpeechChat
 
     device = os.environ.get("DEEPTALK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else None  # GPU Spaces: bf16 weights, as in training
