@@ -83,7 +83,8 @@ def run_demo(output_dir: str = "deeptalk_output/demo", families=None) -> bool:
         )
         ok &= passed
         print(f"{family:<12} {result['conversion_max_abs']:>10.2e} {result['reload_max_abs']:>10.2e} "
-              f"{result['remote_code_max_abs']:>10.2e}  {result['generate_cache_equal']}  {'OK' if passed else 'FAILED'}")
+              f"{result['remote_code_max_abs']:>10.2e}  {result['generate_cache_equal']}  "
+              f"{'OK' if passed else 'FAILED'}")
     print(f"\nΔ = max |logits difference| (tolerance {TOLERANCE:g}); 'remote' = loaded with trust_remote_code=True "
           "in a fresh process where deeptalk cannot be imported.")
     print("Each folder is Hub-ready (safetensors, config with speech map and routing mode, remote code). "

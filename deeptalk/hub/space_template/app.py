@@ -27,7 +27,8 @@ DEFAULT_MODEL = "__DEEPTALK_MODEL__"
 MAX_STEPS = int(os.environ.get("DEEPTALK_MAX_STEPS", "__DEEPTALK_MAX_STEPS__"))
 CHUNK_FRAMES = int(os.environ.get("DEEPTALK_CHUNK_FRAMES", "__DEEPTALK_CHUNK_FRAMES__"))
 STRATEGY = os.environ.get("DEEPTALK_STRATEGY", "__DEEPTALK_STRATEGY__")
-EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*") if p.suffix.lower() in {".wav", ".flac", ".mp3", ".ogg"})
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
+EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
 TABLE_HEADERS = ["MoE layer", "text tokens: top experts", "speech tokens: top experts"]
 SHARE_HEADERS = ["text -> speech experts", "speech -> speech experts"]
 
