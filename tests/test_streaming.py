@@ -129,8 +129,8 @@ def test_snac_noise_follows_the_absolute_position():
 
 def test_codec_must_match_the_layout():
     codec = _build("melvq")
-    wrong = SpeechTokenLayout(text_vocab_size=10, num_audio_streams=codec.num_streams + 1, codebook_size=codec.codebook_size,
-                              eot_id=1, pad_t_id=2)
+    wrong = SpeechTokenLayout(text_vocab_size=10, num_audio_streams=codec.num_streams + 1,
+                              codebook_size=codec.codebook_size, eot_id=1, pad_t_id=2)
     with pytest.raises(ValueError, match="does not match the model's speech layout"):
         IncrementalSpeechDecoder(codec, wrong)
     with pytest.raises(ValueError, match="chunk_frames"):

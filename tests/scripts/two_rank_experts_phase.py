@@ -26,8 +26,10 @@ def main(output_dir: str):
     gen = torch.Generator().manual_seed(0)
     conversations = [
         [{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]},
-         {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},
-                                           {"type": "audio", "audio_codes": torch.randint(0, 16, (2, 4), generator=gen)}]}]
+         {"role": "assistant", "content": [
+             {"type": "text", "text": r["answer_text"]},
+             {"type": "audio", "audio_codes": torch.randint(0, 16, (2, 4), generator=gen)},
+         ]}]
         for r in corpus
     ]
     dataset = Dataset.from_dict(processor.encode_batch(conversations))
