@@ -71,8 +71,9 @@ def _evaluation_section(eval_results: dict) -> str:
 
 
 def render_model_card(model, *, repo_id: str | None = None, base_model: str | None = None, license: str = "apache-2.0",
-                      datasets: list[str] | None = None, eval_results: dict | None = None, phases: list[dict] | None = None,
-                      codec_name: str | None = None, load_heatmap: str | None = None) -> ModelCard:
+                      datasets: list[str] | None = None, eval_results: dict | None = None,
+                      phases: list[dict] | None = None, codec_name: str | None = None,
+                      load_heatmap: str | None = None) -> ModelCard:
     """The model card: metadata (base model, pipeline tag, tags, datasets, license, eval results)
     plus the expert map, the heatmap and a section per training phase."""
     config = model.config
@@ -100,8 +101,10 @@ def render_model_card(model, *, repo_id: str | None = None, base_model: str | No
         top_k=config.text_config.num_experts_per_tok,
         num_speech_experts=config.num_speech_experts if config.speech_experts else None,
         speech_experts=json.dumps(config.speech_experts) if config.speech_experts else None,
-        audio_encoder=f"Whisper encoder (d_model {config.audio_config.d_model}), adapter stride {config.audio_adapter_stride}"
-        if config.audio_config is not None else None,
+        audio_encoder=(
+            f"Whisper encoder (d_model {config.audio_config.d_model}), adapter stride {config.audio_adapter_stride}"
+            if config.audio_config is not None else None
+        ),
         codec=codec_name,
         num_audio_streams=config.num_audio_streams or None,
         training_phases=phase_text,
@@ -149,7 +152,8 @@ def _write_repository(model, processor, folder: Path, *, codec, repo_id, base_mo
 
 
 def push_to_hub(model, processor, repo_id: str, *, codec=None, private: bool = False, token: str | None = None,
-                commit_message: str = "Upload DeepTalk model", folder: str | os.PathLike | None = None, **export_kwargs) -> str:
+                commit_message: str = "Upload DeepTalk model", folder: str | os.PathLike | None = None,
+                **export_kwargs) -> str:
     """Export (into `folder` or a temporary one) and upload to `repo_id` with huggingface_hub.
     Returns the commit URL."""
     import tempfile

@@ -159,7 +159,9 @@ class DeepTalkTrainerMixin:
         output_dir = output_dir or self.args.output_dir
         if self.is_deepspeed_enabled:
             self._dtype_keeper.gather_masters(unwrap_deeptalk(self.model_wrapped))
-        fsdp_sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        fsdp_sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            self.accelerator.state.fsdp_plugin.state_dict_type
+        )
         if fsdp_sharded and not _internal_call:
             # sharded checkpoints stay sharded (resume); the model folder gets one full state dict
             self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
@@ -182,7 +184,8 @@ class DeepTalkTrainerMixin:
         """`deeptalk_phases.json` accumulates the phases a checkpoint went through (read by the Hub
         model card), carried over from the folder the model was loaded from."""
         path = os.path.join(output_dir, "deeptalk_phases.json")
-        source = os.path.join(str(getattr(unwrap_deeptalk(self.model), "name_or_path", "") or ""), "deeptalk_phases.json")
+        loaded_from = str(getattr(unwrap_deeptalk(self.model), "name_or_path", "") or "")
+        source = os.path.join(loaded_from, "deeptalk_phases.json")
         history = []
         for candidate in (path, source):
             if os.path.isfile(candidate):
@@ -216,4 +219,6 @@ def drop_long_examples(dataset, max_length: int | None, length_columns: tuple[st
         return dataset
     if not set(length_columns) <= set(dataset.column_names or []):
         return dataset
-    return dataset.filter(lambda *columns: max(len(c) for c in columns) <= max_length, input_columns=list(length_columns))
+    return dataset.filter(
+        lambda *columns: max(len(c) for c in columns) <= max_length, input_columns=list(length_columns)
+    )

@@ -215,7 +215,9 @@ def demo_preference_pairs(processor, codec, records, transcribe, *, distractors=
     import soundfile
 
     rng = random.Random(seed)
-    answer_audio = sorted({r["answer_audio"] if isinstance(r["answer_audio"], str) else r["answer_audio"]["path"] for r in records})
+    answer_audio = sorted(
+        {r["answer_audio"] if isinstance(r["answer_audio"], str) else r["answer_audio"]["path"] for r in records}
+    )
     prompts, chosen, rejected = [], [], []
     for record in records:
         own = record["answer_audio"] if isinstance(record["answer_audio"], str) else record["answer_audio"]["path"]
@@ -223,7 +225,8 @@ def demo_preference_pairs(processor, codec, records, transcribe, *, distractors=
         waves = [soundfile.read(p, dtype="float32") for p in paths]
         order = rank_by_wer(record["answer_text"], [w for w, _ in waves], transcribe, waves[0][1])
         codes = [codec.encode(torch.from_numpy(w), sr) for w, sr in waves]
-        question = record["question_audio"] if isinstance(record["question_audio"], str) else record["question_audio"]["path"]
+        question = record["question_audio"]
+        question = question if isinstance(question, str) else question["path"]
         prompts.append([{"role": "user", "content": [{"type": "audio", "audio": question}]}])
         for side, index in ((chosen, order[0]), (rejected, order[-1])):
             side.append({"role": "assistant", "content": [{"type": "text", "text": record["answer_text"]},
