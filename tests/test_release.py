@@ -52,7 +52,7 @@ print(json.dumps({
 
 
 def _run(argv, *, cwd, env, timeout=600):
-    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     assert result.returncode == 0, f"{' '.join(map(str, argv))}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return result
 
