@@ -10,8 +10,11 @@ mark       meaning
 ``hub``    needs the Hugging Face Hub; an offline twin (a block of the same language that this test runs,
            or the setup block) sits right before or after it
 ``gpu``    needs a CUDA GPU
-``slow``   takes more than a few minutes, or downloads (installs, full benchmark runs, the test suite)
+``slow``   takes minutes, starts several processes, or downloads (installs, benchmarks, the test suite)
 =========  ================================================================================================
+
+Readers do not see the marks, so every skipped block outside the set-up section starts with a comment saying what
+it needs (checked here).
 
 Languages: ``bash`` blocks run through ``bash -e -o pipefail``, ``python`` blocks in a fresh interpreter;
 ``text`` blocks are shown output and only read; ``json`` blocks must parse (one document, or JSON Lines),
@@ -105,6 +108,22 @@ def test_every_block_has_a_known_language_and_marks():
         assert block.marks <= MARKS, f"{block.where()}: unknown marks {sorted(block.marks - MARKS)}"
         assert not block.marks or block.language in RUNNABLE, f"{block.where()}: only bash and python blocks carry marks"
     assert len([b for b in BLOCKS if "setup" in b.marks]) == 1, "exactly one setup block"
+
+
+def test_skipped_blocks_say_why_in_their_first_line():
+    """Readers do not see the marks (GitHub shows only the language): a skipped block's first line tells them."""
+    first_section = BLOCKS[0].section
+    words = {"hub": "the Hub", "gpu": "GPU", "slow": ("minute", "download", "process")}
+    for block in BLOCKS:
+        if block.section == first_section or not block.marks & SKIPPING:
+            continue
+        first = block.code.splitlines()[0]
+        assert first.startswith("#"), f"{block.where()}: start with a comment saying what it needs"
+        for mark in sorted(block.marks & SKIPPING):
+            if mark == "slow" and block.marks & {"hub", "gpu"}:
+                continue  # a Hub checkpoint or a GPU says enough
+            expected = words[mark] if isinstance(words[mark], tuple) else (words[mark],)
+            assert any(w in first for w in expected), f"{block.where()}: the first line should say {expected[0]!r}"
 
 
 def test_every_hub_block_has_an_offline_twin_next_to_it():
