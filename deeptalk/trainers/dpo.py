@@ -58,14 +58,14 @@ class DeepTalkSpeechDPOConfig(DPOConfig):
         })
 
 
-def encode_preference_pairs(processor, prompts, chosen_turns, rejected_turns) -> dict:
+def encode_preference_pairs(processor, prompts, chosen_turns, rejected_turns, *, codec=None) -> dict:
     """Column-wise encodings of (prompt, chosen assistant turn, rejected assistant turn) triples for
     `datasets.Dataset.from_dict`. Each prompt is a conversation ending with the user turn; each turn
-    an assistant message (text + `audio_codes`)."""
+    an assistant message (text + `audio_codes`, or + audio that `codec` encodes)."""
     out: dict[str, list] = {}
     for prompt, chosen, rejected in zip(prompts, chosen_turns, rejected_turns):
         for side, turn in (("chosen", chosen), ("rejected", rejected)):
-            encoded = processor.encode_conversation(list(prompt) + [turn])
+            encoded = processor.encode_conversation(list(prompt) + [turn], codec=codec)
             for key, value in encoded.items():
                 out.setdefault(f"{side}_{key}", []).append(value)
     return out
