@@ -80,6 +80,18 @@ def test_speech_experts_phase_trains_only_the_speech_bank(setup, tmp_path):
     assert {"loss_text", "loss_audio_1", "loss_audio_3", "aux_loss"} <= set(logs)
 
 
+def test_the_card_counts_each_phases_own_trainable_parameters(setup, tmp_path):
+    """Phases run one after another on one model object: each card line counts what that phase trained."""
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    phases = [DeepTalkExpertsTrainer(model, DeepTalkExpertsConfig(output_dir=str(tmp_path / m), modality=m, max_steps=1,
+                                                                  **COMMON),
+                                     train_dataset=dataset, data_collator=collator) for m in ("speech", "text")]
+    counts = [trainer.phase_summary()["trainable_parameters"] for trainer in phases]
+    assert counts == [sum(trainer.trainable_groups.values()) for trainer in phases] and counts[0] != counts[1]
+    assert f"{counts[0]:,} of" in phases[0].model_card_section()
+
+
 def test_text_experts_phase_keeps_the_speech_bank(setup, tmp_path):
     processor, dataset, collator = setup
     model = speech_model(processor)

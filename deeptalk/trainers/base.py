@@ -47,6 +47,8 @@ class DeepTalkTrainerMixin:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        # counted now: a later phase's trainer on the same model object changes requires_grad
+        self.trainable_parameters = trainable_parameter_count(model)
         self._stream_metrics: dict[str, list[float]] = defaultdict(list)
         return model
 
@@ -134,7 +136,7 @@ class DeepTalkTrainerMixin:
         return {
             "phase": self.phase,
             "routing_mode": self.plan.routing_mode,
-            "trainable_parameters": trainable_parameter_count(self.model),
+            "trainable_parameters": self.trainable_parameters,
             "total_parameters": sum(parameter_numel(p) for p in self.model.parameters()),
             "trainable_groups": self.trainable_groups,
             "learning_rate": self.args.learning_rate,
