@@ -60,9 +60,27 @@ from deeptalk.processing.tokenizer import train_demo_tokenizer  # noqa: E402
 from deeptalk.tiny import tiny_text_moe  # noqa: E402
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
-    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, WHISPER_SHAPES, ForeignLoad, load_flag, machine_info, wait_for_idle, whisper_config
+    from _common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        WHISPER_SHAPES,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        wait_for_idle,
+        whisper_config,
+    )
 except ModuleNotFoundError:
-    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, WHISPER_SHAPES, ForeignLoad, load_flag, machine_info, wait_for_idle, whisper_config
+    from benchmarks._common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        WHISPER_SHAPES,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        wait_for_idle,
+        whisper_config,
+    )
 
 GAP_S = 0.2  # silence between joined corpus clips
 SYSTEM_PROMPT = "answer the question"
@@ -278,7 +296,8 @@ def bench_ttft(setups, clips, lengths, warmup, repeats, wait_idle_s, retries=0) 
                 del model.model.encode_audio
             assert len(spent) == 1
             forward = (t2 - t1) * 1000.0
-            return {"proc": (t1 - t0) * 1000.0, "encoder": spent[0], "llm": forward - spent[0], "ttft": (t2 - t0) * 1000.0}
+            return {"proc": (t1 - t0) * 1000.0, "encoder": spent[0], "llm": forward - spent[0],
+                    "ttft": (t2 - t0) * 1000.0}
         return fn
 
     with torch.inference_mode():
@@ -380,7 +399,9 @@ def main(argv=None) -> int:
     text_vocab = next(iter(processors.values())).layout.text_vocab_size
     source = tiny_text_moe("qwen3_moe", seed=0, vocab_size=text_vocab, **LLM_KWARGS)
     source.set_experts_implementation(args.experts_impl)
-    setups = {name: (build_model(source, proc, args.encoder, args.experts_impl), proc) for name, proc in processors.items()}
+    setups = {
+        name: (build_model(source, proc, args.encoder, args.experts_impl), proc) for name, proc in processors.items()
+    }
     print(f"built {len(setups)} models in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     enc_model, enc_proc = setups["4"] if "4" in setups else next(iter(setups.values()))
@@ -417,7 +438,9 @@ def main(argv=None) -> int:
         payload = {
             "machine": info, "args": {k: v for k, v in vars(args).items()}, "total_s": total,
             "llm_config": source.config.to_dict(), "streams": STREAMS, "codebook_size": CODEBOOK,
-            "encoder_shapes": {k: dict(zip(("d_model", "layers", "heads", "ffn"), v)) for k, v in WHISPER_SHAPES.items()},
+            "encoder_shapes": {
+                k: dict(zip(("d_model", "layers", "heads", "ffn"), v)) for k, v in WHISPER_SHAPES.items()
+            },
             "encoder": encoder, "encoder_medium": medium, "ttft": ttft,
         }
         with open(args.json, "w") as f:

@@ -50,15 +50,30 @@ from deeptalk import DeepTalkForCausalLM  # noqa: E402
 from deeptalk.tiny import TINY_FAMILIES, tiny_text_moe_config  # noqa: E402
 
 try:  # run as a script (benchmarks/ is sys.path[0]) or as `python -m benchmarks.<script>`
-    from _common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle
+    from _common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        step_timer,
+        wait_for_idle,
+    )
 except ModuleNotFoundError:
-    from benchmarks._common import EXPERTS_IMPLS, NOISY_FOREIGN_LOAD, ForeignLoad, load_flag, machine_info, step_timer, wait_for_idle
+    from benchmarks._common import (
+        EXPERTS_IMPLS,
+        NOISY_FOREIGN_LOAD,
+        ForeignLoad,
+        load_flag,
+        machine_info,
+        step_timer,
+        wait_for_idle,
+    )
 
 MODES = ("free", "speech_only", "text_only")
 FREE_MODE_TOLERANCE = 1e-4
 
 # "small": hidden 256, 4 layers, 16 routed experts, top-4, expert intermediate 128, head dim 32.
-# About 25-45 ms per 4x128 forward on 2 CPU threads.
 SMALL_COMMON = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=4, num_experts=16, top_k=4,
                     num_attention_heads=8, num_key_value_heads=4)
 SMALL_FAMILY = {
@@ -83,7 +98,9 @@ def size_overrides(family: str, size: str) -> dict:
 # Models
 # --------------------------------------------------------------------------------------------------
 def moe_layers(source) -> list[int]:
-    return [i for i, layer in enumerate(source.model.layers) if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+    return [
+        i for i, layer in enumerate(source.model.layers) if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+    ]
 
 
 def speech_map(source, fraction: float, seed: int) -> list[list[int]]:
@@ -99,7 +116,9 @@ def speech_map(source, fraction: float, seed: int) -> list[list[int]]:
 
 def experts_impls_in_use(model) -> set[str]:
     """The implementation every experts module will dispatch to (what `use_experts_implementation` reads)."""
-    return {m.config._experts_implementation for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "config")}
+    return {
+        m.config._experts_implementation for m in model.modules() if hasattr(m, "gate_up_proj") and hasattr(m, "config")
+    }
 
 
 def build_pair(family: str, size: str, impl: str, speech_fraction: float, seed: int):
@@ -118,7 +137,8 @@ def build_pair(family: str, size: str, impl: str, speech_fraction: float, seed: 
     info = {
         "config": {k: getattr(config, k, None) for k in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_experts", "num_local_experts",
-            "num_experts_per_tok", "moe_intermediate_size", "intermediate_size") if getattr(config, k, None) is not None},
+            "num_experts_per_tok", "moe_intermediate_size", "intermediate_size")
+            if getattr(config, k, None) is not None},
         "moe_layers": moe_layers(source),
         "speech_experts": speech,
         "params": sum(p.numel() for p in source.parameters()),
@@ -179,6 +199,20 @@ def time_decode(model, variant, prompt_ids, new_tokens) -> float:
     stamps = timer.stamps
     assert len(stamps) == new_tokens, (len(stamps), new_tokens)
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1) * 1e3
+
+
+@torch.inference_mode()
+def ops_per_decode_step(model, variant, prompt_ids, steps: int = 4) -> float:
+    """aten operators one cached decode step dispatches: a load-independent view of per-token work, since
+    small models on a CPU spend their decode time in per-operator overhead."""
+    kw = variant_kwargs(variant)
+    out = model(prompt_ids, use_cache=True, **kw)
+    token = prompt_ids[:, -1:]
+    out = model(token, past_key_values=out.past_key_values, use_cache=True, **kw)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            out = model(token, past_key_values=out.past_key_values, use_cache=True, **kw)
+    return sum(e.name.startswith("aten::") for e in prof.events()) / steps
 
 
 @torch.inference_mode()
@@ -315,7 +349,8 @@ def profile_forward(source, converted, input_ids, iters: int, top: int, label: s
     print("|---|---:|---:|---:|---:|")
     for k in stages:
         s, c = src.get(k, {}), conv.get(k, {})
-        print(f"| {k} | {s.get('total_us', 0):.0f} | {c.get('total_us', 0):.0f} | {s.get('calls', 0):.1f} | {c.get('calls', 0):.1f} |")
+        print(f"| {k} | {s.get('total_us', 0):.0f} | {c.get('total_us', 0):.0f} | "
+              f"{s.get('calls', 0):.1f} | {c.get('calls', 0):.1f} |")
     ops = [k for k in set(src) | set(conv) if k.startswith("aten::")]
     ops.sort(key=lambda k: -abs(conv.get(k, {}).get("self_us", 0) - src.get(k, {}).get("self_us", 0)))
     print(f"\nTop {top} aten ops by |converted - source| self-CPU time per forward:\n")
@@ -340,7 +375,8 @@ def parse_list(value: str, allowed, name: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--families", default="qwen3_moe,deepseek_v2", help=f"comma list or 'all' of {list(TINY_FAMILIES)}")
     p.add_argument("--sizes", default="tiny,small", help="comma list of tiny,small")
     p.add_argument("--modes", default=",".join(MODES), help=f"converted-model routing modes to time, of {list(MODES)}")
@@ -354,15 +390,18 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--experts-impl", default="grouped_mm", choices=EXPERTS_IMPLS,
                    help="transformers experts implementation, set on BOTH models")
-    p.add_argument("--speech-fraction", type=float, default=0.25, help="fraction of each layer's experts in the speech bank")
+    p.add_argument("--speech-fraction", type=float, default=0.25,
+                   help="fraction of each layer's experts in the speech bank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each timed block, wait up to S seconds until other processes are idle")
     p.add_argument("--no-decode", action="store_true", help="skip the decode timing")
     p.add_argument("--speech-streams", type=int, default=7, help="audio streams of the speech-step layout (SNAC: 7)")
-    p.add_argument("--speech-codebook", type=int, default=4096, help="codebook size of the speech-step layout (SNAC: 4096)")
+    p.add_argument("--speech-codebook", type=int, default=4096,
+                   help="codebook size of the speech-step layout (SNAC: 4096)")
     p.add_argument("--no-speech-step", action="store_true", help="skip the speech decode step timing")
-    p.add_argument("--profile", action="store_true", help="also profile free-mode prefill (torch.profiler) per family/size")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile free-mode prefill (torch.profiler) per family/size")
     p.add_argument("--profile-iters", type=int, default=10)
     p.add_argument("--json", help="write raw numbers here")
     args = p.parse_args(argv)
@@ -391,7 +430,9 @@ def main(argv=None) -> int:
     for family in families:
         for size in sizes:
             t0 = time.perf_counter()
-            source, converted, config, minfo = build_pair(family, size, args.experts_impl, args.speech_fraction, args.seed)
+            source, converted, config, minfo = build_pair(
+                family, size, args.experts_impl, args.speech_fraction, args.seed
+            )
             models = {v: (source if v == "source" else converted) for v in variants}
             gen = torch.Generator().manual_seed(args.seed)
             input_ids = torch.randint(3, config.vocab_size, (args.batch, args.seq), generator=gen)
@@ -405,10 +446,13 @@ def main(argv=None) -> int:
                 entry["decode"] = summarize(run_interleaved(
                     models, lambda m, v: time_decode(m, v, prompt_ids, args.new_tokens), args.warmup, args.repeats,
                     args.wait_idle))
+                entry["decode_ops"] = {v: ops_per_decode_step(m, v, prompt_ids) for v, m in models.items()}
             if not args.no_speech_step:
                 entry["speech_step"] = time_speech_step(source, converted, config, args)
             if args.profile:
-                entry["profile"] = profile_forward(source, converted, input_ids, args.profile_iters, 15, f"{family}/{size}")
+                entry["profile"] = profile_forward(
+                    source, converted, input_ids, args.profile_iters, 15, f"{family}/{size}"
+                )
             entry["wall_s"] = time.perf_counter() - t0
             results.append(entry)
             pf = entry["prefill"]
@@ -522,15 +566,26 @@ def print_table(results, modes, args):
     if noisy:
         print(f"\n(!) other processes kept > {NOISY_FOREIGN_LOAD} cores busy while timing these rows: rerun them "
               "(e.g. with --wait-idle 60) before trusting the numbers.")
+    op_rows = [e for e in results if "decode_ops" in e]
+    if op_rows:
+        print("\n## aten operators per cached decode step (load-independent; ratio = converted / source)\n")
+        print("| family | size | source | " + " | ".join(f"{m} (ratio)" for m in modes) + " |")
+        print("|---|---|---:|" + "---:|" * len(modes))
+        for e in op_rows:
+            ops = e["decode_ops"]
+            cells = [f"{ops[f'converted:{m}']:.0f} ({ops[f'converted:{m}'] / ops['source']:.3f})" for m in modes]
+            print(f"| {e['family']} | {e['size']} | {ops['source']:.0f} | " + " | ".join(cells) + " |")
     speech_rows = [e for e in results if "speech_step" in e]
     if speech_rows:
         print(f"\n## Speech decode step vs the source's text step ({args.speech_streams} audio streams x "
               f"{args.speech_codebook} codes; median ms of 8 cached steps)\n")
-        print("| family | size | source text step ms | speech step ms | time ratio | FLOP ratio | extra head's FLOP share |")
+        print("| family | size | source text step ms | speech step ms | time ratio | FLOP ratio | "
+              "extra head's FLOP share |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for e in speech_rows:
             r = e["speech_step"]
-            print(f"| {e['family']} | {e['size']} | {r['source']['median_ms']:.2f} | {r['converted:speech']['median_ms']:.2f} | "
+            print(f"| {e['family']} | {e['size']} | {r['source']['median_ms']:.2f} | "
+                  f"{r['converted:speech']['median_ms']:.2f} | "
                   f"{r['converted:speech']['ratio_of_medians']:.3f} | {r['flops']['flop_ratio']:.3f} | "
                   f"{r['flops']['extra_head_share']:.1%} |")
 

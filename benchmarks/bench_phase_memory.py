@@ -305,9 +305,10 @@ def launch(name: str, args, forwarded: list[str]) -> dict:
 
 def markdown(results: list[dict], args) -> str:
     full = next(r for r in results if r["config"] == "full")
-    header = ("| config | trainable params | % of params | optimizer holds | optimizer state MiB | state / trainable bytes "
-              "| param MiB (all) | RSS before MiB | peak RSS MiB | step peak (peak − before) MiB "
-              "| step peak − (grads + state) MiB | opt state × full | step peak × full |")
+    header = ("| config | trainable params | % of params | optimizer holds | optimizer state MiB "
+              "| state / trainable bytes | param MiB (all) | RSS before MiB | peak RSS MiB "
+              "| step peak (peak − before) MiB | step peak − (grads + state) MiB | opt state × full "
+              "| step peak × full |")
     rows = [header, "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if r["config"].endswith("_tracemalloc"):
@@ -317,7 +318,8 @@ def markdown(results: list[dict], args) -> str:
             groups = "all"
         other = r["step_peak_kib"] * 1024 - r["trainable_param_bytes"] - r["optimizer_state_bytes"]
         rows.append(
-            f"| {DESCRIPTIONS[r['config']]} | {r['trainable_params']:,} | {100 * r['trainable_params'] / r['total_params']:.1f} "
+            f"| {DESCRIPTIONS[r['config']]} | {r['trainable_params']:,} "
+            f"| {100 * r['trainable_params'] / r['total_params']:.1f} "
             f"| {groups} | {r['optimizer_state_bytes'] / MIB:.1f} "
             f"| {r['optimizer_state_bytes'] / r['trainable_param_bytes']:.3f} | {r['param_bytes'] / MIB:.1f} "
             f"| {r['rss_before_kib'] / 1024:.0f} | {r['peak_rss_kib'] / 1024:.0f} | {r['step_peak_kib'] / 1024:.0f} "
@@ -328,7 +330,8 @@ def markdown(results: list[dict], args) -> str:
     traced = [r for r in results if r["config"].endswith("_tracemalloc")]
     for r in traced:
         notes.append(
-            f"tracemalloc (full fine-tune, separate process): peak {r['tracemalloc_peak_bytes'] / MIB:.2f} MiB traced vs. "
+            "tracemalloc (full fine-tune, separate process): "
+            f"peak {r['tracemalloc_peak_bytes'] / MIB:.2f} MiB traced vs. "
             f"{r['step_peak_kib'] / 1024:.0f} MiB step peak by RSS ({len(r['losses'])} step) -- tracemalloc does not "
             "see torch's tensor storage."
         )
@@ -386,13 +389,15 @@ def main():
         r = launch(name, args, forwarded + (["--steps", "1"] if name.endswith("_tracemalloc") else []))
         print(f"[{name}] trainable {r['trainable_params']:,}/{r['total_params']:,}  optimizer state "
               f"{r['optimizer_state_bytes'] / MIB:.1f} MiB  step peak {r['step_peak_kib'] / 1024:.0f} MiB  "
-              f"({r['train_seconds']:.1f} s train, {r['process_wall_seconds']:.1f} s process, losses {[round(x, 3) for x in r['losses']]})", flush=True)
+              f"({r['train_seconds']:.1f} s train, {r['process_wall_seconds']:.1f} s process, "
+              f"losses {[round(x, 3) for x in r['losses']]})", flush=True)
         results.append(r)
     info = machine_info(args.threads, mem_total=True, deeptalk_version=False, loadavg=False)
     table = markdown(results, args)
     print()
     print(f"Machine: {info['cpu_model']}, {info['logical_cpus']} logical CPUs, {info['mem_total_mib']} MiB RAM; "
-          f"torch {info['torch']}, transformers {info['transformers']}; total wall {time.perf_counter() - started:.0f} s")
+          f"torch {info['torch']}, transformers {info['transformers']}; "
+          f"total wall {time.perf_counter() - started:.0f} s")
     print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -485,8 +485,9 @@ def run_chat(setup: Setup, probe: Probe, variant: Variant, max_steps: int, chunk
         pass
     wall = time.perf_counter() - t0
     t = event.timings
-    return {"features_ms": t["features"] * 1e3, "prefill_ms": t["prefill"] * 1e3, "ttfc_ms": t["first_audio_chunk"] * 1e3,
-            "steps_to_first_chunk": t["steps_to_first_audio_chunk"], "codec_total_ms": t["codec_decode"] * 1e3,
+    return {"features_ms": t["features"] * 1e3, "prefill_ms": t["prefill"] * 1e3,
+            "ttfc_ms": t["first_audio_chunk"] * 1e3, "steps_to_first_chunk": t["steps_to_first_audio_chunk"],
+            "codec_total_ms": t["codec_decode"] * 1e3,
             "e2e_ms": t["total"] * 1e3, "wall_ms": wall * 1e3, "steps": event.steps,
             "audio_s": event.waveform.size / event.sampling_rate}
 
@@ -673,26 +674,30 @@ def print_result(res: dict, machine: dict):
     llm = info["llm"]
     print(f"\n## `{res['config']}` on {machine['device_name']}\n")
     print(f"- LLM: {llm.get('model_type')} hidden {llm.get('hidden_size')}, {llm.get('num_hidden_layers')} layers, "
-          f"{llm.get('n_routed_experts')} routed experts top-{llm.get('num_experts_per_tok')}, vocab {llm.get('vocab_size')}"
-          f" ({info['llm_params'] / 1e6:.1f} M source params, {info['deeptalk_params'] / 1e6:.1f} M with speech), "
+          f"{llm.get('n_routed_experts')} routed experts top-{llm.get('num_experts_per_tok')}, "
+          f"vocab {llm.get('vocab_size')} ({info['llm_params'] / 1e6:.1f} M source params, "
+          f"{info['deeptalk_params'] / 1e6:.1f} M with speech), "
           f"{info['speech_experts_per_layer']} speech experts/layer, {info['dtype']}, experts {info['experts_impl']}, "
           f"attention {info['attn_impl']}, routing {info['routing_mode']}")
     w = info["whisper"]
     c = info["codec"]
-    print(f"- Whisper encoder d_model {w['d_model']} x {w['encoder_layers']} layers ({info['encoder_params'] / 1e6:.1f} M), "
+    print(f"- Whisper encoder d_model {w['d_model']} x {w['encoder_layers']} layers "
+          f"({info['encoder_params'] / 1e6:.1f} M), "
           f"adapter stride {info['adapter_stride']}; codec: {c['description']}, {c['num_streams']} streams x "
           f"{c['codebook_size']}, {c['frame_rate']:.2f} frames/s, delays {info['delays']}, default context "
           f"{c['default_decode_context']} ({c['params'] / 1e6:.1f} M params, {c['dtype']})")
     print(f"- question: {info['audio']['path']} ({info['audio']['seconds']:.2f} s) -> prompt {res['prompt_length']} "
           f"positions; answer forced to {ans['frames']} frames = {ans['frames'] / c['frame_rate']:.2f} s of speech "
-          f"({ans['max_steps']} steps, text EOT after {ans['text_tokens']} tokens), later chunks {ans['chunk_frames']} frames")
+          f"({ans['max_steps']} steps, text EOT after {ans['text_tokens']} tokens), "
+          f"later chunks {ans['chunk_frames']} frames")
     print(f"- medians over rounds; other load {load_flag(res['foreign_load'])}; wall {res['wall_s']:.0f} s\n")
     print("| variant | features | encoder | LLM prefill | decode to 1st chunk (steps) | codec 1st chunk | "
           "stream overhead | **TTFC ms** |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
         print(f"| {r['label']} | {r['features_ms']:.1f} | {r['encoder_ms']:.1f} | {r['llm_prefill_ms']:.1f} | "
-              f"{r['decode_to_first_chunk_ms']:.1f} ({r['steps_to_first_chunk']:.0f}) | {r['codec_first_chunk_ms']:.1f} | "
+              f"{r['decode_to_first_chunk_ms']:.1f} ({r['steps_to_first_chunk']:.0f}) | "
+              f"{r['codec_first_chunk_ms']:.1f} | "
               f"{r['stream_overhead_ms']:.2f} | **{r['ttfc_ms']:.1f}** |")
     src = res["source"]
     print("\n| variant | per step ms | source per token ms | step / source | step forward ms | source forward ms | "
@@ -713,8 +718,8 @@ def print_result(res: dict, machine: dict):
           f"{head['deeptalk_ms']:.3f} ms (vocab {head['deeptalk_vocab']}, the audio blocks included).")
     best = min(res["rows"], key=lambda r: r["ttfc_ms"])
     target = " (target for v2lite: <= 60 ms)" if res["config"].startswith("v2lite") else ""
-    print(f"\nFastest first chunk: `{best['label']}`, {best['ttfc_ms']:.1f} ms after {best['steps_to_first_chunk']:.0f} "
-          f"steps{target}.")
+    print(f"\nFastest first chunk: `{best['label']}`, {best['ttfc_ms']:.1f} ms after "
+          f"{best['steps_to_first_chunk']:.0f} steps{target}.")
     chat = res.get("chat_api")
     if chat:
         print(f"\n`SpeechChat.stream` (public API) with `{chat['variant']}`: first audio chunk "
@@ -725,7 +730,8 @@ def print_result(res: dict, machine: dict):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", choices=CONFIG_NAMES + ("all",))
     p.add_argument("--repeats", type=int, default=5, help="timed rounds (medians reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")

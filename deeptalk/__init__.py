@@ -21,7 +21,7 @@ import importlib.abc
 import sys
 import threading
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> the submodule that defines it
 _PUBLIC = {

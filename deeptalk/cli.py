@@ -257,7 +257,7 @@ def check_output_folder(value: str, option: str, *, inputs: dict[str, str] | Non
 def check_training_output(output: str, model_dir: str, resume: str | None, overwrite: bool) -> str | None:
     """Validate `deeptalk train --output` (and `--resume-from-checkpoint`) before anything loads; returns the
     checkpoint to resume from. A folder resumed from is not "non-empty": its checkpoints are kept."""
-    from .saving import check_output_path, checkpoint_is_complete, latest_complete_checkpoint
+    from .saving import checkpoint_is_complete, latest_complete_checkpoint
 
     if resume == "latest":
         resume, skipped = latest_complete_checkpoint(output)
@@ -274,12 +274,19 @@ def check_training_output(output: str, model_dir: str, resume: str | None, overw
         if not checkpoint_is_complete(resume):
             raise UsageError(f"--resume-from-checkpoint {resume}: an incomplete checkpoint (no valid trainer_state.json:"
                              " its save was interrupted); resume from an earlier one, or pass `latest`.")
-    check_output_folder(output, "--output", inputs={"--model": model_dir})
+    check_new_folder(output, "--output", overwrite or resume is not None, inputs={"--model": model_dir})
+    return resume
+
+
+def check_new_folder(value: str, option: str, overwrite: bool, *, inputs: dict[str, str] | None = None) -> None:
+    """An output folder as `check_output_folder`, that is also new or empty unless `--overwrite` was given."""
+    from .saving import check_output_path
+
+    check_output_folder(value, option, inputs=inputs)
     try:
-        check_output_path(output, overwrite=overwrite or resume is not None, forbid=[model_dir], what="--output")
+        check_output_path(value, overwrite=overwrite, forbid=list((inputs or {}).values()), what=option)
     except ValueError as err:
         raise UsageError(str(err).replace("overwrite=True (--overwrite)", "--overwrite")) from None
-    return resume
 
 
 def save_training_output(trainer, output: str, processor, codec=None, codec_dir: str | None = None) -> None:
@@ -638,11 +645,12 @@ def cmd_assign(args) -> int:
                                  "(or use --strategy random).")
         for option, value in data.items():
             check_input_file(value, option)
-    check_output_folder(args.output, "--output", inputs={"--model": model_dir})
+    check_new_folder(args.output, "--output", args.overwrite, inputs={"--model": model_dir})
 
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     from .processing.processing_deeptalk import DeepTalkDataCollator
+    from .saving import atomic_directory
     from .trainers.assignment import assign_speech_experts, measure_modality_load, save_load_report
     from .trainers.recipes import load_conversations
 
@@ -669,12 +677,14 @@ def cmd_assign(args) -> int:
     if args.num_speech_experts is not None:
         model.config.num_speech_experts = args.num_speech_experts
     speech_experts = assign_speech_experts(model, load, strategy=args.strategy, seed=args.seed)
-    model.save_pretrained(args.output)
-    processor.save_pretrained(args.output)
-    save_codec_beside(args.output, codec=codec if codec_dir else None,
-                      codec_dir=None if codec_dir else beside_model if os.path.isdir(beside_model) else None)
-    if load is not None:
-        save_load_report(load, speech_experts, args.output, strategy=args.strategy, seed=args.seed)
+    with atomic_directory(args.output, overwrite=args.overwrite, forbid=[model_dir], what="--output") as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        # the codec the speech answers were encoded with travels with the model (given, or the model's own)
+        save_codec_beside(staging, codec=codec if codec_dir else None,
+                          codec_dir=None if codec_dir else beside_model if os.path.isdir(beside_model) else None)
+        if load is not None:
+            save_load_report(load, speech_experts, staging, strategy=args.strategy, seed=args.seed)
     print(f"deeptalk assign: {args.strategy} speech experts per MoE layer -> {args.output}")
     for layer, experts in zip(model.config.moe_layer_indices, speech_experts, strict=True):
         print(f"  layer {layer}: {experts}")
@@ -827,7 +837,7 @@ def cmd_push(args) -> int:
     if not args.export_only:
         check_upload_possible("push", "use --export-only FOLDER to write the repository without uploading")
     else:
-        check_output_folder(args.export_only, "--export-only")
+        check_new_folder(args.export_only, "--export-only", args.overwrite)
     model_dir, codec_dir = _check_model_and_codec(args)
     check_input_file(args.eval_results, "--eval-results")
     if args.load_report is not None and not os.path.isdir(args.load_report):
@@ -845,7 +855,8 @@ def cmd_push(args) -> int:
     kwargs = {"codec": codec, "base_model": args.base_model, "eval_results": eval_results,
               "load_report_dir": args.load_report}
     if args.export_only:
-        folder = export_for_hub(model, processor, args.export_only, repo_id=args.repo_id, **kwargs)
+        folder = export_for_hub(model, processor, args.export_only, repo_id=args.repo_id, overwrite=args.overwrite,
+                                **kwargs)
         print(f"Exported a Hub-ready repository for {args.repo_id} into {folder} (nothing uploaded).")
         return 0
     url = push_to_hub(model, processor, args.repo_id, private=args.private, **kwargs)
@@ -862,13 +873,14 @@ def cmd_space(args) -> int:
         model = check_source(model, "--model", default=default_model())  # a Hub id is only referenced, not loaded
     for example in args.example or ():
         check_input_file(example, "--example")
-    check_output_folder(args.folder, "FOLDER")
+    check_new_folder(args.folder, "FOLDER", args.overwrite)
 
     from .hub import create_space
 
     folder = create_space(args.folder, model, max_steps=args.max_steps, strategy=args.strategy,
                           example_audio=args.example or (), bundle_model=args.bundle_model,
-                          deeptalk_requirement=args.deeptalk_requirement, push=bool(args.push), repo_id=args.push)
+                          deeptalk_requirement=args.deeptalk_requirement, push=bool(args.push), repo_id=args.push,
+                          overwrite=args.overwrite)
     where = f"and pushed to the Space {args.push}" if args.push else f"run it with: cd {folder} && python app.py"
     print(f"Wrote a gradio Space for {args.model} into {folder}; {where}")
     return 0
@@ -981,6 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--load-report", help="folder holding modality_load.json/.png (e.g. the quickstart's output)")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--export-only", metavar="FOLDER", help="write the repository folder and stop before uploading")
+    push.add_argument("--overwrite", action="store_true", help="replace a non-empty --export-only FOLDER")
     push.set_defaults(func=cmd_push)
 
     space = command("space", "write a gradio Space (spoken chat + expert view) for a model, optionally push it")
@@ -992,6 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
     space.add_argument("--bundle-model", action="store_true", help="copy a local model folder into the Space")
     space.add_argument("--deeptalk-requirement", help="pip requirement for deeptalk (default: bundle the package)")
     space.add_argument("--push", metavar="REPO_ID", help="upload the Space to this repo id (huggingface_hub)")
+    space.add_argument("--overwrite", action="store_true", help="replace FOLDER if it holds something")
     space.set_defaults(func=cmd_space)
 
     convert = command("convert", "convert a transformers MoE LLM into a DeepTalk model")
@@ -1089,6 +1103,7 @@ def build_parser() -> argparse.ArgumentParser:
     assign.add_argument("--strategy", choices=["adaptive", "random", "moextend"], default="adaptive",
                         help="adaptive: the experts speech loads most; random; moextend: new experts")
     assign.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random strategy")
+    assign.add_argument("--overwrite", action="store_true", help="replace --output if it holds something")
     assign.add_argument("--batch-size", type=_positive_int, default=8, help="conversations per load-measuring batch")
     assign.add_argument("--codec", help="codec (folder or Hub id) for spoken answers given as audio files (default: "
                                         "<model>/codec); saved in <output>/codec")

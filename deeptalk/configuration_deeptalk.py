@@ -72,7 +72,9 @@ ROUTING_MODES = {mode.value: mode.description for mode in RoutingMode}
 def _qwen_moe_layers(cfg) -> list[int]:
     mlp_only = set(getattr(cfg, "mlp_only_layers", None) or [])
     step = getattr(cfg, "decoder_sparse_step", 1) or 1
-    return [i for i in range(cfg.num_hidden_layers) if i not in mlp_only and cfg.num_experts > 0 and (i + 1) % step == 0]
+    return [
+        i for i in range(cfg.num_hidden_layers) if i not in mlp_only and cfg.num_experts > 0 and (i + 1) % step == 0
+    ]
 
 
 def _full_attention(cfg) -> list[str]:
@@ -166,7 +168,9 @@ class SpeechTokenLayout:
         self.delays = list(self.delays) or [i + 1 for i in range(self.num_audio_streams)]
         self.audio_special_tokens = list(self.audio_special_tokens)
         if len(self.delays) != self.num_audio_streams:
-            raise ValueError(f"{len(self.delays)} delays for {self.num_audio_streams} audio streams: give one delay per stream.")
+            raise ValueError(
+                f"{len(self.delays)} delays for {self.num_audio_streams} audio streams: give one delay per stream."
+            )
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in self.delays):
             raise ValueError(f"Stream delays must be integers >= 0, got {self.delays}.")
         for name, value in (("eot_id", self.eot_id), ("pad_t_id", self.pad_t_id)):
@@ -225,8 +229,8 @@ class SpeechTokenLayout:
         if name not in self.audio_special_tokens:
             raise ValueError(
                 f"Unknown voice {voice!r}: this layout's voices are {self.voices or 'none'}. Build the processor with "
-                "`DeepTalkProcessor.from_codec_layout(..., voices=[...])` and the model with `add_speech(processor.layout)`, "
-                "or leave the voice out."
+                "`DeepTalkProcessor.from_codec_layout(..., voices=[...])` and the model with "
+                "`add_speech(processor.layout)`, or leave the voice out."
             )
         return [self.audio_special_id(name, i) for i in range(self.num_audio_streams)]
 
@@ -247,7 +251,9 @@ class SpeechTokenLayout:
         text_ids = torch.as_tensor(text_ids, dtype=torch.long).reshape(-1)
         codes = torch.as_tensor(codes, dtype=torch.long)
         if codes.dim() != 2 or codes.shape[0] != self.num_audio_streams:
-            raise ValueError(f"codes must be [num_audio_streams={self.num_audio_streams}, frames], got {tuple(codes.shape)}.")
+            raise ValueError(
+                f"codes must be [num_audio_streams={self.num_audio_streams}, frames], got {tuple(codes.shape)}."
+            )
         if codes.numel() and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(
                 f"codes must lie in [0, {self.codebook_size}), got min {int(codes.min())}, max {int(codes.max())}: "
@@ -541,7 +547,8 @@ class DeepTalkConfig(PreTrainedConfig):
         """Reject inconsistent settings with a message naming the problem and the fix."""
         if self.family not in SUPPORTED_FAMILIES:
             raise ValueError(
-                f"DeepTalk cannot wrap a {self.family!r} model: supported MoE families are {sorted(SUPPORTED_FAMILIES)}."
+                f"DeepTalk cannot wrap a {self.family!r} model: supported MoE families are "
+                f"{sorted(SUPPORTED_FAMILIES)}."
             )
         num_experts, moe_layers = self.num_routed_experts, self.moe_layer_indices
         if self.num_added_experts < 0:
@@ -573,7 +580,8 @@ class DeepTalkConfig(PreTrainedConfig):
         if len(self.speech_experts) != len(moe_layers):
             raise ValueError(
                 f"speech_experts has {len(self.speech_experts)} lists but the {self.family} source has "
-                f"{len(moe_layers)} MoE layers (decoder layers {moe_layers}): give one list per MoE layer, in layer order."
+                f"{len(moe_layers)} MoE layers (decoder layers {moe_layers}): give one list per MoE layer, "
+                "in layer order."
             )
         for i, layer in enumerate(self.speech_experts):
             where = f"speech_experts[{i}] (decoder layer {moe_layers[i]})"

@@ -27,11 +27,12 @@ def _demo_speech_map(config, seed: int = 0) -> list[list[int]]:
 
 
 def check_family(family: str, output_dir: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
     import deeptalk
     from deeptalk.configuration_deeptalk import DeepTalkConfig
     from deeptalk.hub import logits_via_remote_code
     from deeptalk.tiny import tiny_text_moe
-    from transformers import AutoModelForCausalLM
 
     source = tiny_text_moe(family)
     probe = DeepTalkConfig(text_config=source.config.to_dict())
@@ -82,7 +83,8 @@ def run_demo(output_dir: str = "deeptalk_output/demo", families=None) -> bool:
         )
         ok &= passed
         print(f"{family:<12} {result['conversion_max_abs']:>10.2e} {result['reload_max_abs']:>10.2e} "
-              f"{result['remote_code_max_abs']:>10.2e}  {result['generate_cache_equal']}  {'OK' if passed else 'FAILED'}")
+              f"{result['remote_code_max_abs']:>10.2e}  {result['generate_cache_equal']}  "
+              f"{'OK' if passed else 'FAILED'}")
     print(f"\nΔ = max |logits difference| (tolerance {TOLERANCE:g}); 'remote' = loaded with trust_remote_code=True "
           "in a fresh process where deeptalk cannot be imported.")
     print("Each folder is Hub-ready (safetensors, config with speech map and routing mode, remote code). "

@@ -39,7 +39,9 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
     with open(path, "rb") as f:
         (header_length,) = struct.unpack("<Q", f.read(8))
         if header_length > size - 8:
-            raise ValueError(f"{path} declares a {header_length}-byte header but holds {size - 8} bytes after it: {fix}")
+            raise ValueError(
+                f"{path} declares a {header_length}-byte header but holds {size - 8} bytes after it: {fix}"
+            )
         try:
             header = json.loads(f.read(header_length))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -71,8 +73,8 @@ def check_model_folder(folder: str | os.PathLike, *, need_processor: bool = Fals
         raise FileNotFoundError(f"{option} {folder} has no config.json: it is not a saved model folder.")
     config = _json(config_path, "model config")
     if config.get("model_type") != "deeptalk":
-        raise ValueError(f"{config_path} describes a {config.get('model_type')!r} model, not a DeepTalk one: convert it "
-                         f"first (`deeptalk convert {folder} OUT`).")
+        raise ValueError(f"{config_path} describes a {config.get('model_type')!r} model, not a DeepTalk one: "
+                         f"convert it first (`deeptalk convert {folder} OUT`).")
     if "deeptalk_format_version" not in config:
         raise ValueError(f"{folder} was saved by deeptalk 0.1 (format 1): convert it once with "
                          f"`deeptalk upgrade {folder} NEW_FOLDER`.")

@@ -281,7 +281,8 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
         raise ValueError(
             f"The prompt takes {prompt_length} decoder steps and the answer may take max_steps={config.max_steps}: "
             f"{max_length} positions, past the model's context of {context}. Shorten the conversation (drop old "
-            f"turns from the history, or send shorter audio) or lower max_steps to {max(1, context - prompt_length - 1)}."
+            "turns from the history, or send shorter audio) or lower max_steps to "
+            f"{max(1, context - prompt_length - 1)}."
         )
     # batch-parallel prefills one row into a dynamic cache and then gives it two rows (a static cache
     # cannot be repeated in place: it is rebuilt with two rows below)

@@ -339,7 +339,9 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         self.spec = RouterSpec.from_text_config(text_config)
         self.intermediate_size = source_block.experts.intermediate_dim
         self.bank_config = text_config  # what the experts kernels read (`_experts_implementation`, act)
-        self.router = DeepTalkRouter(text_config.hidden_size, self.num_experts, getattr(text_config, "initializer_range", 0.02))
+        self.router = DeepTalkRouter(
+            text_config.hidden_size, self.num_experts, getattr(text_config, "initializer_range", 0.02)
+        )
         for name in SHARED_EXPERT_MODULES:  # moved over untouched
             if hasattr(source_block, name):
                 setattr(self, name, getattr(source_block, name))
@@ -354,11 +356,14 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         on `device="meta"` when their weights are about to be filled in."""
         self.expert_modality = list(expert_modality)
         self.bank_members = {
-            modality: [e for e, m in enumerate(expert_modality) if m == modality] for modality in (TEXT_MODALITY, SPEECH_MODALITY)
+            modality: [e for e, m in enumerate(expert_modality) if m == modality]
+            for modality in (TEXT_MODALITY, SPEECH_MODALITY)
         }
         with torch.device(device or self.router.weight.device):
             self.text_bank = _new_bank(self.bank_config, len(self.bank_members[TEXT_MODALITY]), self.intermediate_size)
-            self.speech_bank = _new_bank(self.bank_config, len(self.bank_members[SPEECH_MODALITY]), self.intermediate_size)
+            self.speech_bank = _new_bank(
+                self.bank_config, len(self.bank_members[SPEECH_MODALITY]), self.intermediate_size
+            )
         self.has_speech_bank = bool(self.bank_members[SPEECH_MODALITY])
         self.fill_placement()
         self.__dict__.pop("_joined_views", None)
@@ -468,7 +473,9 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         if torch.compiler.is_compiling():  # data_ptr cannot be traced: use what eager mode prepared
             return cached
         text_bank, speech_bank = self._modules["text_bank"], self._modules["speech_bank"]
-        if cached is not None and cached.source_ptrs == (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr()):
+        if cached is not None and cached.source_ptrs == (
+            text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr()
+        ):
             return cached  # the hot path: one check per layer and step
         banks = (text_bank, speech_bank)
         if not all(type(bank) is DeepTalkExperts for bank in banks):
@@ -479,7 +486,9 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
             return None
         packed = DeepTalkExperts.__new__(DeepTalkExperts)
         nn.Module.__init__(packed)
-        packed.__dict__.update({k: v for k, v in self.text_bank.__dict__.items() if k not in ("_parameters", "_buffers")})
+        packed.__dict__.update(
+            {k: v for k, v in self.text_bank.__dict__.items() if k not in ("_parameters", "_buffers")}
+        )
         packed._modules = dict(self.text_bank._modules)  # the activation
         packed._parameters = {"gate_up_proj": gate_up, "down_proj": down}
         packed.num_experts = gate_up.shape[0]
@@ -511,7 +520,9 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         if want_load:
             with torch.no_grad():
                 index = decision.expert_index
-                modality = torch.zeros(index.shape[0], dtype=torch.long, device=index.device) if token_modality is None else token_modality
+                modality = token_modality
+                if modality is None:
+                    modality = torch.zeros(index.shape[0], dtype=torch.long, device=index.device)
                 counted = (index >= 0) & (modality != IGNORED_TOKEN).unsqueeze(-1)
                 target = modality.clamp(min=0).unsqueeze(-1) * self.num_experts + index.clamp(min=0)
                 load = torch.zeros(2 * self.num_experts, device=index.device)
@@ -769,11 +780,16 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         super().__init__(config)
         text_config = config.text_config
         family_model = AutoModel.from_config(text_config)  # built for its parts, then dropped
-        found = [i for i, layer in enumerate(family_model.layers) if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")]
+        found = [
+            i
+            for i, layer in enumerate(family_model.layers)
+            if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+        ]
         if found != config.moe_layer_indices:
             raise ValueError(
                 f"The {config.family} decoder has MoE blocks at layers {found}, but the config expects "
-                f"{config.moe_layer_indices}. This transformers version builds the family differently; please report it."
+                f"{config.moe_layer_indices}. This transformers version builds the family differently; "
+                "please report it."
             )
         self.padding_idx = getattr(text_config, "pad_token_id", None)
         self.embed_tokens = family_model.embed_tokens
@@ -820,7 +836,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         hidden = self.config.text_config.hidden_size
         keep_text_rows = self.embed_tokens.weight.shape[0] == layout.text_vocab_size
         with torch.device("meta"):
-            embedding = DeepTalkEmbedding(layout.text_vocab_size, layout.vocab_size - layout.text_vocab_size, hidden, self.padding_idx)
+            embedding = DeepTalkEmbedding(
+                layout.text_vocab_size, layout.vocab_size - layout.text_vocab_size, hidden, self.padding_idx
+            )
         device, dtype = self.embed_tokens.weight.device, self.embed_tokens.weight.dtype
         embedding.weight = self.embed_tokens.weight if keep_text_rows else nn.Parameter(
             torch.empty(layout.text_vocab_size, hidden, device=device, dtype=dtype))
@@ -869,7 +887,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         hidden, lengths = self.audio_encoder.encode(input_features, feature_lengths, self.config.audio_pad_to_30s)
         return self.audio_adapter(hidden, lengths)
 
-    def mean_stream_embedding(self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def mean_stream_embedding(
+        self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`[B, 1 + N, T]` ids -> `[B, T, H]`: the mean of the streams' embeddings, leaving PAD_A slots
         out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts). `embeddings`:
         `embed_tokens(input_ids)` when the caller already has it."""
@@ -891,7 +911,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         # so a second lookup for the audio positions would desync ranks whose batches hold no audio
         if input_ids.dim() == 3:
             stream_embeddings = self.embed_tokens(input_ids)
-            inputs_embeds, text_embeds = self.mean_stream_embedding(input_ids, stream_embeddings), stream_embeddings[:, 0]
+            inputs_embeds = self.mean_stream_embedding(input_ids, stream_embeddings)
+            text_embeds = stream_embeddings[:, 0]
         else:
             inputs_embeds = text_embeds = self.embed_tokens(input_ids)
         if input_features is None:
@@ -907,7 +928,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         if features.shape[0] != positions:
             raise ValueError(
                 f"The audio gives {features.shape[0]} adapter frames but audio_input_mask marks {positions} positions. "
-                "Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) positions per clip."
+                "Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) positions "
+                "per clip."
             )
         num_audio = self.config.num_audio_streams
         if num_audio:
@@ -916,7 +938,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features)
 
-    def token_modality_from_inputs(self, input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask=None):
+    def token_modality_from_inputs(
+        self, input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask=None
+    ):
         """Per-token modality (0 text, 1 speech, -1 padding), flattened like the MoE blocks' input.
 
         Without an explicit `token_modality`, a position is speech when it receives audio features or
@@ -935,7 +959,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                     "give one modality (0 text, 1 speech, -1 padding) per input position."
                 )
             if ((modality < IGNORED_TOKEN) | (modality > SPEECH_MODALITY)).any():
-                raise ValueError(f"token_modality holds {modality.unique().tolist()}; use 0 (text), 1 (speech) or -1 (padding).")
+                raise ValueError(
+                    f"token_modality holds {modality.unique().tolist()}; use 0 (text), 1 (speech) or -1 (padding)."
+                )
         else:
             modality = torch.full(reference.shape, TEXT_MODALITY, dtype=torch.long, device=reference.device)
             if input_ids is not None and input_ids.dim() == 3 and self.config.num_audio_streams:
@@ -975,8 +1001,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         **kwargs,
     ) -> DeepTalkModelOutputWithPast:
         r"""
-        input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)` or `(batch_size, 1 + N, sequence_length)`):
-            Text ids, or multi-stream ids (text stream + N audio streams, global vocabulary ids).
+        input_ids (`torch.LongTensor` of shape `(batch_size, [1 + N,] sequence_length)`):
+            Text ids `(batch_size, sequence_length)`, or multi-stream ids `(batch_size, 1 + N, sequence_length)`
+            (text stream + N audio streams, global vocabulary ids).
         input_features (`torch.FloatTensor` of shape `(batch_size, mel_bins, frames)`, *optional*):
             Log-mel features of the user's audio (`WhisperFeatureExtractor`).
         audio_feature_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
@@ -1000,11 +1027,15 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         modality = None
         wants_records = kwargs.get("output_router_logits", self.config.output_router_logits)
         if token_modality is not None or mode is RoutingMode.BY_TOKEN_MODALITY or wants_records:
-            modality = self.token_modality_from_inputs(input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask)
+            modality = self.token_modality_from_inputs(
+                input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
+            )
         if inputs_embeds is None:
             inputs_embeds = self.embed_inputs(input_ids, input_features, audio_feature_lengths, audio_input_mask)
         elif input_features is not None:
-            raise ValueError("input_features are spliced into input_ids' embeddings: pass input_ids, not inputs_embeds.")
+            raise ValueError(
+                "input_features are spliced into input_ids' embeddings: pass input_ids, not inputs_embeds."
+            )
 
         if use_cache is None:
             use_cache = getattr(self.config.text_config, "use_cache", True)
@@ -1012,7 +1043,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             cache = DynamicCache(config=self.config.text_config)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens).unsqueeze(0)
+            positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+            position_ids = (positions + past_seen_tokens).unsqueeze(0)
         masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
 
         hidden_states = inputs_embeds
@@ -1043,7 +1075,11 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1194,10 +1230,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         aux_loss = expert_load = None
         if record:
             aux_loss, expert_load = self.model.routing_statistics(
-                outputs.router_logits, mode, outputs.token_modality, bool(output_router_logits), bool(output_expert_load)
+                outputs.router_logits,
+                mode,
+                outputs.token_modality,
+                bool(output_router_logits),
+                bool(output_expert_load),
             )
         if loss is not None and aux_loss is not None:
-            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * self._batch_share(labels, loss_kwargs)
+            share = self._batch_share(labels, loss_kwargs)
+            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
         return DeepTalkCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -1229,7 +1270,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             )
         if shift_labels is not None:
             raise ValueError("shift_labels is for text labels [batch, seq]; multi-stream labels are shifted here.")
-        if num_items_in_batch is not None and (not torch.is_tensor(num_items_in_batch) or num_items_in_batch.numel() != layout.num_streams):
+        if num_items_in_batch is not None and (
+            not torch.is_tensor(num_items_in_batch) or num_items_in_batch.numel() != layout.num_streams
+        ):
             raise ValueError(
                 f"Multi-stream labels need num_items_in_batch per stream (shape [{layout.num_streams}], see "
                 "`stream_num_items`); DeepTalk's trainers pass it. A single count cannot weight the streams' losses."
@@ -1240,7 +1283,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             bad = out_of_block.nonzero().flatten().tolist()
             raise ValueError(
                 f"labels of stream(s) {bad} hold ids outside their vocabulary blocks "
-                f"{[layout.stream_range(s) for s in bad]}: build labels with the processor's layout (global ids per stream)."
+                f"{[layout.stream_range(s) for s in bad]}: build labels with the processor's layout "
+                "(global ids per stream)."
             )
         sums = [F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), t.reshape(-1), ignore_index=IGNORE_INDEX,
                                 reduction="sum") for lg, t in pairs]
@@ -1277,7 +1321,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             kwargs["logits_processor"] = processors
         return super().generate(*args, **kwargs)
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs
+    ):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
@@ -1355,7 +1401,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         """Move experts between the banks so that `speech_experts` (source indices, one list per MoE
         layer) are the speech experts. Every expert keeps its weights, so `free` routing computes
         exactly what it did before. Bank parameters are replaced: build optimizers afterwards."""
-        new_config = DeepTalkConfig(**{**self.config.to_dict(), "speech_experts": speech_experts, "num_speech_experts": None})
+        new_config = DeepTalkConfig(
+            **{**self.config.to_dict(), "speech_experts": speech_experts, "num_speech_experts": None}
+        )
         for moe_layer, block in enumerate(self.moe_blocks()):
             gate_up, down = block.source_order_experts()
             block.load_source_experts(gate_up, down, new_config.expert_modality(moe_layer))
@@ -1374,7 +1422,9 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if self.config.num_added_experts:
             raise ValueError("This model already has added experts; add them once.")
         if self.config.speech_experts:
-            raise ValueError("MoExtend makes the NEW experts the speech bank, but this model already has speech experts assigned.")
+            raise ValueError(
+                "MoExtend makes the NEW experts the speech bank, but this model already has speech experts assigned."
+            )
         if isinstance(num_new, bool) or not isinstance(num_new, int) or num_new < 1:
             raise ValueError(f"num_new={num_new!r} must be a whole number >= 1.")
         old_count = self.config.num_routed_experts
@@ -1391,9 +1441,13 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             for name in ("is_speech_expert", "local_index", "packed_index"):
                 buffer = getattr(block, name)
                 setattr(block, name, buffer.new_zeros(block.num_experts))
-            block.load_source_experts(torch.cat([gate_up, gate_up[copies]]), torch.cat([down, down[copies]]), expert_modality=modality)
+            block.load_source_experts(
+                torch.cat([gate_up, gate_up[copies]]), torch.cat([down, down[copies]]), expert_modality=modality
+            )
         self.config.num_added_experts = num_new
-        self.config.speech_experts = [list(range(old_count, old_count + num_new)) for _ in self.config.moe_layer_indices]
+        self.config.speech_experts = [
+            list(range(old_count, old_count + num_new)) for _ in self.config.moe_layer_indices
+        ]
         self.config.num_speech_experts = num_new
         return self
 
@@ -1452,7 +1506,8 @@ def _new_rows(reference: torch.Tensor, count: int, mean_resizing: bool, config: 
     """`count` new rows for a table whose existing rows are `reference`."""
     std = config.get_text_config().initializer_range
     if not mean_resizing:
-        return torch.randn(count, reference.shape[1], device=reference.device, dtype=torch.float32).mul_(std).to(reference.dtype)
+        noise = torch.randn(count, reference.shape[1], device=reference.device, dtype=torch.float32)
+        return noise.mul_(std).to(reference.dtype)
     old = reference.detach().float()
     mean = old.mean(dim=0)
     centered = old - mean

@@ -66,7 +66,8 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{- '<|' + message['role'] + '|>' -}}"
     "{%- if message['content'] is string -%}"
     "{{- message['content'] + '<|eot|>' -}}"
-    "{%- elif message['role'] == 'assistant' and (message['content'] | selectattr('type', 'equalto', 'audio') | list | length) > 0 -%}"
+    "{%- elif message['role'] == 'assistant' and "
+    "(message['content'] | selectattr('type', 'equalto', 'audio') | list | length) > 0 -%}"
     "{{- '<|speech_turn|>' -}}"
     "{%- else -%}"
     "{%- for part in message['content'] -%}"
@@ -109,17 +110,25 @@ class DeepTalkProcessor(ProcessorMixin):
         max_audio_seconds: float = 30.0,
     ):
         if speech_layout is None:
-            raise ValueError("DeepTalkProcessor needs a speech_layout; build one with DeepTalkProcessor.from_codec_layout.")
+            raise ValueError(
+                "DeepTalkProcessor needs a speech_layout; build one with DeepTalkProcessor.from_codec_layout."
+            )
         self.speech_layout = dict(speech_layout)
         self.audio_adapter_stride = int(audio_adapter_stride)
         self.audio_pad_to_30s = bool(audio_pad_to_30s)
         self.max_audio_seconds = float(max_audio_seconds)
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
         self.layout = SpeechTokenLayout(**self.speech_layout)
-        self._special_ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in TEXT_SPECIAL_TOKENS.items()}
-        unknown = [TEXT_SPECIAL_TOKENS[n] for n, i in self._special_ids.items() if i is None or i == tokenizer.unk_token_id]
+        self._special_ids = {
+            name: tokenizer.convert_tokens_to_ids(token) for name, token in TEXT_SPECIAL_TOKENS.items()
+        }
+        unknown = [
+            TEXT_SPECIAL_TOKENS[n] for n, i in self._special_ids.items() if i is None or i == tokenizer.unk_token_id
+        ]
         if unknown:
-            raise ValueError(f"The tokenizer lacks DeepTalk's special tokens {unknown}: call add_deeptalk_tokens(tokenizer).")
+            raise ValueError(
+                f"The tokenizer lacks DeepTalk's special tokens {unknown}: call add_deeptalk_tokens(tokenizer)."
+            )
         if self.layout.text_vocab_size < len(tokenizer):
             raise ValueError(
                 f"speech_layout.text_vocab_size={self.layout.text_vocab_size} is smaller than the tokenizer "
@@ -187,7 +196,9 @@ class DeepTalkProcessor(ProcessorMixin):
                 if kind == "text":
                     self._check_text(part.get("text", ""))
                 elif kind != "audio":
-                    raise ValueError(f"Unknown content type {kind!r} in a {message['role']} turn: use 'text' or 'audio'.")
+                    raise ValueError(
+                        f"Unknown content type {kind!r} in a {message['role']} turn: use 'text' or 'audio'."
+                    )
             if message["role"] == "assistant" and any(p["type"] == "audio" for p in message["content"]):
                 speech_turns.append(self._assistant_turn(message, codec, pending_audio))
             else:
@@ -195,7 +206,9 @@ class DeepTalkProcessor(ProcessorMixin):
                     if part["type"] == "audio":
                         user_clips.append(self._user_clip(part, pending_audio))
         if pending_audio:
-            raise ValueError(f"{len(pending_audio)} audio input(s) left over: the conversation has fewer empty audio parts.")
+            raise ValueError(
+                f"{len(pending_audio)} audio input(s) left over: the conversation has fewer empty audio parts."
+            )
 
         features, lengths = [], []
         for clip in user_clips:
@@ -267,7 +280,8 @@ class DeepTalkProcessor(ProcessorMixin):
             if not pending_audio:
                 raise ValueError("An audio part has no data and no audio=... input is left to fill it.")
             source = pending_audio.pop(0)
-        return load_user_audio(source, part.get("sampling_rate"), target_sampling_rate=self.feature_extractor.sampling_rate,
+        return load_user_audio(source, part.get("sampling_rate"),
+                               target_sampling_rate=self.feature_extractor.sampling_rate,
                                max_seconds=self.max_audio_seconds)
 
     def _assistant_turn(self, message: dict, codec, pending_audio: list) -> tuple[list[int], torch.Tensor, str | None]:
@@ -297,19 +311,25 @@ class DeepTalkProcessor(ProcessorMixin):
             codes = codec.encode(torch.from_numpy(waveform), codec.sampling_rate)
         if codes.dim() != 2 or codes.shape[0] != self.layout.num_audio_streams:
             raise ValueError(
-                f"audio_codes must be [num_audio_streams={self.layout.num_audio_streams}, frames], got {tuple(codes.shape)}."
+                f"audio_codes must be [num_audio_streams={self.layout.num_audio_streams}, frames], "
+                f"got {tuple(codes.shape)}."
             )
         return text_ids, codes, part.get("voice", message.get("voice"))
 
     def _check_turns(self, messages, add_generation_prompt: bool):
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("A conversation is a non-empty list of {'role': ..., 'content': ...} messages.")
-        roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise ValueError(f"Message {i} is a {type(message).__name__}, not a mapping: write it as "
+                                 "{'role': 'user', 'content': '...'}.")
+        roles = [m.get("role") for m in messages]
         for i, role in enumerate(roles):
             if role not in ("system", "user", "assistant"):
                 raise ValueError(f"Message {i} has role {role!r}: use 'system', 'user' or 'assistant'.")
             if role == "system" and i != 0:
                 raise ValueError(f"Message {i} is a system message: only the first message may be one.")
+            self._check_content(messages[i], i)
         turns = roles[1:] if roles[0] == "system" else roles
         for i, role in enumerate(turns):
             expected = "user" if i % 2 == 0 else "assistant"
@@ -321,7 +341,34 @@ class DeepTalkProcessor(ProcessorMixin):
         if add_generation_prompt and turns[-1:] != ["user"]:
             raise ValueError("add_generation_prompt=True needs the conversation to end with a user turn.")
         if not add_generation_prompt and turns[-1:] != ["assistant"]:
-            raise ValueError("A training conversation ends with the assistant turn to learn (or pass add_generation_prompt=True).")
+            raise ValueError(
+                "A training conversation ends with the assistant turn to learn (or pass add_generation_prompt=True)."
+            )
+
+    @staticmethod
+    def _check_content(message: dict, i: int):
+        """The message's 'content': a string, or a non-empty list of text / audio parts."""
+        where = f"Message {i} ({message['role']})"
+        if "content" not in message:
+            raise ValueError(f"{where} has no 'content': give a string or a list of parts.")
+        content = message["content"]
+        if isinstance(content, str):
+            return
+        if not isinstance(content, (list, tuple)):
+            raise ValueError(f"{where}: 'content' must be a string or a list of parts such as "
+                             f"{{'type': 'text', 'text': '...'}}, got {type(content).__name__} {content!r:.40}.")
+        if not content:
+            raise ValueError(f"{where}: 'content' is an empty list; give at least one text or audio part.")
+        for j, part in enumerate(content):
+            if not isinstance(part, dict):
+                raise ValueError(f"{where}, part {j}: a part is a mapping such as {{'type': 'text', 'text': '...'}}, "
+                                 f"got {type(part).__name__} {part!r:.40}.")
+            kind = part.get("type")
+            if kind not in ("text", "audio"):
+                raise ValueError(f"{where}, part {j}: 'type' is {kind!r}; use 'text' or 'audio'.")
+            if kind == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}, part {j}: a text part needs 'text' as a string, got "
+                                 f"{type(part.get('text')).__name__} {part.get('text')!r:.40}.")
 
     def _check_text(self, text: str):
         reserved = [t for t in [*TEXT_SPECIAL_TOKENS.values(), *self.tokenizer.all_special_tokens] if t and t in text]
@@ -337,7 +384,9 @@ class DeepTalkProcessor(ProcessorMixin):
         """Conversations (one, or a list) -> padded tensors: `input_ids` / `labels` `[B, 1 + N, T]`,
         `attention_mask` / `audio_input_mask` `[B, T]`, `input_features` `[clips, 80, frames]`,
         `audio_feature_lengths` `[clips]`. Left padding suits generation."""
-        examples = self.encode_batch(conversations, audio=audio, add_generation_prompt=add_generation_prompt, codec=codec)
+        examples = self.encode_batch(
+            conversations, audio=audio, add_generation_prompt=add_generation_prompt, codec=codec
+        )
         rows = [dict(zip(examples, values)) for values in zip(*examples.values())]
         return self.pad(rows, padding_side=padding_side, return_tensors=return_tensors)
 
@@ -350,7 +399,13 @@ class DeepTalkProcessor(ProcessorMixin):
         for i, messages in enumerate(conversations):
             clip = None if audio is None else audio[i]
             clip = None if clip is None else (clip if isinstance(clip, (list, tuple)) else [clip])
-            encoded = self.encode_conversation(messages, audio=clip, add_generation_prompt=add_generation_prompt, codec=codec)
+            try:
+                encoded = self.encode_conversation(messages, audio=clip, add_generation_prompt=add_generation_prompt,
+                                                   codec=codec)
+            except ValueError as err:
+                if len(conversations) == 1:
+                    raise
+                raise ValueError(f"Conversation {i}: {err}") from None
             for key, value in encoded.items():
                 out.setdefault(key, []).append(value)
         return out
@@ -361,7 +416,8 @@ class DeepTalkProcessor(ProcessorMixin):
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
         length = max(len(e["audio_input_mask"]) for e in examples)
-        pad_column = torch.tensor([layout.pad_t_id] + [layout.audio_special_id("<|pad_a|>", i) for i in range(layout.num_audio_streams)])
+        audio_pads = [layout.audio_special_id("<|pad_a|>", i) for i in range(layout.num_audio_streams)]
+        pad_column = torch.tensor([layout.pad_t_id] + audio_pads)
         input_ids = pad_column[None, :, None].repeat(len(examples), 1, length)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         attention_mask = torch.zeros(len(examples), length, dtype=torch.long)
@@ -379,10 +435,17 @@ class DeepTalkProcessor(ProcessorMixin):
             if clips is not None and len(clips):
                 features.extend(torch.as_tensor(np.asarray(f), dtype=torch.float32) for f in clips)
                 lengths.extend(int(n) for n in example["audio_feature_lengths"])
-        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "audio_input_mask": audio_input_mask}
+        batch = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "audio_input_mask": audio_input_mask,
+        }
         if features:
             frames = max(f.shape[-1] for f in features)
-            batch["input_features"] = torch.stack([torch.nn.functional.pad(f, (0, frames - f.shape[-1])) for f in features])
+            batch["input_features"] = torch.stack(
+                [torch.nn.functional.pad(f, (0, frames - f.shape[-1])) for f in features]
+            )
             batch["audio_feature_lengths"] = torch.tensor(lengths, dtype=torch.long)
         return BatchFeature(batch, tensor_type=return_tensors)
 

@@ -28,20 +28,15 @@ The hidden siblings are named ``.<name>.deeptalk-partial-<pid>-<random>`` (a sav
 folder being deleted) and ``.<name>.deeptalk-previous-<pid>-<random>``. Those left by a process that no
 longer runs are cleaned up (or restored) by the next save to the same path.
 
-Intended call sites (not wired in yet; ``deeptalk/cli.py`` and the library entry points own that):
+Where the package uses them:
 
-* ``deeptalk convert SRC OUT`` and ``deeptalk assign --model M --output OUT``: ``check_output_path(OUT,
-  overwrite=args.overwrite, forbid=[SRC])`` before loading the source; the model, tokenizer / processor and
-  load report saved inside one ``atomic_directory(OUT, ...)`` block.
-* ``deeptalk train --output OUT --model M``: ``check_output_path(OUT, overwrite=args.overwrite or resuming,
-  forbid=[M])`` before loading. The Trainer writes its ``checkpoint-*`` folders into OUT itself, so OUT as a
-  whole cannot be swapped without deleting them; the final model belongs in an ``atomic_directory`` of its
-  own (e.g. a subfolder), the choice of layout is the CLI's.
-* ``export_for_hub`` / ``create_space`` folders: ``atomic_directory``.
-* ``deeptalk evaluate --output results.json``: ``check_output_path(path, kind="file", overwrite=True)`` before
-  loading the model, then ``atomic_write_json(path, results)`` (refuses NaN with the key that holds it).
-* ``deeptalk chat --out reply.wav``: ``check_output_path(path, kind="file", overwrite=True)`` before the
-  answer is generated.
+* ``deeptalk convert`` / ``upgrade`` / ``assign``, ``export_for_hub`` and ``create_space``: the whole folder in
+  one ``atomic_directory`` block; a non-empty output only with ``--overwrite`` (``overwrite=True``).
+* ``deeptalk train --output OUT``: the Trainer writes its ``checkpoint-*`` folders into OUT itself, so OUT cannot
+  be swapped as a whole; the final model is saved into :func:`staging_folder` and moved in by
+  :func:`publish_staged` (``config.json`` last). ``--resume-from-checkpoint latest`` uses
+  :func:`latest_complete_checkpoint`, which skips checkpoints whose save was killed.
+* ``deeptalk evaluate --output results.json``: :func:`atomic_write_text` of strict JSON.
 """
 
 from __future__ import annotations

@@ -43,7 +43,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GENERATED_PACKAGE = Path("tests", "models", "deeptalk")
-STOCK_TESTS = ("tests/models/qwen3_moe/test_modeling_qwen3_moe.py", "tests/models/deepseek_v2/test_modeling_deepseek_v2.py")
+STOCK_TESTS = (
+    "tests/models/qwen3_moe/test_modeling_qwen3_moe.py",
+    "tests/models/deepseek_v2/test_modeling_deepseek_v2.py",
+)
 
 # name -> reason, for every test the DeepTalk classes skip. `FAMILY_SKIPS` mirror what transformers'
 # own test class of the source family skips (same reason); `SKIPS` cannot apply to DeepTalk by construction.

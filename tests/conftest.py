@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tiny models: one thread avoids OpenMP stalls on tiny ops (and leaves the second core to
-# subprocess tests); measured 5x faster for the evaluation tests on this 2-core machine.
+# subprocess tests).
 torch.set_num_threads(1)
 
 
@@ -31,7 +31,8 @@ def convert(source, experts=(1, 5), **overrides):
 
     layers = DeepTalkConfig(text_config=source.config.to_dict()).moe_layer_indices
     mapping = None if experts is None else [list(experts) for _ in layers]
-    return deeptalk.DeepTalkForCausalLM.from_text_moe(source, speech_experts=mapping, progress=False, **overrides).eval()
+    model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, speech_experts=mapping, progress=False, **overrides)
+    return model.eval()
 
 
 def random_ids(vocab_size=128, shape=(2, 10), seed=0):

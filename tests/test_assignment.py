@@ -6,10 +6,9 @@ import warnings
 
 import pytest
 import torch
-
-from deeptalk.configuration_deeptalk import SpeechTokenLayout
 from conftest import convert, random_ids
 
+from deeptalk.configuration_deeptalk import SpeechTokenLayout
 from deeptalk.trainers.assignment import (
     ModalityLoad,
     assign_speech_experts,
@@ -137,8 +136,10 @@ def test_measured_counts_match_tokens_times_top_k(family, tiny_source):
 
     # the speech counts are exactly the speech slots of the model's own expert_load
     with torch.no_grad():
-        direct = sum(model(b["input_ids"], token_modality=b["token_modality"], output_expert_load=True).expert_load[:, 1]
-                     for b in speech)
+        direct = sum(
+            model(b["input_ids"], token_modality=b["token_modality"], output_expert_load=True).expert_load[:, 1]
+            for b in speech
+        )
     assert torch.equal(load.speech_counts, direct.long())
 
     only_first = measure_modality_load(model, text, speech, max_batches=1, progress=False)

@@ -9,15 +9,15 @@ import torch
 from conftest import convert
 from transformers import AutoModelForCausalLM
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
-from deeptalk.tiny import tiny_text_moe
+from deeptalk.tiny import tiny_text_moe, tiny_whisper_config
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "deeptalk", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run([sys.executable, "-m", "deeptalk", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600)
 
 
 def _write_model_and_data(tmp_path):
@@ -36,7 +36,8 @@ def _write_model_and_data(tmp_path):
             codes = torch.randint(0, 16, (2, 3), generator=gen).tolist()
             f.write(json.dumps({"messages": [
                 {"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]},
-                {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]}, {"type": "audio", "audio_codes": codes}]},
+                {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},
+                                                  {"type": "audio", "audio_codes": codes}]},
             ]}) + "\n")
     with open(tmp_path / "text.jsonl", "w") as f:
         for r in corpus["train"].select(range(8)):
@@ -54,19 +55,22 @@ def test_assign_then_train_speech_experts(tmp_path):
     assert saved["speech_experts"] == report["speech_experts"] and len(saved["speech_experts"][0]) == 2
     assert (tmp_path / "assigned" / "modality_load.png").read_bytes()[:4] == b"\x89PNG"
 
-    result = _cli("train", "experts", "--recipe", "tiny_cpu/experts_speech", "--model", "assigned", "--data", "speech.jsonl",
-                  "--output", "phase2a", "--set", "max_steps=2", "per_device_train_batch_size=4", cwd=tmp_path)
+    result = _cli("train", "experts", "--recipe", "tiny_cpu/experts_speech", "--model", "assigned",
+                  "--data", "speech.jsonl", "--output", "phase2a",
+                  "--set", "max_steps=2", "per_device_train_batch_size=4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 steps on 8 conversations" in result.stdout
     before = AutoModelForCausalLM.from_pretrained(tmp_path / "assigned")
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "phase2a")
     assert torch.equal(before.moe_blocks()[0].text_bank.gate_up_proj, after.moe_blocks()[0].text_bank.gate_up_proj)
-    assert not torch.equal(before.moe_blocks()[0].speech_bank.gate_up_proj, after.moe_blocks()[0].speech_bank.gate_up_proj)
+    assert not torch.equal(
+        before.moe_blocks()[0].speech_bank.gate_up_proj, after.moe_blocks()[0].speech_bank.gate_up_proj
+    )
     phases = json.loads((tmp_path / "phase2a" / "deeptalk_phases.json").read_text())
     assert phases[-1]["routing_mode"] == "speech_only"
 
-    wrong = _cli("train", "joint", "--recipe", "tiny_cpu/experts_speech", "--model", "assigned", "--data", "speech.jsonl",
-                 "--output", "x", cwd=tmp_path)
+    wrong = _cli("train", "joint", "--recipe", "tiny_cpu/experts_speech", "--model", "assigned",
+                 "--data", "speech.jsonl", "--output", "x", cwd=tmp_path)
     assert wrong.returncode == 2 and "is for phase 'experts', not 'joint'" in wrong.stderr
 
 
@@ -78,8 +82,8 @@ def test_train_dpo_from_preference_jsonl(tmp_path):
         for r in corpus:
             turn = lambda: {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},  # noqa: E731
                             {"type": "audio", "audio_codes": torch.randint(0, 16, (2, 3), generator=gen).tolist()}]}
-            f.write(json.dumps({"prompt": [{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]}],
-                                "chosen": turn(), "rejected": turn()}) + "\n")
+            prompt = [{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]}]
+            f.write(json.dumps({"prompt": prompt, "chosen": turn(), "rejected": turn()}) + "\n")
     result = _cli("train", "dpo", "--recipe", "tiny_cpu/dpo", "--model", "model", "--data", "pairs.jsonl",
                   "--output", "dpo", "--set", "max_steps=2", "per_device_train_batch_size=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -7,7 +7,6 @@ import pytest
 from deeptalk import DeepTalkConfig
 from deeptalk.tiny import tiny_text_moe_config
 
-
 LAYOUT = dict(text_vocab_size=128, num_audio_streams=2, codebook_size=16, eot_id=2, pad_t_id=0)
 
 

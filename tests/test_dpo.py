@@ -8,13 +8,13 @@ from test_trainers import COMMON, setup, speech_model  # noqa: F401  (module fix
 from trl import DPOTrainer
 
 from deeptalk.data import load_demo_corpus
+from deeptalk.modeling_deeptalk import stream_token_log_probs
 from deeptalk.trainers.dpo import (
     DeepTalkSpeechDPOConfig,
     DeepTalkSpeechDPOTrainer,
     encode_preference_pairs,
     rank_by_wer,
 )
-from deeptalk.modeling_deeptalk import stream_token_log_probs
 
 
 def sequence_logps(model, logits, labels):
@@ -40,14 +40,15 @@ def test_speech_dpo_trains_and_moves_the_chosen_margin(setup, tmp_path):  # noqa
     collate = trainer.data_collator
     batch = collate([dataset[i] for i in range(4)])
     with torch.no_grad():
-        before = sequence_logps(model, model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        before = sequence_logps(model, model(**inputs).logits, batch["labels"])
     trainer.train()
     logs = trainer.state.log_history[0]
     assert {"loss_text", "dpo_audio_1", "dpo_audio_3", "reward_margin"} <= set(logs)
     assert abs(logs["dpo_audio_1"] - np.log(2)) < 1e-3  # policy == reference at the first step
     model.eval()
     with torch.no_grad():
-        after = sequence_logps(model, model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+        after = sequence_logps(model, model(**inputs).logits, batch["labels"])
     margin_before = (before[:4, 1:] - before[4:, 1:]).mean()
     margin_after = (after[:4, 1:] - after[4:, 1:]).mean()
     assert margin_after > margin_before  # chosen audio became more likely relative to rejected
@@ -60,7 +61,8 @@ def test_speech_dpo_needs_audio_streams(setup, tmp_path, tiny_source):  # noqa: 
 
     processor, _, _ = setup
     with pytest.raises(ValueError, match="needs a model with audio streams"):
-        DeepTalkSpeechDPOTrainer(convert(tiny_source("olmoe")), DeepTalkSpeechDPOConfig(output_dir=str(tmp_path), **COMMON),
+        DeepTalkSpeechDPOTrainer(convert(tiny_source("olmoe")),
+                                 DeepTalkSpeechDPOConfig(output_dir=str(tmp_path), **COMMON),
                                  train_dataset=_pairs(processor, 2), processing_class=processor)
 
 
@@ -72,8 +74,8 @@ def test_rank_by_wer_orders_candidates():
 
 
 def test_demo_preference_pairs_rank_with_a_transcriber(setup):  # noqa: F811
-    from deeptalk.recipes.demo_data import fit_demo_codec
     from deeptalk.processing.processing_deeptalk import DeepTalkProcessor
+    from deeptalk.recipes.demo_data import fit_demo_codec
     from deeptalk.trainers.dpo import demo_preference_pairs, model_asr_transcriber
 
     processor, _, _ = setup

@@ -461,3 +461,9 @@ def test_degenerate_speech_scores_are_flagged():
     assert degenerate_answer_warnings(varied, {"wer": 0.1}) == {}
     assert degenerate_answer_warnings({"text_answers": ["no", "no"], "asr": "openai/whisper"}, {"wer": 1.0}).keys() == {
         "spoken_qa_speech_accuracy"}  # a named ASR is not the model's own
+
+
+@pytest.mark.parametrize("limit", [0, -3, True, 2.5])
+def test_a_limit_that_is_not_a_positive_count_is_refused_before_scoring(limit):
+    with pytest.raises(ValueError, match=r"limit must be a positive number of records per task, or None"):
+        evaluate_on_demo_corpus(None, None, limit=limit)

@@ -55,7 +55,8 @@ def test_remote_code_files_need_only_transformers_and_its_dependencies(name):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "deeptalk", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run([sys.executable, "-m", "deeptalk", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
 
 
 def test_cli_convert_writes_a_hub_ready_folder(tmp_path):

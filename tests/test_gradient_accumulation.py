@@ -6,7 +6,12 @@ import torch
 from test_dpo import _pairs
 from test_trainers import COMMON, setup, speech_model  # noqa: F401  (module fixture + builders)
 
-from deeptalk.trainers import DeepTalkAlignmentConfig, DeepTalkAlignmentTrainer, DeepTalkExpertsConfig, DeepTalkExpertsTrainer
+from deeptalk.trainers import (
+    DeepTalkAlignmentConfig,
+    DeepTalkAlignmentTrainer,
+    DeepTalkExpertsConfig,
+    DeepTalkExpertsTrainer,
+)
 from deeptalk.trainers.dpo import DeepTalkSpeechDPOConfig, DeepTalkSpeechDPOTrainer
 from deeptalk.trainers.joint import DeepTalkJointConfig, DeepTalkJointTrainer
 

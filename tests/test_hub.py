@@ -39,8 +39,8 @@ def test_export_for_hub_writes_a_complete_repository(tmp_path):
     model, processor = _model_and_processor()
     results = {"dataset": "deeptalk demo corpus (test split)", "text_qa_accuracy": 0.5, "spoken_qa_text_accuracy": 0.25,
                "audio_token_accuracy": 0.75, "asr": {"wer": 0.4, "cer": 0.2}, "base_text_qa_accuracy": 0.625,
-               "text_relative_drop": 0.2, "spoken_qa_speech_accuracy": 0.125, "tts_wer": 0.875, "speech_answer_asr": "own",
-               "num_examples": {"text_qa_accuracy": 8, "tts_wer": 7}, "skipped": {}}
+               "text_relative_drop": 0.2, "spoken_qa_speech_accuracy": 0.125, "tts_wer": 0.875,
+               "speech_answer_asr": "own", "num_examples": {"text_qa_accuracy": 8, "tts_wer": 7}, "skipped": {}}
     phases = [{"phase": "align", "card": "### Phase: align\n\n- routing mode: `free`\n"}]
     folder = export_for_hub(model, processor, tmp_path / "repo", repo_id="someone/deeptalk-tiny",
                             base_model="deepseek-ai/DeepSeek-V2-Lite-Chat", eval_results=results, phases=phases)
@@ -53,7 +53,8 @@ def test_export_for_hub_writes_a_complete_repository(tmp_path):
     assert metadata["pipeline_tag"] == "text-generation" and metadata["library_name"] == "transformers"
     assert metadata["base_model"] == "deepseek-ai/DeepSeek-V2-Lite-Chat" and "deeptalk" in metadata["tags"]
     assert metadata["license"] == "apache-2.0"
-    scores = {r.metric_name: (r.metric_type, r.metric_value) for r in ModelCard.load(folder / "README.md").data.eval_results}
+    card_results = ModelCard.load(folder / "README.md").data.eval_results
+    scores = {r.metric_name: (r.metric_type, r.metric_value) for r in card_results}
     assert scores == {"text_qa_accuracy": ("accuracy", 0.5), "text_relative_drop": ("relative_drop", 0.2),
                       "spoken_qa_text_accuracy": ("accuracy", 0.25), "spoken_qa_speech_accuracy": ("accuracy", 0.125),
                       "audio_token_accuracy": ("accuracy", 0.75), "tts_wer": ("wer", 0.875), "asr_wer": ("wer", 0.4),

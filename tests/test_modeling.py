@@ -331,7 +331,8 @@ def test_inference_packs_the_banks_into_one_kernel_call_and_training_still_works
     two_calls = model(ids).logits.detach()  # grad enabled: the per-bank path
     with torch.no_grad():
         packed = model(ids).logits
-    assert block.text_bank.gate_up_proj.untyped_storage().data_ptr() == block.speech_bank.gate_up_proj.untyped_storage().data_ptr()
+    text, speech = block.text_bank.gate_up_proj, block.speech_bank.gate_up_proj
+    assert text.untyped_storage().data_ptr() == speech.untyped_storage().data_ptr()
     assert (packed.float() - two_calls.float()).abs().max() <= 0.02
 
 
@@ -340,7 +341,9 @@ def test_conversion_keeps_the_source_kernels(tiny_source):
 
     from deeptalk.tiny import tiny_text_moe_config
 
-    source = Auto.from_config(tiny_text_moe_config("olmoe"), experts_implementation="eager", attn_implementation="eager")
+    source = Auto.from_config(
+        tiny_text_moe_config("olmoe"), experts_implementation="eager", attn_implementation="eager"
+    )
     model = convert(source)
     assert model.config.text_config._experts_implementation == "eager"
     assert model.config.text_config._attn_implementation == "eager"

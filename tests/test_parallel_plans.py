@@ -33,8 +33,10 @@ def test_every_plan_entry_matches_the_model(family, speech):
         stale = sorted(key for key in plan if key not in present)
         assert not stale, f"{family} {plan_name}: entries matching nothing in the model: {stale}"
     tp, ep = model.tp_plan, model.ep_plan
-    for bank in ("text_bank", "speech_bank"):  # both banks of every MoE layer are split, and nothing else is named experts
-        assert tp[f"model.layers.*.mlp.{bank}"] == "moe_tp_experts" and ep[f"model.layers.*.mlp.{bank}"] == "ep_dispatch_experts"
+    # both banks of every MoE layer are split, and nothing else is named experts
+    for bank in ("text_bank", "speech_bank"):
+        assert tp[f"model.layers.*.mlp.{bank}"] == "moe_tp_experts"
+        assert ep[f"model.layers.*.mlp.{bank}"] == "ep_dispatch_experts"
     assert not [key for key in {**tp, **ep} if ".mlp.experts" in key or key.endswith(".mlp.gate")]
     if any(key.startswith("model.embed_tokens") for key in tp) or not speech:  # vocabulary-sharded or vocabulary-shaped
         assert tp["lm_head"] == "colwise_gather_output"

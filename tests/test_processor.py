@@ -6,10 +6,10 @@ import torch
 from conftest import convert
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
+from deeptalk.tiny import tiny_whisper_config
 
 STREAMS, CODEBOOK = 3, 16
 
@@ -22,14 +22,18 @@ def corpus():
 @pytest.fixture(scope="module")
 def processor(corpus):
     texts = [r["question_text"] + " " + r["answer_text"] for r in corpus["train"]]
-    return DeepTalkProcessor.from_codec_layout(train_demo_tokenizer(texts), num_audio_streams=STREAMS, codebook_size=CODEBOOK)
+    return DeepTalkProcessor.from_codec_layout(
+        train_demo_tokenizer(texts), num_audio_streams=STREAMS, codebook_size=CODEBOOK
+    )
 
 
 def spoken(example, codes=None):
-    codes = torch.randint(0, CODEBOOK, (STREAMS, 4), generator=torch.Generator().manual_seed(0)) if codes is None else codes
+    if codes is None:
+        codes = torch.randint(0, CODEBOOK, (STREAMS, 4), generator=torch.Generator().manual_seed(0))
     return [
         {"role": "user", "content": [{"type": "audio", "audio": example["question_audio"]}]},
-        {"role": "assistant", "content": [{"type": "text", "text": example["answer_text"]}, {"type": "audio", "audio_codes": codes}]},
+        {"role": "assistant", "content": [{"type": "text", "text": example["answer_text"]},
+                                          {"type": "audio", "audio_codes": codes}]},
     ]
 
 
@@ -43,7 +47,8 @@ def test_layout_and_labels_of_a_spoken_turn(processor, corpus):
     assert mask.sum() == n_audio and ids.shape[0] == 1 + STREAMS
     # <|user|> BOA AUDIO_IN*n EOA <|eot|> <|assistant|> then the delayed answer
     assert ids[0, 0] == tok.convert_tokens_to_ids("<|user|>")
-    assert ids[1, 1] == layout.audio_special_id("<|boa|>", 0) and ids[1, 2 + n_audio] == layout.audio_special_id("<|eoa|>", 0)
+    assert ids[1, 1] == layout.audio_special_id("<|boa|>", 0)
+    assert ids[1, 2 + n_audio] == layout.audio_special_id("<|eoa|>", 0)
     answer_start = 2 + n_audio + 1 + 2
     text_ids = tok(example["answer_text"], add_special_tokens=False)["input_ids"]
     assert ids[0, answer_start : answer_start + len(text_ids)].tolist() == text_ids
@@ -70,11 +75,13 @@ def test_text_turns_learn_only_the_last_answer(processor):
 
 
 def test_batch_padding_and_model_forward(processor, corpus, tiny_source):
-    batch = processor([spoken(corpus["train"][0]), spoken(corpus["train"][1])[:1] + [{"role": "assistant", "content": "yes"}]])
+    batch = processor([spoken(corpus["train"][0]),
+                       spoken(corpus["train"][1])[:1] + [{"role": "assistant", "content": "yes"}]])
     assert batch["input_ids"].shape[:2] == (2, 1 + STREAMS) and batch["input_features"].shape[:2] == (2, 80)
     shorter = batch["attention_mask"][1].sum()
     assert (batch["input_ids"][1, 0, shorter:] == processor.layout.pad_t_id).all()
-    left = processor([spoken(corpus["train"][0]), spoken(corpus["train"][1])[:1] + [{"role": "assistant", "content": "yes"}]],
+    left = processor([spoken(corpus["train"][0]),
+                      spoken(corpus["train"][1])[:1] + [{"role": "assistant", "content": "yes"}]],
                      padding_side="left")
     assert left["attention_mask"][1, 0] == 0 and left["attention_mask"][1, -1] == 1
 
@@ -135,12 +142,14 @@ def test_assistant_waveform_goes_through_the_codec(processor, corpus):
     messages[1]["content"][1] = {"type": "audio", "audio": answer}
     with pytest.raises(ValueError, match="no codec was given"):
         processor.encode_conversation(messages)
-    codec = MelVQCodec(codebook_size=64).fit([r["answer_audio"]["array"] for r in corpus["train"].select(range(8))], 16000, iters=3)
+    answers = [r["answer_audio"]["array"] for r in corpus["train"].select(range(8))]
+    codec = MelVQCodec(codebook_size=64).fit(answers, 16000, iters=3)
     speech_processor = DeepTalkProcessor.from_codec_layout(processor.tokenizer, codec.num_streams, codec.codebook_size)
     encoded = speech_processor.encode_conversation(messages, codec=codec)
     expected = codec.encode(torch.from_numpy(answer["array"]), 16000)
     grid = torch.tensor(encoded["input_ids"])
-    _, codes = speech_processor.layout.undelay_layout(grid[:, -(expected.shape[1] + max(speech_processor.layout.delays) + 1):])
+    answer_steps = expected.shape[1] + max(speech_processor.layout.delays) + 1
+    _, codes = speech_processor.layout.undelay_layout(grid[:, -answer_steps:])
     assert torch.equal(codes, expected)
 
 
@@ -151,8 +160,20 @@ def test_assistant_waveform_goes_through_the_codec(processor, corpus):
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "out of order"),
         ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "only the first message"),
         ([{"role": "robot", "content": "a"}], "role 'robot'"),
-        ([{"role": "user", "content": "say <|eot|> now"}, {"role": "assistant", "content": "ok"}], "reserved special token"),
-        ([{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "ok"}], "Unknown content type 'image'"),
+        ([{"role": "user", "content": "say <|eot|> now"}, {"role": "assistant", "content": "ok"}],
+         "reserved special token"),
+        ([{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "ok"}],
+         r"Message 0 \(user\), part 0: 'type' is 'image'; use 'text' or 'audio'"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None}],
+         r"Message 1 \(assistant\): 'content' must be a string or a list of parts .* got NoneType"),
+        ([{"role": "user", "content": 7}, {"role": "assistant", "content": "ok"}], r"Message 0 \(user\).* got int 7"),
+        ([{"role": "user", "content": []}, {"role": "assistant", "content": "ok"}],
+         r"Message 0 \(user\): 'content' is an empty"),
+        ([{"role": "user"}, {"role": "assistant", "content": "ok"}], r"Message 0 \(user\) has no 'content'"),
+        ([{"role": "user", "content": [{"type": "text", "text": 3}]}, {"role": "assistant", "content": "ok"}],
+         r"Message 0 \(user\), part 0: a text part needs 'text' as a string, got int 3"),
+        ([{"role": "user", "content": ["hi"]}, {"role": "assistant", "content": "ok"}], r"part 0: a part is a mapping"),
+        (["hello", {"role": "assistant", "content": "ok"}], r"Message 0 is a str, not a mapping"),
         ([{"role": "user", "content": "a"}], "ends with the assistant turn"),
         ([], "non-empty list"),
         ([{"role": "user", "content": [{"type": "audio"}]}, {"role": "assistant", "content": "ok"}], "no data"),
@@ -163,13 +184,21 @@ def test_bad_conversations_are_rejected(processor, messages, message):
         processor.encode_conversation(messages)
 
 
+def test_a_bad_conversation_in_a_batch_is_named_by_its_index(processor):
+    good = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    bad = [{"role": "user", "content": "a"}, {"role": "assistant", "content": None}]
+    with pytest.raises(ValueError, match=r"^Conversation 2: Message 1 \(assistant\): 'content' must be"):
+        processor.encode_batch([good, good, bad])
+
+
 def test_bad_codes_and_audio_are_rejected(processor, corpus):
     example = corpus["train"][0]
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 16\)"):
         processor.encode_conversation(spoken(example, torch.full((STREAMS, 2), 16)))
     with pytest.raises(ValueError, match="num_audio_streams=3"):
         processor.encode_conversation(spoken(example, torch.zeros(2, 2, dtype=torch.long)))
-    long = [{"role": "user", "content": [{"type": "audio", "audio": np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 31).astype(np.float32), "sampling_rate": 16000}]},
+    waveform = np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 31).astype(np.float32)
+    long = [{"role": "user", "content": [{"type": "audio", "audio": waveform, "sampling_rate": 16000}]},
             {"role": "assistant", "content": "ok"}]
     with pytest.raises(ValueError, match="30"):
         processor.encode_conversation(long)

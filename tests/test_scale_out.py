@@ -38,10 +38,12 @@ from safetensors import safe_open
 SCRIPTS = Path(__file__).parent / "scripts"
 CONFIGS = Path(__file__).parent.parent / "deeptalk" / "recipes" / "accelerate"
 sys.path.insert(0, str(SCRIPTS))
-from scale_out_setup import PHASES, write_model_and_data
+from scale_out_setup import PHASES, write_model_and_data  # noqa: E402  (needs tests/scripts on sys.path)
 
 # bf16: what the shipped accelerate configs say; checkpointing and accumulation: what the paper's recipes use
-OVERRIDES = ["bf16=true", "gradient_checkpointing=true", "gradient_accumulation_steps=2", "per_device_train_batch_size=1"]
+OVERRIDES = [
+    "bf16=true", "gradient_checkpointing=true", "gradient_accumulation_steps=2", "per_device_train_batch_size=1"
+]
 ENGINES = {  # engine -> (shipped config, accelerate's distributed type, extra environment)
     "ddp": ("ddp.yaml", "DistributedType.MULTI_CPU", {}),
     "zero2": ("deepspeed_zero2.yaml", "DistributedType.DEEPSPEED", {"DS_ACCELERATOR": "cpu"}),
@@ -50,11 +52,12 @@ ENGINES = {  # engine -> (shipped config, accelerate's distributed type, extra e
 }
 # what the phase table (deeptalk/trainers/freezing.py) freezes and trains, by parameter name
 FROZEN = {
-    "align": ["model.layers.1.mlp.text_bank.gate_up_proj", "model.layers.1.mlp.router.weight", "model.embed_tokens.weight",
-              "lm_head.weight", "model.audio_encoder.conv1.weight", "model.layers.0.mlp.gate_proj.weight"],
-    "experts_speech": ["model.layers.1.mlp.text_bank.gate_up_proj", "model.layers.2.mlp.router.weight", "model.embed_tokens.weight",
-                       "lm_head.weight", "model.audio_encoder.conv1.weight", "model.audio_adapter.proj_in.weight",
-                       "model.layers.1.self_attn.kv_b_proj.weight"],
+    "align": ["model.layers.1.mlp.text_bank.gate_up_proj", "model.layers.1.mlp.router.weight",
+              "model.embed_tokens.weight", "lm_head.weight", "model.audio_encoder.conv1.weight",
+              "model.layers.0.mlp.gate_proj.weight"],
+    "experts_speech": ["model.layers.1.mlp.text_bank.gate_up_proj", "model.layers.2.mlp.router.weight",
+                       "model.embed_tokens.weight", "lm_head.weight", "model.audio_encoder.conv1.weight",
+                       "model.audio_adapter.proj_in.weight", "model.layers.1.self_attn.kv_b_proj.weight"],
     "experts_text": ["model.layers.1.mlp.speech_bank.gate_up_proj", "model.layers.2.mlp.router.weight",
                      "model.audio_encoder.conv1.weight", "model.audio_adapter.proj_in.weight"],
     "joint": ["model.audio_encoder.conv1.weight", "model.audio_adapter.proj_in.weight"],
@@ -62,7 +65,8 @@ FROZEN = {
 }
 TRAINED = {
     "align": ["model.audio_adapter.proj_in.weight", "model.audio_adapter.proj_out.weight"],  # ASR: no audio labels
-    "experts_speech": ["model.layers.1.mlp.speech_bank.gate_up_proj", "model.layers.0.mlp.gate_proj.weight", "lm_head.audio_weight"],
+    "experts_speech": ["model.layers.1.mlp.speech_bank.gate_up_proj", "model.layers.0.mlp.gate_proj.weight",
+                       "lm_head.audio_weight"],
     "experts_text": ["model.layers.1.mlp.text_bank.gate_up_proj", "model.embed_tokens.weight"],
     "joint": ["model.layers.1.mlp.text_bank.gate_up_proj", "model.layers.1.mlp.speech_bank.gate_up_proj",
               "model.layers.1.mlp.router.weight", "model.layers.1.self_attn.kv_b_proj.weight"],
@@ -80,8 +84,9 @@ def free_port() -> int:
 def accelerate_launch(config: str, *command: str, env: dict, timeout: int):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
               "--num_processes", "2", "--main_process_port", str(free_port())]
+    pythonpath = os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent.parent), os.environ.get("PYTHONPATH")])), **env}
+           "PYTHONPATH": pythonpath, **env}
     return subprocess.run(launch + list(command), capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
@@ -102,8 +107,8 @@ def test_every_phase_under_engine(engine, workdir, tmp_path):
         pytest.skip("deepspeed is not installed: pip install 'deeptalk[deepspeed]' to run the ZeRO cells")
     start = time.perf_counter()
     phases = list(PHASES) + (["dpo@zero_init"] if engine == "zero3" else [])
-    result = accelerate_launch(config, str(SCRIPTS / "scale_out_phases.py"), str(workdir), str(tmp_path), ",".join(phases),
-                               *OVERRIDES, env=env, timeout=2400)
+    result = accelerate_launch(config, str(SCRIPTS / "scale_out_phases.py"), str(workdir), str(tmp_path),
+                               ",".join(phases), *OVERRIDES, env=env, timeout=2400)
     assert result.returncode == 0, result.stderr[-6000:]
     timings = {"launch_s": round(time.perf_counter() - start, 1)}
     source = tensors(workdir / "model")
@@ -136,7 +141,9 @@ def check_phase(phase: str, reports: list, source: dict, output: Path, distribut
     assert set(saved) == set(source), where
     assert set(FROZEN[phase]) <= set(first["frozen"]) and set(TRAINED[phase]) <= set(first["trainable"]), where
     for name in set(first["frozen"]) - rounded_at_load:
-        assert saved[name].dtype == source[name].dtype and torch.equal(saved[name], source[name]), f"{where}: {name} changed"
+        assert saved[name].dtype == source[name].dtype and torch.equal(saved[name], source[name]), (
+            f"{where}: {name} changed"
+        )
     for name in rounded_at_load:
         assert saved[name].dtype == torch.bfloat16, where
     for name in TRAINED[phase]:
@@ -145,7 +152,8 @@ def check_phase(phase: str, reports: list, source: dict, output: Path, distribut
     assert {n: t.dtype for n, t in saved.items() if n not in rounded_at_load} == {
         n: t.dtype for n, t in source.items() if n not in rounded_at_load}, where
     files = {p.name for p in output.iterdir()}
-    assert {"config.json", "modeling_deeptalk.py", "processor_config.json", "tokenizer.json", "deeptalk_phases.json"} <= files
+    assert {"config.json", "modeling_deeptalk.py", "processor_config.json", "tokenizer.json",
+            "deeptalk_phases.json"} <= files
     assert not [f for f in files if f.startswith("_fsdp")], where  # FSDP2's generated class is not the model's code
     config = json.loads((output / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_deeptalk.DeepTalkForCausalLM", where
@@ -154,7 +162,8 @@ def check_phase(phase: str, reports: list, source: dict, output: Path, distribut
     import deeptalk  # noqa: F401
 
     loaded = AutoModelForCausalLM.from_pretrained(output)
-    assert torch.equal(loaded.lm_head.audio_weight.detach(), saved["lm_head.audio_weight"].to(loaded.lm_head.audio_weight.dtype))
+    audio_weight = loaded.lm_head.audio_weight.detach()
+    assert torch.equal(audio_weight, saved["lm_head.audio_weight"].to(audio_weight.dtype))
     assert AutoProcessor.from_pretrained(output).layout == loaded.config.layout
     # resuming from the step-2 checkpoint under the same engine continues the same loss curve
     resumed = first["resumed"]
@@ -171,9 +180,11 @@ def test_fsdp_asked_for_on_cpu_is_refused(workdir, tmp_path):
     """Without the shim, accelerate would run the shipped fsdp.yaml as DDP on CPU: `deeptalk train` says so."""
     result = accelerate_launch("fsdp.yaml", "-m", "deeptalk", "train", "experts", "--recipe", "tiny_cpu/experts_speech",
                                "--model", str(workdir / "model"), "--data", str(workdir / "speech.jsonl"),
-                               "--output", str(tmp_path / "out"), "--set", "bf16=true", "max_steps=1", env={}, timeout=900)
+                               "--output", str(tmp_path / "out"), "--set", "bf16=true", "max_steps=1",
+                               env={}, timeout=900)
     assert result.returncode != 0
-    assert "The launch asks for FSDP" in result.stderr and "DDP over gloo on CPU" in result.stderr, result.stderr[-3000:]
+    assert "The launch asks for FSDP" in result.stderr, result.stderr[-3000:]
+    assert "DDP over gloo on CPU" in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

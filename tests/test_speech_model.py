@@ -5,9 +5,9 @@ import torch
 from conftest import convert, random_ids
 from transformers import AutoModelForCausalLM
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk.hub import logits_via_remote_code
 from deeptalk.processing.layout import SpeechTokenLayout
+from deeptalk.tiny import tiny_whisper_config
 
 STREAMS, CODEBOOK = 3, 16
 
@@ -23,14 +23,17 @@ def speech_model(tiny_source):
 
 
 def layout():
-    return SpeechTokenLayout(text_vocab_size=128, num_audio_streams=STREAMS, codebook_size=CODEBOOK, eot_id=2, pad_t_id=0)
+    return SpeechTokenLayout(
+        text_vocab_size=128, num_audio_streams=STREAMS, codebook_size=CODEBOOK, eot_id=2, pad_t_id=0
+    )
 
 
 def spoken_batch(model, lengths=(100, 60), seed=0):
     """User audio at the start (AUDIO_IN placeholders), then an assistant turn in the delayed layout."""
     gen = torch.Generator().manual_seed(seed)
     lay = layout()
-    turn = lay.build_delayed_layout(torch.randint(3, 128, (4,), generator=gen), torch.randint(0, CODEBOOK, (STREAMS, 5), generator=gen))
+    text = torch.randint(3, 128, (4,), generator=gen)
+    turn = lay.build_delayed_layout(text, torch.randint(0, CODEBOOK, (STREAMS, 5), generator=gen))
     positions = [model.config.num_audio_positions(n) for n in lengths]
     prefix = max(positions)
     ids = torch.zeros(len(lengths), 1 + STREAMS, prefix + turn.shape[1], dtype=torch.long)
@@ -62,7 +65,8 @@ def test_add_speech_extends_vocabulary_without_touching_text_logits(tiny_source)
 
 
 def test_multi_stream_embedding_is_the_mean_of_the_streams(speech_model):
-    ids = torch.stack([random_ids(shape=(1, 6))[0], torch.full((6,), 130), torch.full((6,), 151), torch.full((6,), 170)])[None]
+    streams = [random_ids(shape=(1, 6))[0], torch.full((6,), 130), torch.full((6,), 151), torch.full((6,), 170)]
+    ids = torch.stack(streams)[None]
     embedding = speech_model.get_input_embeddings()
     table = torch.cat([embedding.weight, embedding.audio_weight])
     expected = table[ids[0]].mean(dim=0, keepdim=True)
@@ -171,8 +175,9 @@ def test_text_stream_alone_embeds_like_the_full_layout(speech_model):
     for i in range(STREAMS):  # a prompt: audio streams idle (PAD_A) except the AUDIO_IN slots
         pad = speech_model.config.layout.audio_special_id("<|pad_a|>", i)
         ids[:, 1 + i] = torch.where(inputs["audio_input_mask"], ids[:, 1 + i], pad)
-    full = speech_model.model.embed_inputs(ids, inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
-    text_only = speech_model.model.embed_inputs(ids[:, 0], inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
+    audio = (inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
+    full = speech_model.model.embed_inputs(ids, *audio)
+    text_only = speech_model.model.embed_inputs(ids[:, 0], *audio)
     assert torch.allclose(full, text_only, atol=1e-6)
 
 

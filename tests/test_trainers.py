@@ -7,11 +7,10 @@ import torch
 from conftest import convert
 from datasets import Dataset
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor
 from deeptalk.data import load_demo_corpus
 from deeptalk.processing.tokenizer import train_demo_tokenizer
-from deeptalk.tiny import tiny_text_moe
+from deeptalk.tiny import tiny_text_moe, tiny_whisper_config
 from deeptalk.trainers import (
     DeepTalkAlignmentConfig,
     DeepTalkAlignmentTrainer,
@@ -33,8 +32,10 @@ def setup():
     gen = torch.Generator().manual_seed(0)
     conversations = [
         [{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]},
-         {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},
-                                           {"type": "audio", "audio_codes": torch.randint(0, CODEBOOK, (STREAMS, 4), generator=gen)}]}]
+         {"role": "assistant", "content": [
+             {"type": "text", "text": r["answer_text"]},
+             {"type": "audio", "audio_codes": torch.randint(0, CODEBOOK, (STREAMS, 4), generator=gen)},
+         ]}]
         for r in corpus["train"].select(range(16))
     ]
     dataset = Dataset.from_dict(processor.encode_batch(conversations))
@@ -71,10 +72,24 @@ def test_speech_experts_phase_trains_only_the_speech_bank(setup, tmp_path):
     after = snapshot(model)
     for name, before in frozen_before.items():  # text bank, router, MoE attention, Whisper, adapter: bit-identical
         assert torch.equal(before, after[name]), name
-    assert not torch.equal(model.moe_blocks()[0].speech_bank.gate_up_proj, speech_model(processor).moe_blocks()[0].speech_bank.gate_up_proj)
+    assert not torch.equal(
+        model.moe_blocks()[0].speech_bank.gate_up_proj, speech_model(processor).moe_blocks()[0].speech_bank.gate_up_proj
+    )
     logs = trainer.state.log_history[0]
     assert logs["load/text_tokens_to_speech_experts"] == 1.0  # speech_only routing: every token to speech experts
     assert {"loss_text", "loss_audio_1", "loss_audio_3", "aux_loss"} <= set(logs)
+
+
+def test_the_card_counts_each_phases_own_trainable_parameters(setup, tmp_path):
+    """Phases run one after another on one model object: each card line counts what that phase trained."""
+    processor, dataset, collator = setup
+    model = speech_model(processor)
+    phases = [DeepTalkExpertsTrainer(model, DeepTalkExpertsConfig(output_dir=str(tmp_path / m), modality=m, max_steps=1,
+                                                                  **COMMON),
+                                     train_dataset=dataset, data_collator=collator) for m in ("speech", "text")]
+    counts = [trainer.phase_summary()["trainable_parameters"] for trainer in phases]
+    assert counts == [sum(trainer.trainable_groups.values()) for trainer in phases] and counts[0] != counts[1]
+    assert f"{counts[0]:,} of" in phases[0].model_card_section()
 
 
 def test_text_experts_phase_keeps_the_speech_bank(setup, tmp_path):
@@ -115,7 +130,9 @@ def test_joint_phase_is_an_sft_trainer_that_keeps_whisper_and_adapter(setup, tmp
     model = speech_model(processor)
     frozen = {n: p.clone() for n, p in snapshot(model).items() if "audio_encoder" in n or "audio_adapter" in n}
     args = DeepTalkJointConfig(output_dir=str(tmp_path), max_steps=2, **COMMON)
-    trainer = DeepTalkJointTrainer(model, args, train_dataset=dataset, data_collator=collator, processing_class=processor)
+    trainer = DeepTalkJointTrainer(
+        model, args, train_dataset=dataset, data_collator=collator, processing_class=processor
+    )
     assert isinstance(trainer, SFTTrainer)
     trainer.train()
     assert {"text_bank", "speech_bank", "router"} <= set(trainer.trainable_groups)
@@ -131,7 +148,8 @@ def test_experts_phase_needs_a_speech_map(setup, tmp_path):
         DeepTalkExpertsTrainer(speech_model(processor, speech_experts=None),
                                DeepTalkExpertsConfig(output_dir=str(tmp_path), **COMMON), train_dataset=dataset)
     with pytest.raises(ValueError, match="modality must be one of"):
-        DeepTalkExpertsTrainer(speech_model(processor), DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="vision", **COMMON),
+        DeepTalkExpertsTrainer(speech_model(processor),
+                               DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="vision", **COMMON),
                                train_dataset=dataset)
 
 
@@ -158,7 +176,8 @@ def test_lora_on_the_speech_bank_only(setup, tmp_path):
     processor, dataset, collator = setup
     model = speech_model(processor)
     before = snapshot(model)
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["speech_bank.gate_up_proj", "speech_bank.down_proj"])
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[],
+                      target_parameters=["speech_bank.gate_up_proj", "speech_bank.down_proj"])
     args = DeepTalkExpertsConfig(output_dir=str(tmp_path), modality="speech", max_steps=2, learning_rate=1e-2, **COMMON)
     trainer = DeepTalkExpertsTrainer(model, args, train_dataset=dataset, data_collator=collator, peft_config=lora)
     trainer.train()
@@ -178,7 +197,8 @@ def test_lora_model_runs_inference_and_phase_trainers_accept_peft_models(setup, 
     from peft import LoraConfig, get_peft_model
 
     processor, dataset, collator = setup
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["speech_bank.gate_up_proj", "speech_bank.down_proj"])
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[],
+                      target_parameters=["speech_bank.gate_up_proj", "speech_bank.down_proj"])
     peft_model = get_peft_model(speech_model(processor), lora)
     batch = collator([dataset[i] for i in range(2)])
     with torch.no_grad():  # free-mode inference with an unmerged adapter on a bank

@@ -79,7 +79,8 @@ def test_converted_whisper_is_a_transformers_whisper(whisper, cache_dir):
     assert isinstance(model.model.encoder, WhisperEncoder) and not model.training
     assert model.dtype == torch.float32
     config = model.config
-    assert (config.d_model, config.encoder_layers, config.decoder_layers, config.encoder_attention_heads) == (384, 4, 4, 6)
+    shape = (config.d_model, config.encoder_layers, config.decoder_layers, config.encoder_attention_heads)
+    assert shape == (384, 4, 4, 6)
     assert model.proj_out.weight.data_ptr() == model.model.decoder.embed_tokens.weight.data_ptr()
     source = config.deeptalk_source
     assert (source["name"], source["package"], source["license"], source["sha256"]) == (
@@ -90,7 +91,8 @@ def test_converted_whisper_is_a_transformers_whisper(whisper, cache_dir):
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))
     again = WhisperForConditionalGeneration.from_pretrained(folder)
     assert torch.equal(again.model.encoder.conv1.weight, model.model.encoder.conv1.weight.to(again.dtype))
-    assert model.generation_config.no_timestamps_token_id == processor.tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+    no_timestamps = processor.tokenizer.convert_tokens_to_ids("<|notimestamps|>")
+    assert model.generation_config.no_timestamps_token_id == no_timestamps
 
 
 def test_converted_whisper_transcribes_held_out_questions(whisper):

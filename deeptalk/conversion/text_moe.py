@@ -52,7 +52,9 @@ def from_text_moe(
     if owned:
         source = AutoModelForCausalLM.from_pretrained(source, **source_kwargs)
     if not isinstance(source, PreTrainedModel):
-        raise TypeError(f"source must be a transformers MoE *ForCausalLM or a folder/Hub id, got {type(source).__name__}.")
+        raise TypeError(
+            f"source must be a transformers MoE *ForCausalLM or a folder/Hub id, got {type(source).__name__}."
+        )
     text_config = source.config.__class__.from_dict(source.config.to_dict())
     config = DeepTalkConfig(text_config=text_config, speech_experts=speech_experts, **config_overrides)
     config.dtype = source.dtype

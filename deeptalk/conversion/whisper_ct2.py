@@ -325,7 +325,8 @@ def _generation_config(config, tokenizer, ct2_config: dict, folder: Path):
 
     # built directly: a config marked as derived from the model config drops Whisper's extra fields when loaded
     generation = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                                  pad_token_id=config.pad_token_id, decoder_start_token_id=config.decoder_start_token_id,
+                                  pad_token_id=config.pad_token_id,
+                                  decoder_start_token_id=config.decoder_start_token_id,
                                   max_length=config.max_target_positions)
     generation.no_timestamps_token_id = _special_id(tokenizer, "<|notimestamps|>", folder)
     generation.prev_sot_token_id = _special_id(tokenizer, "<|startofprev|>", folder)
@@ -338,7 +339,9 @@ def _generation_config(config, tokenizer, ct2_config: dict, folder: Path):
     if generation.is_multilingual:
         vocab = tokenizer.get_vocab()
         generation.lang_to_id = {f"<|{code}|>": vocab[f"<|{code}|>"] for code in LANGUAGES if f"<|{code}|>" in vocab}
-        generation.task_to_id = {task: _special_id(tokenizer, f"<|{task}|>", folder) for task in ("transcribe", "translate")}
+        generation.task_to_id = {
+            task: _special_id(tokenizer, f"<|{task}|>", folder) for task in ("transcribe", "translate")
+        }
         # without a task, detected-language decoding gets no task token (Hub checkpoints force it the old way)
         generation.task = "transcribe"
     heads = ct2_config.get("alignment_heads")
@@ -450,7 +453,8 @@ def _describe(source: dict) -> str:
     parts = [f"Whisper {source.get('name', '?')}", f"from {package}" if package else None,
              f"licence {source['license']}" if source.get("license") else None,
              f"CTranslate2 {source.get('source_dtype', '')}".strip(),
-             f"{size / 1e6:.1f} MB" if size else None, f"sha256 {source['sha256'][:12]}" if source.get("sha256") else None]
+             f"{size / 1e6:.1f} MB" if size else None,
+             f"sha256 {source['sha256'][:12]}" if source.get("sha256") else None]
     return ", ".join(p for p in parts if p)
 
 

@@ -20,8 +20,8 @@ answers: ``"own"`` or the checkpoint / callable name), ``max_speech_steps``, ``n
 from __future__ import annotations
 
 import json
-import os
 
+from ..saving import atomic_write_text
 from .metrics import (
     asr_error_rates,
     dataset_audio_token_accuracy,
@@ -51,13 +51,15 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
     """
     from ..data import load_demo_corpus
 
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of records per task, or None for all; got {limit!r}.")
     if speech_answers and codec is not None and asr is not None and asr != OWN_ASR:
         # a wrong ASR fails here, before minutes of other metrics; a checkpoint runs where the model runs
         asr = load_speech_recognizer(asr, device=next(model.parameters()).device)
 
     def records(task):
         rows = [dict(r) for r in load_demo_corpus(task, decode_audio=False)["test"]]
-        return rows[:limit] if limit else rows
+        return rows if limit is None else rows[:limit]
 
     text_records = records("text_qa")
     results = {"dataset": "deeptalk demo corpus (test split)",
@@ -145,7 +147,6 @@ def write_results(results: dict, path: str) -> dict:
     """Write `results` as strict JSON (atomically) and return what was written: a NaN or infinite number
     (a metric undefined on the examples scored) becomes null, with a note under ``"warnings"``."""
     import math
-    import tempfile
 
     undefined = []
 
@@ -164,19 +165,5 @@ def write_results(results: dict, path: str) -> dict:
         warnings = results.setdefault("warnings", {})
         for where in undefined:
             warnings[where] = "undefined (NaN or infinite) on the examples scored: written as null"
-    text = json.dumps(results, indent=2, allow_nan=False)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, scratch = tempfile.mkstemp(prefix=".evaluation-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(scratch, 0o666 & ~umask)  # mkstemp's 0600 would make the results private
-        os.replace(scratch, path)
-    except BaseException:
-        if os.path.exists(scratch):
-            os.unlink(scratch)
-        raise
+    atomic_write_text(path, json.dumps(results, indent=2, allow_nan=False) + "\n", what="--output")
     return results

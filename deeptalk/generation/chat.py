@@ -61,7 +61,8 @@ def user_message(audio=None, text: str | None = None) -> dict:
             content.append({"type": "audio", "audio": np.asarray(array), "sampling_rate": rate})
         else:
             raise ValueError(
-                f"audio must be a file path, (array, sampling_rate) or {{'array', 'sampling_rate'}}, got {type(audio).__name__}."
+                "audio must be a file path, (array, sampling_rate) or {'array', 'sampling_rate'}, "
+                f"got {type(audio).__name__}."
             )
     if text:
         content.append({"type": "text", "text": text})
@@ -85,17 +86,20 @@ class SpeechChat:
                  chunk_frames: int = 8, first_chunk_frames: int | None = None, lookahead_frames: int | None = None,
                  output_expert_load: bool = False):
         self.model, self.processor, self.codec = model.eval(), processor, codec
-        self.output_expert_load = output_expert_load  # counting costs ~0.5 ms per step (and a GPU sync)
+        self.output_expert_load = output_expert_load  # opt-in: counting adds a GPU sync per step
         # A model routes through one shared RoutingState (and SNAC decodes through shared noise state):
         # concurrent requests on one model would mix them, so a chat answers one request at a time.
         self._lock = threading.Lock()
         self.config = config or SpeechDecodingConfig()
         if self.config.voice is None and processor.layout.voices:  # a model trained with voices expects one
             self.config = replace(self.config, voice=processor.layout.voices[0])
-        self.chunk_frames, self.first_chunk_frames, self.lookahead_frames = chunk_frames, first_chunk_frames, lookahead_frames
+        self.chunk_frames, self.first_chunk_frames = chunk_frames, first_chunk_frames
+        self.lookahead_frames = lookahead_frames
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, codec=None, *, device: str | None = None, dtype=None, **kwargs) -> "SpeechChat":
+    def from_pretrained(
+        cls, name_or_path: str, codec=None, *, device: str | None = None, dtype=None, **kwargs
+    ) -> "SpeechChat":
         """Load the model, processor and codec (from `codec`, else the repository's `codec/` folder)."""
         from transformers import AutoModelForCausalLM, AutoProcessor
 

@@ -56,14 +56,17 @@ class IncrementalSpeechDecoder:
     def __init__(self, codec, layout, chunk_frames: int = 8, first_chunk_frames: int | None = None,
                  lookahead_frames: int | None = None, context_frames: int | None = None):
         if chunk_frames < 1 or (first_chunk_frames is not None and first_chunk_frames < 1):
-            raise ValueError(f"chunk_frames and first_chunk_frames must be >= 1, got {chunk_frames}, {first_chunk_frames}.")
+            raise ValueError(
+                f"chunk_frames and first_chunk_frames must be >= 1, got {chunk_frames}, {first_chunk_frames}."
+            )
         for name, value in (("lookahead_frames", lookahead_frames), ("context_frames", context_frames)):
             if value is not None and value < 0:
                 raise ValueError(f"{name} must be >= 0 (0 = none), got {value}.")
         if codec.num_streams != layout.num_audio_streams or codec.codebook_size != layout.codebook_size:
             raise ValueError(
                 f"The codec ({codec.num_streams} streams x {codec.codebook_size} codes) does not match the model's "
-                f"speech layout ({layout.num_audio_streams} x {layout.codebook_size}); load the codec saved with the model."
+                f"speech layout ({layout.num_audio_streams} x {layout.codebook_size}); "
+                "load the codec saved with the model."
             )
         self.codec, self.layout = codec, layout
         self.chunk_frames = chunk_frames

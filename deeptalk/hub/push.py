@@ -19,6 +19,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..saving import atomic_directory
+
 TEMPLATE = Path(__file__).with_name("model_card.md")
 EVAL_METRICS = {  # evaluate-JSON key ("asr.wer" = results["asr"]["wer"]) -> (metric type, dataset key, task type)
     "text_qa_accuracy": ("accuracy", "text_qa", "question-answering"),
@@ -69,8 +71,9 @@ def _evaluation_section(eval_results: dict) -> str:
 
 
 def render_model_card(model, *, repo_id: str | None = None, base_model: str | None = None, license: str = "apache-2.0",
-                      datasets: list[str] | None = None, eval_results: dict | None = None, phases: list[dict] | None = None,
-                      codec_name: str | None = None, load_heatmap: str | None = None) -> ModelCard:
+                      datasets: list[str] | None = None, eval_results: dict | None = None,
+                      phases: list[dict] | None = None, codec_name: str | None = None,
+                      load_heatmap: str | None = None) -> ModelCard:
     """The model card: metadata (base model, pipeline tag, tags, datasets, license, eval results)
     plus the expert map, the heatmap and a section per training phase."""
     config = model.config
@@ -98,8 +101,10 @@ def render_model_card(model, *, repo_id: str | None = None, base_model: str | No
         top_k=config.text_config.num_experts_per_tok,
         num_speech_experts=config.num_speech_experts if config.speech_experts else None,
         speech_experts=json.dumps(config.speech_experts) if config.speech_experts else None,
-        audio_encoder=f"Whisper encoder (d_model {config.audio_config.d_model}), adapter stride {config.audio_adapter_stride}"
-        if config.audio_config is not None else None,
+        audio_encoder=(
+            f"Whisper encoder (d_model {config.audio_config.d_model}), adapter stride {config.audio_adapter_stride}"
+            if config.audio_config is not None else None
+        ),
         codec=codec_name,
         num_audio_streams=config.num_audio_streams or None,
         training_phases=phase_text,
@@ -115,11 +120,18 @@ def _phases_of(model) -> list[dict]:
 
 def export_for_hub(model, processor, folder: str | os.PathLike, *, codec=None, repo_id: str | None = None,
                    base_model: str | None = None, eval_results: dict | None = None, load_report_dir: str | None = None,
-                   **card_kwargs) -> Path:
-    """Write a Hub-ready model repository into `folder` and return its path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+                   overwrite: bool = False, **card_kwargs) -> Path:
+    """Write a Hub-ready model repository into `folder` (new or empty; any with `overwrite=True`, replaced once the
+    new one is complete, so a kill leaves the previous folder or none) and return its path."""
     phases = card_kwargs.pop("phases", None) or _phases_of(model)
+    with atomic_directory(folder, overwrite=overwrite, what="the export folder") as staging:
+        _write_repository(model, processor, Path(staging), codec=codec, repo_id=repo_id, base_model=base_model,
+                          eval_results=eval_results, load_report_dir=load_report_dir, phases=phases, **card_kwargs)
+    return Path(folder)
+
+
+def _write_repository(model, processor, folder: Path, *, codec, repo_id, base_model, eval_results, load_report_dir,
+                      phases, **card_kwargs) -> None:
     model.save_pretrained(folder)  # safetensors, config with auto_map, the model's remote-code files
     processor.save_pretrained(folder)  # tokenizer, feature extractor, chat template, processing_deeptalk.py
     if codec is not None:
@@ -137,11 +149,11 @@ def export_for_hub(model, processor, folder: str | os.PathLike, *, codec=None, r
     card = render_model_card(model, repo_id=repo_id, base_model=base_model, eval_results=eval_results, phases=phases,
                              codec_name=getattr(codec, "codec_name", None), load_heatmap=heatmap, **card_kwargs)
     card.save(folder / "README.md")
-    return folder
 
 
 def push_to_hub(model, processor, repo_id: str, *, codec=None, private: bool = False, token: str | None = None,
-                commit_message: str = "Upload DeepTalk model", folder: str | os.PathLike | None = None, **export_kwargs) -> str:
+                commit_message: str = "Upload DeepTalk model", folder: str | os.PathLike | None = None,
+                **export_kwargs) -> str:
     """Export (into `folder` or a temporary one) and upload to `repo_id` with huggingface_hub.
     Returns the commit URL."""
     import tempfile
@@ -149,7 +161,8 @@ def push_to_hub(model, processor, repo_id: str, *, codec=None, private: bool = F
     from huggingface_hub import HfApi
 
     with tempfile.TemporaryDirectory() as scratch:
-        target = export_for_hub(model, processor, folder or scratch, codec=codec, repo_id=repo_id, **export_kwargs)
+        target = export_for_hub(model, processor, folder or Path(scratch) / "repository", codec=codec, repo_id=repo_id,
+                                **export_kwargs)
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(target), commit_message=commit_message)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 from huggingface_hub import SpaceCard, SpaceCardData
 
+from ..saving import atomic_directory
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_DIR = Path(__file__).with_name("space_template")
@@ -140,12 +142,14 @@ def create_space(
     private: bool = False,
     token: str | None = None,
     commit_message: str = "Upload DeepTalk Space",
+    overwrite: bool = False,
 ) -> Path:
     """Write a gradio Space for `model` into `folder` (see the module docstring) and return its path.
 
     Args:
-        folder: where to write the Space (created if missing). None: a temporary folder, only with
-            `push=True` (it is deleted after the upload and the returned path no longer exists).
+        folder: where to write the Space: a new or empty folder, or any with `overwrite=True` (the previous
+            folder is replaced once the new one is complete). None: a temporary folder, only with `push=True`
+            (it is deleted after the upload and the returned path no longer exists).
         model: Hub repo id or local folder of a DeepTalk model saved with its processor and its codec
             in `<model>/codec`. The app loads it at start; the `DEEPTALK_MODEL` variable overrides it.
         bundle_model: copy a local `model` folder into the Space (`model/`), so a pushed Space carries
@@ -176,11 +180,9 @@ def create_space(
         raise ValueError(f"bundle_model=True copies a local model folder, but {model!r} is not a folder.")
     sdk_version = sdk_version or installed_gradio_version()
 
-    with tempfile.TemporaryDirectory() as scratch:
-        target = Path(folder if folder is not None else scratch)
-        target.mkdir(parents=True, exist_ok=True)
+    def write(target: Path) -> None:
         if bundle_model:
-            shutil.copytree(model, target / "model", dirs_exist_ok=True)
+            shutil.copytree(model, target / "model")
             app_model = "model"  # relative to app.py
         else:
             app_model = str(Path(model).resolve()) if model_is_local else model
@@ -189,10 +191,10 @@ def create_space(
         (target / "requirements.txt").write_text("\n".join(space_requirements(deeptalk_requirement)) + "\n")
         (target / "packages.txt").write_text("ffmpeg\n")
         if deeptalk_requirement is None:
-            shutil.copytree(PACKAGE_DIR, target / "deeptalk", dirs_exist_ok=True,
+            shutil.copytree(PACKAGE_DIR, target / "deeptalk",
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "demo_corpus"))
         if example_audio:
-            (target / "examples").mkdir(exist_ok=True)
+            (target / "examples").mkdir()
             for path in example_audio:
                 shutil.copy(path, target / "examples" / Path(path).name)
         card = render_space_card(title=title, model=model, model_is_repo=not model_is_local, emoji=emoji,
@@ -200,10 +202,21 @@ def create_space(
                                  short_description=short_description, max_steps=max_steps,
                                  chunk_frames=chunk_frames, strategy=strategy)
         card.save(target / "README.md")
-        if push:
-            url = push_space(target, repo_id, private=private, token=token, commit_message=commit_message)
-            logger.info("Pushed the Space to %s (%s)", f"https://huggingface.co/spaces/{repo_id}", url)
-    return target
+
+    def upload(target: Path) -> None:
+        url = push_space(target, repo_id, private=private, token=token, commit_message=commit_message)
+        logger.info("Pushed the Space to %s (%s)", f"https://huggingface.co/spaces/{repo_id}", url)
+
+    if folder is None:
+        with tempfile.TemporaryDirectory() as scratch:
+            write(Path(scratch))
+            upload(Path(scratch))
+        return Path(scratch)
+    with atomic_directory(folder, overwrite=overwrite, what="the Space folder") as staging:
+        write(Path(staging))  # a kill leaves the previous folder or none, never half a Space
+    if push:
+        upload(Path(folder))
+    return Path(folder)
 
 
 def push_space(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,

@@ -350,7 +350,8 @@ def build_demo_data(
     if processor.layout.num_audio_streams != codec.num_streams or processor.layout.codebook_size != codec.codebook_size:
         raise ValueError(
             f"The processor's layout ({processor.layout.num_audio_streams} streams x {processor.layout.codebook_size}) "
-            f"does not match the codec ({codec.num_streams} x {codec.codebook_size}): build it with build_demo_processor."
+            f"does not match the codec ({codec.num_streams} x {codec.codebook_size}): "
+            "build it with build_demo_processor."
         )
     timings: dict[str, float] = {}
     records = {
@@ -367,7 +368,9 @@ def build_demo_data(
     builders = {
         "text_qa": (
             "text_qa",
-            lambda r: {"id": r["id"], "task": "text_qa", "target_text": r["answer_text"], "question": r["question_text"]},
+            lambda r: {
+                "id": r["id"], "task": "text_qa", "target_text": r["answer_text"], "question": r["question_text"]
+            },
             lambda e: text_qa_conversation(e["question"], e["target_text"]),
         ),
         "asr": (
@@ -383,7 +386,9 @@ def build_demo_data(
         ),
         "spoken_qa_text": (
             "spoken_qa",
-            lambda r: {"id": r["id"], "task": "spoken_qa_text", "target_text": r["answer_text"], "audio": r["question_audio"]},
+            lambda r: {
+                "id": r["id"], "task": "spoken_qa_text", "target_text": r["answer_text"], "audio": r["question_audio"]
+            },
             lambda e: spoken_question_conversation(e["audio"], e["target_text"]),
         ),
     }
@@ -393,8 +398,13 @@ def build_demo_data(
             start = time.perf_counter()
             corpus_task, row, conversation = builders[name]
             built[name] = datasets.DatasetDict(
-                {split: _encode_dataset(processor, [row(r) for r in records[corpus_task][split]], conversation, batch_size)
-                 for split in splits if name in tasks}
+                {
+                    split: _encode_dataset(
+                        processor, [row(r) for r in records[corpus_task][split]], conversation, batch_size
+                    )
+                    for split in splits
+                    if name in tasks
+                }
             )
             timings[name] = time.perf_counter() - start
     timings["total"] = sum(timings.values())

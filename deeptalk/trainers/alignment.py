@@ -18,10 +18,14 @@ class DeepTalkAlignmentConfig(TrainingArguments):
     learning_rate: float = field(default=2e-5, metadata={"help": "Paper: 2e-5 for alignment."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Paper: 1 epoch over WenetSpeech ASR."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine schedule."})
-    warmup_steps: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."}
+    )
     weight_decay: float = field(
         default=0.0,
-        metadata={"help": "Must stay 0: text rows of the embedding table get zero gradient, and decay would still move them."},
+        metadata={
+            "help": "Must stay 0: text rows of the embedding table get zero gradient, and decay would still move them."
+        },
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's audio columns."})
     train_embeddings: str = field(

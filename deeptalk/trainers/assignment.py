@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from ..configuration_deeptalk import IGNORED_TOKEN, SPEECH_MODALITY, TEXT_MODALITY
+from ..configuration_deeptalk import SPEECH_MODALITY, TEXT_MODALITY
 
 logger = logging.get_logger(__name__)
 
@@ -114,7 +114,8 @@ class ModalityLoad:
             )
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={self.normalization!r}: choose one of {NORMALIZATIONS}.")
-        self.text_tokens, self.speech_tokens, self.top_k = int(self.text_tokens), int(self.speech_tokens), int(self.top_k)
+        self.text_tokens, self.speech_tokens = int(self.text_tokens), int(self.speech_tokens)
+        self.top_k = int(self.top_k)
         if not self.moe_layer_indices:
             self.moe_layer_indices = list(range(self.num_layers))
         self.moe_layer_indices = [int(i) for i in self.moe_layer_indices]
@@ -356,7 +357,9 @@ def _check_k(num_speech_experts: int, num_experts: int) -> int:
     return k
 
 
-def select_speech_experts(load: ModalityLoad, num_speech_experts: int, normalization: str | None = None) -> list[list[int]]:
+def select_speech_experts(
+    load: ModalityLoad, num_speech_experts: int, normalization: str | None = None
+) -> list[list[int]]:
     """The paper's Algorithm 1: per MoE layer, the `num_speech_experts` experts with the highest
     ρA · (1 − ρT); ties go to the lower expert index. Returns one sorted list per MoE layer (source
     expert indices), the format of `config.speech_experts`."""
@@ -393,8 +396,8 @@ def assign_speech_experts(
 
     `strategy="adaptive"` uses `select_speech_experts(load, ...)` (needs `load`); `"random"` uses
     `random_speech_experts(model.config, ..., seed)`; `"moextend"` adds that many NEW experts per
-    layer as the speech bank (`model.add_new_speech_experts`, the paper's MoExtend baseline). `num_speech_experts` defaults to
-    `model.config.num_speech_experts` (6, the paper's value, unless set). Calls
+    layer as the speech bank (`model.add_new_speech_experts`, the paper's MoExtend baseline).
+    `num_speech_experts` defaults to `model.config.num_speech_experts` (6, the paper's value, unless set). Calls
     `model.set_speech_experts`, which updates `config.speech_experts` / `num_speech_experts`, keeps
     every expert's weights and so leaves free-mode outputs unchanged; bank parameters are replaced,
     so build optimizers afterwards. Returns the map (one sorted list per MoE layer).

@@ -47,6 +47,8 @@ class DeepTalkTrainerMixin:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
+        # counted now: a later phase's trainer on the same model object changes requires_grad
+        self.trainable_parameters = trainable_parameter_count(model)
         self._stream_metrics: dict[str, list[float]] = defaultdict(list)
         return model
 
@@ -134,7 +136,7 @@ class DeepTalkTrainerMixin:
         return {
             "phase": self.phase,
             "routing_mode": self.plan.routing_mode,
-            "trainable_parameters": trainable_parameter_count(self.model),
+            "trainable_parameters": self.trainable_parameters,
             "total_parameters": sum(parameter_numel(p) for p in self.model.parameters()),
             "trainable_groups": self.trainable_groups,
             "learning_rate": self.args.learning_rate,
@@ -159,7 +161,9 @@ class DeepTalkTrainerMixin:
         output_dir = output_dir or self.args.output_dir
         if self.is_deepspeed_enabled:
             self._dtype_keeper.gather_masters(unwrap_deeptalk(self.model_wrapped))
-        fsdp_sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        fsdp_sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(
+            self.accelerator.state.fsdp_plugin.state_dict_type
+        )
         if fsdp_sharded and not _internal_call:
             # sharded checkpoints stay sharded (resume); the model folder gets one full state dict
             self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
@@ -182,7 +186,8 @@ class DeepTalkTrainerMixin:
         """`deeptalk_phases.json` accumulates the phases a checkpoint went through (read by the Hub
         model card), carried over from the folder the model was loaded from."""
         path = os.path.join(output_dir, "deeptalk_phases.json")
-        source = os.path.join(str(getattr(unwrap_deeptalk(self.model), "name_or_path", "") or ""), "deeptalk_phases.json")
+        loaded_from = str(getattr(unwrap_deeptalk(self.model), "name_or_path", "") or "")
+        source = os.path.join(loaded_from, "deeptalk_phases.json")
         history = []
         for candidate in (path, source):
             if os.path.isfile(candidate):
@@ -233,4 +238,6 @@ def drop_long_examples(dataset, max_length: int | None, length_columns: tuple[st
         return dataset
     if not set(length_columns) <= set(dataset.column_names or []):
         return dataset
-    return dataset.filter(lambda *columns: max(len(c) for c in columns) <= max_length, input_columns=list(length_columns))
+    return dataset.filter(
+        lambda *columns: max(len(c) for c in columns) <= max_length, input_columns=list(length_columns)
+    )

@@ -58,14 +58,14 @@ class DeepTalkSpeechDPOConfig(DPOConfig):
         })
 
 
-def encode_preference_pairs(processor, prompts, chosen_turns, rejected_turns) -> dict:
+def encode_preference_pairs(processor, prompts, chosen_turns, rejected_turns, *, codec=None) -> dict:
     """Column-wise encodings of (prompt, chosen assistant turn, rejected assistant turn) triples for
     `datasets.Dataset.from_dict`. Each prompt is a conversation ending with the user turn; each turn
-    an assistant message (text + `audio_codes`)."""
+    an assistant message (text + `audio_codes`, or + audio that `codec` encodes)."""
     out: dict[str, list] = {}
     for prompt, chosen, rejected in zip(prompts, chosen_turns, rejected_turns):
         for side, turn in (("chosen", chosen), ("rejected", rejected)):
-            encoded = processor.encode_conversation(list(prompt) + [turn])
+            encoded = processor.encode_conversation(list(prompt) + [turn], codec=codec)
             for key, value in encoded.items():
                 out.setdefault(f"{side}_{key}", []).append(value)
     return out
@@ -216,7 +216,9 @@ def demo_preference_pairs(processor, codec, records, transcribe, *, distractors=
     import soundfile
 
     rng = random.Random(seed)
-    answer_audio = sorted({r["answer_audio"] if isinstance(r["answer_audio"], str) else r["answer_audio"]["path"] for r in records})
+    answer_audio = sorted(
+        {r["answer_audio"] if isinstance(r["answer_audio"], str) else r["answer_audio"]["path"] for r in records}
+    )
     prompts, chosen, rejected = [], [], []
     for record in records:
         own = record["answer_audio"] if isinstance(record["answer_audio"], str) else record["answer_audio"]["path"]
@@ -224,7 +226,8 @@ def demo_preference_pairs(processor, codec, records, transcribe, *, distractors=
         waves = [soundfile.read(p, dtype="float32") for p in paths]
         order = rank_by_wer(record["answer_text"], [w for w, _ in waves], transcribe, waves[0][1])
         codes = [codec.encode(torch.from_numpy(w), sr) for w, sr in waves]
-        question = record["question_audio"] if isinstance(record["question_audio"], str) else record["question_audio"]["path"]
+        question = record["question_audio"]
+        question = question if isinstance(question, str) else question["path"]
         prompts.append([{"role": "user", "content": [{"type": "audio", "audio": question}]}])
         for side, index in ((chosen, order[0]), (rejected, order[-1])):
             side.append({"role": "assistant", "content": [{"type": "text", "text": record["answer_text"]},

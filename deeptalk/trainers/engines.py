@@ -17,7 +17,9 @@ import torch
 from accelerate.utils import DistributedType
 
 _WHAT_RUNS = {
-    DistributedType.NO: "a single-process run in every launched process: unsynchronised copies writing one output folder",
+    DistributedType.NO: (
+        "a single-process run in every launched process: unsynchronised copies writing one output folder"
+    ),
     DistributedType.MULTI_CPU: "DDP over gloo on CPU (every process holds the whole model; nothing is sharded)",
     DistributedType.MULTI_GPU: "DDP (every process holds the whole model; nothing is sharded)",
 }
@@ -33,18 +35,20 @@ def check_launch(accelerator) -> None:
         if os.environ.get(flag, "false").lower() == "true" and got != engine:
             why = ("accelerate attaches FSDP only on accelerator devices (GPU, XPU, NPU, ...)" if name == "FSDP"
                    else "accelerate skips DeepSpeed when the run is asked to use the CPU (use_cpu / --cpu)")
+            cpu_hint = (", or drop use_cpu (DeepSpeed runs on CPU with DS_ACCELERATOR=cpu)"
+                        if name == "DeepSpeed" else "")
             raise ValueError(
                 f"The launch asks for {name} ({flag}=true, e.g. `accelerate launch --config_file` a {name} config) but "
                 f"accelerate set up {got.value} on {accelerator.device}: {why}. This would run {running}. Launch on "
-                f"accelerator devices{', or drop use_cpu (DeepSpeed runs on CPU with DS_ACCELERATOR=cpu)' if name == 'DeepSpeed' else ''}, "
-                "or use the DDP config (deeptalk/recipes/accelerate/ddp.yaml) to train without sharding."
+                f"accelerator devices{cpu_hint}, or use the DDP config (deeptalk/recipes/accelerate/ddp.yaml) to train "
+                "without sharding."
             )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         raise ValueError(
-            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate set up {got.value} with one process "
-            f"on {accelerator.device}: this would run {_WHAT_RUNS[DistributedType.NO]}. On a machine without GPUs set "
-            "use_cpu=true (`--set use_cpu=true`) for DDP over gloo, or launch on GPUs."
+            f"{launched} processes were launched (WORLD_SIZE={launched}) but accelerate set up {got.value} with one "
+            f"process on {accelerator.device}: this would run {_WHAT_RUNS[DistributedType.NO]}. On a machine without "
+            "GPUs set use_cpu=true (`--set use_cpu=true`) for DDP over gloo, or launch on GPUs."
         )
 
 
@@ -61,15 +65,17 @@ class DtypeKeeper:
             return
         # DeepSpeed's mixed precision casts frozen parameters too, and keeps no fp32 copy of them
         cast = [(name, p) for name, p in model.named_parameters()
-                if not p.requires_grad and p.is_floating_point() and p.dtype != engine_dtype and not hasattr(p, "ds_id")]
+                if not p.requires_grad and p.is_floating_point() and p.dtype != engine_dtype
+                and not hasattr(p, "ds_id")]
         kept_in_fp32 = tuple(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
         rounded = [name for name, _ in cast if not any(f".{module}." in f".{name}" for module in kept_in_fp32)]
         if rounded:
             raise ValueError(
-                f"DeepSpeed's {engine_dtype} mode casts every parameter to {engine_dtype}, frozen ones included (it keeps "
-                f"fp32 master copies only of what trains), so {len(rounded)} frozen parameters of this "
-                f"{next(iter(model.parameters())).dtype} model (e.g. {rounded[0]}) would be rounded and the model saved in "
-                f"{engine_dtype}. Load the model in {engine_dtype} (`from_pretrained(..., dtype=torch.{str(engine_dtype)[6:]})`; "
+                f"DeepSpeed's {engine_dtype} mode casts every parameter to {engine_dtype}, frozen ones included (it "
+                f"keeps fp32 master copies only of what trains), so {len(rounded)} frozen parameters of this "
+                f"{next(iter(model.parameters())).dtype} model (e.g. {rounded[0]}) would be rounded and the model "
+                f"saved in {engine_dtype}. Load the model in {engine_dtype} "
+                f"(`from_pretrained(..., dtype=torch.{str(engine_dtype)[6:]})`; "
                 "`deeptalk train` does so when the recipe sets bf16), or train without DeepSpeed mixed precision."
             )
         self.frozen_originals = {name: p.detach().to("cpu", copy=True) for name, p in cast}  # the routers: small
@@ -119,7 +125,9 @@ def unsharded_class(model):
     if not issubclass(cls, FSDPModule):
         yield model
         return
-    model.__class__ = next(c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule) and issubclass(c, torch.nn.Module))
+    model.__class__ = next(
+        c for c in cls.__mro__[1:] if not issubclass(c, FSDPModule) and issubclass(c, torch.nn.Module)
+    )
     try:
         yield model
     finally:

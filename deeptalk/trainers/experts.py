@@ -15,11 +15,17 @@ from .freezing import plan_for_phase
 class DeepTalkExpertsConfig(TrainingArguments):
     """`TrainingArguments` for phase 2 (paper: speech lr 1e-4, text lr 2e-5; 2 epochs; cosine; 3% warm-up)."""
 
-    modality: str = field(default="speech", metadata={"help": "Which bank to train: 'speech' (phase 2a) or 'text' (2b)."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Paper: 1e-4 for speech experts, 2e-5 for text experts."})
+    modality: str = field(
+        default="speech", metadata={"help": "Which bank to train: 'speech' (phase 2a) or 'text' (2b)."}
+    )
+    learning_rate: float = field(
+        default=1e-4, metadata={"help": "Paper: 1e-4 for speech experts, 2e-5 for text experts."}
+    )
     num_train_epochs: float = field(default=2.0, metadata={"help": "Paper: 2 epochs."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine schedule."})
-    warmup_steps: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's audio columns."})
     train_router: bool = field(
         default=False,
@@ -28,8 +34,12 @@ class DeepTalkExpertsConfig(TrainingArguments):
     train_embeddings: str = field(
         default="all", metadata={"help": "'all' (paper: embeddings train in phase 2), 'audio_rows' or 'none'."}
     )
-    train_dense_layers: bool = field(default=True, metadata={"help": "Train non-MoE decoder layers (paper: DeepSeek's dense layer 0)."})
-    train_moe_attention: bool = field(default=False, metadata={"help": "Train attention of MoE layers (paper: frozen)."})
+    train_dense_layers: bool = field(
+        default=True, metadata={"help": "Train non-MoE decoder layers (paper: DeepSeek's dense layer 0)."}
+    )
+    train_moe_attention: bool = field(
+        default=False, metadata={"help": "Train attention of MoE layers (paper: frozen)."}
+    )
     train_shared_experts: bool = field(default=False, metadata={"help": "Train the shared experts (paper: frozen)."})
 
 

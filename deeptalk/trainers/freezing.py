@@ -1,14 +1,15 @@
 """What trains in each phase: the paper's phase table, in one place.
 
-| phase      | routing      | trains                                                     | frozen                                  |
-|------------|--------------|------------------------------------------------------------|-----------------------------------------|
-| align      | free         | audio adapter; audio rows of the embedding table and head | the LLM, Whisper                        |
-| experts    | speech_only  | speech bank (+ dense layers, embeddings, router: options) | text bank, MoE-layer attention, adapter, Whisper |
-|  (speech)  |              |                                                            |                                         |
-| experts    | text_only    | text bank (+ the same options)                             | speech bank, MoE-layer attention, adapter, Whisper |
-|  (text)    |              |                                                            |                                         |
-| joint      | free         | everything but Whisper and the adapter                    | Whisper, adapter                        |
-| dpo        | free         | as joint                                                   | as joint (+ a frozen reference model)   |
+| phase     | routing     | trains                                           | frozen                                |
+|-----------|-------------|--------------------------------------------------|---------------------------------------|
+| align     | free        | audio adapter; audio rows of the embedding table | the LLM, Whisper                      |
+|           |             | and head                                         |                                       |
+| experts   | speech_only | speech bank (+ dense layers, embeddings, router: | text bank, MoE-layer attention,       |
+|  (speech) |             | options)                                         | adapter, Whisper                      |
+| experts   | text_only   | text bank (+ the same options)                   | speech bank, MoE-layer attention,     |
+|  (text)   |             |                                                  | adapter, Whisper                      |
+| joint     | free        | everything but Whisper and the adapter           | Whisper, adapter                      |
+| dpo       | free        | as joint                                         | as joint (+ a frozen reference model) |
 
 Freezing is `requires_grad_(False)` on separate parameters, so transformers' `Trainer` builds its
 optimizer from the trainable parameters only (in the experts phase it holds one bank, not the whole
@@ -69,7 +70,9 @@ def plan_for_phase(
         return PhasePlan("align", "free", embeddings=train_embeddings or "audio_rows", audio_adapter=True)
     if phase == "experts":
         if modality not in MODALITIES:
-            raise ValueError(f"The experts phase trains one modality: modality must be one of {MODALITIES}, got {modality!r}.")
+            raise ValueError(
+                f"The experts phase trains one modality: modality must be one of {MODALITIES}, got {modality!r}."
+            )
         embeddings = train_embeddings or "all"
         if embeddings not in EMBEDDING_CHOICES:
             raise ValueError(f"train_embeddings={embeddings!r}: choose one of {EMBEDDING_CHOICES}.")
@@ -163,7 +166,11 @@ def unwrap_deeptalk(model):
     FSDP wrapper (`.module`) or a compiled module (`._orig_mod`). TypeError for anything else."""
     seen = model
     for _ in range(8):
-        if hasattr(type(seen), "moe_blocks") and hasattr(seen, "config") and getattr(seen.config, "model_type", None) == "deeptalk":
+        if (
+            hasattr(type(seen), "moe_blocks")
+            and hasattr(seen, "config")
+            and getattr(seen.config, "model_type", None) == "deeptalk"
+        ):
             return seen
         if hasattr(type(seen), "get_base_model"):  # peft.PeftModel
             seen = seen.get_base_model()
@@ -173,7 +180,10 @@ def unwrap_deeptalk(model):
             seen = seen._orig_mod
         else:
             break
-    raise TypeError(f"Expected a DeepTalkForCausalLM (or a PEFT / DDP / DeepSpeed / FSDP wrapper around one), got {type(model).__name__}.")
+    raise TypeError(
+        "Expected a DeepTalkForCausalLM (or a PEFT / DDP / DeepSpeed / FSDP wrapper around one), "
+        f"got {type(model).__name__}."
+    )
 
 
 def parameter_numel(p) -> int:

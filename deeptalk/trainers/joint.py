@@ -21,7 +21,9 @@ class DeepTalkJointConfig(SFTConfig):
     learning_rate: float = field(default=5e-5, metadata={"help": "Paper: 5e-5 for joint training."})
     num_train_epochs: float = field(default=2.0, metadata={"help": "Paper: 2 epochs."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Paper: cosine schedule."})
-    warmup_steps: float = field(default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."})
+    warmup_steps: float = field(
+        default=0.03, metadata={"help": "Paper: 3% warm-up (a float < 1 is a fraction of the steps)."}
+    )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's audio columns."})
     dataset_kwargs: dict | None = field(
         default_factory=lambda: {"skip_prepare_dataset": True},
@@ -41,7 +43,9 @@ class DeepTalkJointConfig(SFTConfig):
             "packing": ((False,), "packing would merge conversations across their audio segments."),
             "padding_free": ((False,), why_layout),
             "pad_to_multiple_of": (("auto", None), why_layout),
-            "completion_only_loss": ((None, True), "the processor's labels cover the last assistant turn only (the paper)."),
+            "completion_only_loss": (
+                (None, True), "the processor's labels cover the last assistant turn only (the paper)."
+            ),
             "assistant_only_loss": ((False,), "the processor's labels cover the last assistant turn only (the paper)."),
             "loss_type": (("nll",), "the loss is the mean of the per-stream cross-entropies (the paper)."),
             "truncation_mode": (("keep_start",), "examples longer than max_length are dropped, never cut."),

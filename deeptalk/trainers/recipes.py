@@ -346,7 +346,8 @@ def encode_dataset(processor, conversations: list[dict], *, codec=None, max_leng
         from .dpo import encode_preference_pairs
 
         encoded = encode_preference_pairs(processor, [c["prompt"] for c in conversations],
-                                          [c["chosen"] for c in conversations], [c["rejected"] for c in conversations])
+                                          [c["chosen"] for c in conversations], [c["rejected"] for c in conversations],
+                                          codec=codec)
         length_column = "chosen_audio_input_mask"
     else:
         encoded = processor.encode_batch([c["messages"] for c in conversations], codec=codec)

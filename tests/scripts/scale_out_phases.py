@@ -79,7 +79,9 @@ def train_phase(workdir: Path, output: Path, name: str, overrides: dict, resume_
         unset_hf_deepspeed_config()
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.bfloat16 if args.get("bf16") else None)
     processor = AutoProcessor.from_pretrained(workdir / "model")
-    dataset = encode_dataset(processor, load_conversations(workdir / data_file), max_length=recipe["data"].get("max_length"))
+    dataset = encode_dataset(
+        processor, load_conversations(workdir / data_file), max_length=recipe["data"].get("max_length")
+    )
     trainer = build_trainer(phase, model, processor, dataset, args)
     base = unwrap_deeptalk(trainer.model)
     frozen = sorted(n for n, p in base.named_parameters() if not p.requires_grad)

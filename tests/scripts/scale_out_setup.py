@@ -34,7 +34,8 @@ def write_model_and_data(folder: str | os.PathLike, examples: int = 8) -> Path:
     spoken = load_demo_corpus("spoken_qa", decode_audio=False)["train"].select(range(examples))
     asr = load_demo_corpus("asr", decode_audio=False)["train"].select(range(examples))
     texts = load_demo_corpus("text_qa", decode_audio=False)["train"].select(range(examples))
-    tokenizer = train_demo_tokenizer([r["question_text"] + " " + r["answer_text"] for r in spoken] + [r["text"] for r in asr]
+    tokenizer = train_demo_tokenizer([r["question_text"] + " " + r["answer_text"] for r in spoken]
+                                     + [r["text"] for r in asr]
                                      + [r["question_text"] + " " + r["answer_text"] for r in texts])
     processor = DeepTalkProcessor.from_codec_layout(tokenizer, STREAMS, CODEBOOK)
     source = tiny_text_moe("deepseek_v2", vocab_size=len(tokenizer))
@@ -56,7 +57,8 @@ def write_model_and_data(folder: str | os.PathLike, examples: int = 8) -> Path:
         return torch.randint(0, CODEBOOK, (STREAMS, 3), generator=gen).tolist()
 
     def spoken_turn(r):
-        return {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]}, {"type": "audio", "audio_codes": codes()}]}
+        return {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},
+                                                 {"type": "audio", "audio_codes": codes()}]}
 
     def user_audio(path):
         return {"role": "user", "content": [{"type": "audio", "audio": path}]}
@@ -64,9 +66,13 @@ def write_model_and_data(folder: str | os.PathLike, examples: int = 8) -> Path:
     rows = {
         "asr.jsonl": [{"messages": [user_audio(r["audio"]), {"role": "assistant", "content": r["text"]}]} for r in asr],
         "speech.jsonl": [{"messages": [user_audio(r["question_audio"]), spoken_turn(r)]} for r in spoken],
-        "text.jsonl": [{"messages": [{"role": "user", "content": r["question_text"]}, {"role": "assistant", "content": r["answer_text"]}]}
+        "text.jsonl": [{"messages": [{"role": "user", "content": r["question_text"]},
+                                     {"role": "assistant", "content": r["answer_text"]}]}
                        for r in texts],
-        "pairs.jsonl": [{"prompt": [user_audio(r["question_audio"])], "chosen": spoken_turn(r), "rejected": spoken_turn(r)} for r in spoken],
+        "pairs.jsonl": [
+            {"prompt": [user_audio(r["question_audio"])], "chosen": spoken_turn(r), "rejected": spoken_turn(r)}
+            for r in spoken
+        ],
     }
     # phase 3 mixes text-only and spoken dialogues (the paper's joint data), so that ranks' batches differ
     rows["mixed.jsonl"] = [row for pair in zip(rows["speech.jsonl"], rows["text.jsonl"]) for row in pair]

@@ -10,12 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from deeptalk.tiny import tiny_whisper_config  # noqa: E402
 import deeptalk  # noqa: E402
 from deeptalk import DeepTalkDataCollator, DeepTalkProcessor  # noqa: E402
 from deeptalk.data import load_demo_corpus  # noqa: E402
 from deeptalk.processing.tokenizer import train_demo_tokenizer  # noqa: E402
-from deeptalk.tiny import tiny_text_moe  # noqa: E402
+from deeptalk.tiny import tiny_text_moe, tiny_whisper_config  # noqa: E402
 from deeptalk.trainers import DeepTalkExpertsConfig, DeepTalkExpertsTrainer  # noqa: E402
 
 
@@ -27,8 +26,10 @@ def main(output_dir: str):
     gen = torch.Generator().manual_seed(0)
     conversations = [
         [{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"]}]},
-         {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},
-                                           {"type": "audio", "audio_codes": torch.randint(0, 16, (2, 4), generator=gen)}]}]
+         {"role": "assistant", "content": [
+             {"type": "text", "text": r["answer_text"]},
+             {"type": "audio", "audio_codes": torch.randint(0, 16, (2, 4), generator=gen)},
+         ]}]
         for r in corpus
     ]
     dataset = Dataset.from_dict(processor.encode_batch(conversations))

@@ -39,9 +39,9 @@ def v2lite_speech_config() -> DeepTalkConfig:
                                pad_t_id=102401)
     whisper_medium = WhisperConfig(d_model=1024, encoder_layers=24, encoder_attention_heads=16, encoder_ffn_dim=4096,
                                    num_mel_bins=80, max_source_positions=1500)
-    config = DeepTalkConfig(text_config={**text.to_dict(), "vocab_size": layout.vocab_size}, speech_layout=layout.to_dict(),
-                            audio_config=whisper_medium.to_dict(), audio_adapter_stride=1,
-                            speech_experts=[list(range(6)) for _ in range(26)])
+    config = DeepTalkConfig(text_config={**text.to_dict(), "vocab_size": layout.vocab_size},
+                            speech_layout=layout.to_dict(), audio_config=whisper_medium.to_dict(),
+                            audio_adapter_stride=1, speech_experts=[list(range(6)) for _ in range(26)])
     return config
 
 
@@ -50,7 +50,8 @@ def main():
     with torch.device("meta"):
         model = DeepTalkForCausalLM(config)
     total = sum(p.numel() for p in model.parameters())
-    hidden, layers, vocab = config.text_config.hidden_size, config.text_config.num_hidden_layers, config.text_config.vocab_size
+    text_config = config.text_config
+    hidden, layers, vocab = text_config.hidden_size, text_config.num_hidden_layers, text_config.vocab_size
     gib = 2**30
     report = {"total_parameters": total, "vocab_size": vocab, "phases": {}}
     for phase, (plan, batch, length) in RECIPES.items():
@@ -59,7 +60,8 @@ def main():
         reference = total if phase == "dpo" else 0  # DPO's frozen reference copy
         # model states in bytes: bf16 weights (2), bf16 gradients of what trains (2), fp32 master + Adam m, v (12)
         zero2_offload = (2 * (total + reference) + 2 * trainable / GPUS) / gib  # optimizer states on the CPU
-        zero3 = (2 * (total + reference) + 2 * trainable + 12 * trainable) / GPUS / gib  # everything sharded, no offload
+        # everything sharded, no offload
+        zero3 = (2 * (total + reference) + 2 * trainable + 12 * trainable) / GPUS / gib
         # activations with gradient checkpointing: each layer's bf16 input is kept, plus the bf16 logits and the
         # fp32 log-softmax of one stream slice at a time (upper bound: the whole vocabulary in fp32)
         tokens = batch * length

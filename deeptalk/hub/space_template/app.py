@@ -27,7 +27,8 @@ DEFAULT_MODEL = "__DEEPTALK_MODEL__"
 MAX_STEPS = int(os.environ.get("DEEPTALK_MAX_STEPS", "__DEEPTALK_MAX_STEPS__"))
 CHUNK_FRAMES = int(os.environ.get("DEEPTALK_CHUNK_FRAMES", "__DEEPTALK_CHUNK_FRAMES__"))
 STRATEGY = os.environ.get("DEEPTALK_STRATEGY", "__DEEPTALK_STRATEGY__")
-EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*") if p.suffix.lower() in {".wav", ".flac", ".mp3", ".ogg"})
+AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg"}
+EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
 TABLE_HEADERS = ["MoE layer", "text tokens: top experts", "speech tokens: top experts"]
 SHARE_HEADERS = ["text -> speech experts", "speech -> speech experts"]
 
@@ -43,9 +44,9 @@ def model_location() -> str:
 
 def load_chat():
     """The model, processor and codec, loaded once when the Space starts."""
-    from deeptalk.generation import SpeechChat
-
     import torch
+
+    from deeptalk.generation import SpeechChat
 
     device = os.environ.get("DEEPTALK_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else None  # GPU Spaces: bf16 weights, as in training

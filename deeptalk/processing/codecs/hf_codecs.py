@@ -116,7 +116,9 @@ class MimiCodec(_TransformersCodec):
     option_names = ("num_quantizers",)
     default_decode_context = 4
 
-    def __init__(self, model: "torch.nn.Module", num_quantizers: Optional[int] = None, codec_name: Optional[str] = None):
+    def __init__(
+        self, model: "torch.nn.Module", num_quantizers: Optional[int] = None, codec_name: Optional[str] = None
+    ):
         super().__init__(model, codec_name=codec_name)
         total = int(model.config.num_quantizers)
         if num_quantizers is None:
