@@ -19,7 +19,8 @@ Measured, each in its own fresh subprocess so that its peak RSS is its own:
    sizes use the prepared code rows.
 2. **Training steps**: ``--train-steps`` (16) optimizer steps of the speech-experts phase
    (``DeepTalkExpertsTrainer``, batch 8) of a tiny DeepTalk speech model (SNAC 24 kHz's 7 x 4096 layout) over
-   the first N rows, read the way ``deeptalk train --data`` reads them (:func:`deeptalk.data.training.load_training_data`):
+   the first N rows, read the way ``deeptalk train --data`` reads them
+   (:func:`deeptalk.data.training.load_training_data`):
    ``raw`` clips straight from parquet (streamed: encoded as they are read), and prepared rows memory-mapped or
    streamed (one endless stream per rank). Each worker first runs the same steps over only the rows they read
    (steps x 8: the **baseline**), then over N rows, in the same process with the same model; the peaks of the
@@ -355,7 +356,8 @@ def main():
     work = args.workdir or tempfile.mkdtemp(prefix="deeptalk-data-memory-")
     paths = {k: os.path.join(work, k)
              for k in ("clips", "codes", "cache", "prepared_clips", "prepared_codes", "tp", "model", "train_out")}
-    results = {"machine": machine_info(1, mem_total=True), "args": vars(args), "iterate": [], "prepare": [], "train": []}
+    results = {"machine": machine_info(1, mem_total=True), "args": vars(args), "iterate": [], "prepare": [],
+               "train": []}
     try:
         started = time.perf_counter()
         write_clips(paths["clips"], clip_rows)

@@ -539,16 +539,19 @@ def cmd_prepare(args) -> int:
         from .processing.codecs import load_codec
 
         codec = load_codec(codec_dir)
-    dataset = load_conversation_dataset(source, data_format=args.data_format, split=args.split, streaming=args.streaming,
-                                        columns=columns, num_proc=args.num_proc, **_format_options(args))
+    dataset = load_conversation_dataset(source, data_format=args.data_format, split=args.split,
+                                        streaming=args.streaming, columns=columns, num_proc=args.num_proc,
+                                        **_format_options(args))
     prepare_dataset(dataset, processor, output_dir=args.output, codec=codec, num_proc=args.num_proc,
                     shard_size=args.shard_size, max_length=args.max_length, skip_invalid=args.skip_invalid,
                     source=args.data, data_format=args.data_format, overwrite=args.overwrite)
     summary = prepared_summary(args.output)
     dropped = f"{summary['too_long']} too long and {summary['invalid']} invalid dropped"
-    codec_note = f"; speech codes of {summary['codec']} (in {os.path.join(args.output, 'codec')})" if summary["codec"] else ""
-    print(f"deeptalk prepare: {summary['num_rows']} of {summary['source_rows']} rows ({dropped}) in {summary['shards']} "
-          f"shards -> {args.output}{codec_note}")
+    codec_note = ""
+    if summary["codec"]:
+        codec_note = f"; speech codes of {summary['codec']} (in {os.path.join(args.output, 'codec')})"
+    print(f"deeptalk prepare: {summary['num_rows']} of {summary['source_rows']} rows ({dropped}) in "
+          f"{summary['shards']} shards -> {args.output}{codec_note}")
     return 0
 
 
@@ -564,8 +567,8 @@ def cmd_train(args) -> int:
         (source, weight), *more = specs
         if more or weight is not None or args.streaming or not os.path.isfile(source) or args.data_format \
                 or Path(source).suffix not in (".jsonl", ".json"):
-            raise UsageError("the dpo phase reads preference pairs ({'prompt', 'chosen', 'rejected'} rows) from one JSON "
-                             "Lines file: --data PAIRS.jsonl, without weights, --data-format or --streaming.")
+            raise UsageError("the dpo phase reads preference pairs ({'prompt', 'chosen', 'rejected'} rows) from one "
+                             "JSON Lines file: --data PAIRS.jsonl, without weights, --data-format or --streaming.")
     else:
         from .data.training import is_prepared_source
 
@@ -627,7 +630,8 @@ def cmd_train(args) -> int:
     save_training_output(trainer, args.output, processor, codec=codec,
                          codec_dir=None if codec is not None else carried_codec)
     if trainer.is_world_process_zero():  # one completion line under a multi-process launch
-        what = f"{rows} conversations" if rows is not None else f"streamed data ({len(specs)} source{'s' * (len(specs) > 1)})"
+        sources = f"{len(specs)} source{'s' * (len(specs) > 1)}"
+        what = f"{rows} conversations" if rows is not None else f"streamed data ({sources})"
         has_codec = codec is not None or carried_codec is not None
         codec_note = f" (codec in {os.path.join(args.output, 'codec')})" if has_codec else ""
         print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {what} -> {args.output}{codec_note}")
@@ -799,7 +803,8 @@ def _evaluate_datasets(args) -> int:
     """`deeptalk evaluate --data ...`: speech->text and speech->speech accuracy per spoken QA dataset."""
     check_output_file(args.output, "--output")
     if args.base_model:
-        raise UsageError("--base-model scores the demo corpus's text QA; with --data (spoken QA datasets) it is not used.")
+        raise UsageError("--base-model scores the demo corpus's text QA; with --data (spoken QA datasets) it is not "
+                         "used.")
     model_dir, codec_dir = _check_model_and_codec(args)
     sources = [check_data_source(value, "--data") for value in args.data]
     splits = _per_source(args.split, len(sources), "--split", "test")
@@ -1032,11 +1037,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     data_help = ("training data, repeatable: a JSON Lines file of {'messages': [...]}, a folder written by "
                  "`deeptalk prepare`, a save_to_disk folder, parquet/arrow/json/csv files, a glob or folder of them, "
-                 "or a Hub dataset id. SOURCE:WEIGHT (e.g. --data speech.parquet:0.7 --data text.jsonl:0.3) interleaves "
+                 "or a Hub dataset id. SOURCE:WEIGHT (e.g. --data speech.parquet:0.7 --data text.jsonl:0.3) "
+                 "interleaves "
                  "the sources with those probabilities (every one seen whole); without weights they are concatenated")
     schemas = ("messages (chat), asr (audio, text), voiceassistant (question, question_audio, answer, answer_snac: "
                "VoiceAssistant-400K), spoken_qa (question, answers, audio)")
-    formats_help = f"schema of the --data sources (one for all, or one per --data in order; prepared folders ignore it): {schemas}"
+    formats_help = ("schema of the --data sources (one for all, or one per --data in order; prepared folders ignore "
+                    f"it): {schemas}")
 
     def add_format_options(sub_parser):
         sub_parser.add_argument("--columns", nargs="+", action="extend", metavar="NAME=COLUMN", help=columns_help)
@@ -1047,8 +1054,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     prepare = command("prepare", "encode a dataset once into training-ready Arrow shards (resumable), "
                                  "for `deeptalk train --data`")
-    prepare.add_argument("data", metavar="DATA", help="the dataset: JSON Lines, parquet/arrow/json/csv files, a glob or "
-                                                      "folder of them, a save_to_disk folder or a Hub dataset id")
+    prepare.add_argument("data", metavar="DATA", help="the dataset: JSON Lines, parquet/arrow/json/csv files, a glob "
+                                                      "or folder of them, a save_to_disk folder or a Hub dataset id")
     prepare.add_argument("--data-format", required=True, choices=DATA_FORMAT_CHOICES, help=f"schema of DATA: {schemas}")
     prepare.add_argument("--output", required=True, help="the prepared folder (an interrupted run resumes in it)")
     prepare.add_argument("--model", help="the model whose processor lays the rows out (a DeepTalk model folder)")
@@ -1081,9 +1088,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "(needs max_steps); resuming skips what was read")
     train.add_argument("--num-proc", type=_positive_int, help="processes that encode conversations (not streamed)")
     add_format_options(train)
-    train.add_argument("--output", required=True, help="where to write the trained model (with its processor and codec)")
+    train.add_argument("--output", required=True,
+                       help="where to write the trained model (with its processor and codec)")
     train.add_argument("--modality", choices=["speech", "text"], help="experts phase: override the recipe's modality")
-    train.add_argument("--codec", help="codec folder for assistant answers given as audio files (saved in <output>/codec)")
+    train.add_argument("--codec",
+                       help="codec folder for assistant answers given as audio files (saved in <output>/codec)")
     train.add_argument("--resume-from-checkpoint", metavar="CHECKPOINT",
                        help="a checkpoint-N folder to resume from, or `latest`: the newest complete one in --output")
     train.add_argument("--overwrite", action="store_true",

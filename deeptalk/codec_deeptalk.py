@@ -1240,7 +1240,8 @@ def _no_weights_message(directory: str, cfg: dict[str, Any]) -> str:
     hint = (f"install snac (`pip install snac`) and point --codec at {where} (or at a local copy: "
             f"`hf download {where} --local-dir DIR`)") if cfg.get("codec_type") == "snac" else \
         f"point --codec at a saved copy of {where} with its weights"
-    return (f"{directory!r} records this model's codec, {name} ({rate}{shape}), without its weights (no {WEIGHTS_NAME}): "
+    return (f"{directory!r} records this model's codec, {name} ({rate}{shape}), without its weights "
+            f"(no {WEIGHTS_NAME}): "
             f"it cannot turn speech codes into audio here. To speak, {hint}.")
 
 

@@ -86,7 +86,8 @@ def world(tmp_path_factory):
 def _row_keys(folder):
     """sha1 of each prepared row's input_ids, shard by shard (what the 2-process driver records)."""
     manifest = json.loads((folder / "prepare_manifest.json").read_text())
-    return [[hashlib.sha1(json.dumps(ids).encode()).hexdigest() for ids in load_from_disk(folder / s["name"])["input_ids"]]
+    return [[hashlib.sha1(json.dumps(ids).encode()).hexdigest()
+             for ids in load_from_disk(folder / s["name"])["input_ids"]]
             for s in manifest["shards"]]
 
 
@@ -108,8 +109,8 @@ def test_every_schema_prepares_and_trains_streamed_and_not(world):
          "--output", "prep/jsonl"],
         # every schema mixed by weight (each one prepared), streamed and not, then from the raw files as they are
         ["train", "joint", "--recipe", "tiny_cpu/joint", "--model", "model", "--data", "prep/va:2", "--data",
-         "prep/asr:1", "--data", "prep/qa:1", "--data", "prep/chat:1", "--data", "prep/jsonl:1", "--output", "out/mixed",
-         *TWO_STEPS],
+         "prep/asr:1", "--data", "prep/qa:1", "--data", "prep/chat:1", "--data", "prep/jsonl:1",
+         "--output", "out/mixed", *TWO_STEPS],
         ["train", "joint", "--recipe", "tiny_cpu/joint", "--model", "model", "--data", "prep/va:2", "--data",
          "prep/asr:1", "--data", "prep/qa:1", "--data", "prep/chat:1", "--data", "prep/jsonl:1", "--streaming",
          "--output", "out/mixed_streamed", *TWO_STEPS],
@@ -131,7 +132,8 @@ def test_every_schema_prepares_and_trains_streamed_and_not(world):
                                                                  "jsonl": ROWS + 1}
     assert manifests["asr"]["streamed"] and len(manifests["asr"]["shards"]) == 4
     for name in ("va", "jsonl"):  # the codec the codes belong to, with its weights
-        assert manifests[name]["codec"]["weights"] is True and (root / "prep" / name / "codec" / "model.safetensors").is_file()
+        assert manifests[name]["codec"]["weights"] is True
+        assert (root / "prep" / name / "codec" / "model.safetensors").is_file()
     assert _line(result.stdout, "deeptalk train") == [
         "deeptalk train joint: 2 steps on 51 conversations -> out/mixed (codec in out/mixed/codec)",
         ("deeptalk train joint: 2 steps on streamed data (5 sources) -> out/mixed_streamed "
@@ -239,7 +241,8 @@ def test_two_processes_stream_their_own_parts_unevenly_and_resume(world, tmp_pat
 def test_evaluate_scores_spoken_qa_datasets_in_the_papers_table(world):
     root, data = world
     common = ["--codec", "codec", "--limit", "4", "--max-speech-steps", "12", "--max-new-tokens", "4"]
-    _ok(_cli("evaluate", "--model", "model", "--data", data["spoken_qa"]["parquet"], "--data", data["spoken_qa"]["disk"],
+    _ok(_cli("evaluate", "--model", "model", "--data", data["spoken_qa"]["parquet"], "--data",
+             data["spoken_qa"]["disk"],
              "--split", "train", *common, "--output", "eval/first.json", cwd=root))
     first = json.loads((root / "eval/first.json").read_text())
     (row,) = first["rows"]
@@ -259,7 +262,8 @@ def test_evaluate_scores_spoken_qa_datasets_in_the_papers_table(world):
     said = [bool(normalize_transcript(t)) for t in predictions["s2t"]]
     heard = [bool(normalize_transcript(t)) for t in predictions["s2s_transcripts"]]
     result, codes = _commands([
-        ["evaluate", "--model", "model", "--data", data["spoken_qa"]["parquet"], "--data", root / "eval/own_answers.parquet",
+        ["evaluate", "--model", "model", "--data", data["spoken_qa"]["parquet"], "--data",
+         root / "eval/own_answers.parquet",
          "--split", "train", *common, "--output", "eval/table.json"],
         ["evaluate", "--model", "out_model", "--data", data["spoken_qa"]["parquet"], "--data",
          root / "eval/own_answers.parquet", "--split", "train", *common, "--no-speech-answers", "--output",
@@ -357,7 +361,8 @@ def test_data_options_are_checked_before_anything_loads(world, tmp_path):
           data["asr"]["parquet"]], "the dpo phase reads preference pairs"),
         (["prepare", data["asr"]["parquet"], "--data-format", "asr", "--output", tmp_path / "p"],
          "give the processor as --model DIR"),
-        (["prepare", data["asr"]["parquet"], "--data-format", "asr", "--processor", tmp_path, "--output", tmp_path / "p"],
+        (["prepare", data["asr"]["parquet"], "--data-format", "asr", "--processor", tmp_path, "--output",
+          tmp_path / "p"],
          "has no processor_config.json"),
         (["prepare", data["asr"]["parquet"], "--data-format", "asr", "--model", "model", "--answer-modality", "speech",
           "--output", tmp_path / "p"], "answer_modality='speech' needs spoken answers"),

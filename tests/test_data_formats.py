@@ -69,7 +69,8 @@ def snac_answer(codec, path):
     with torch.no_grad():
         levels = codec.model.encode(codec.prepare_waveform(wave, rate).view(1, 1, -1))
     codes = codec.encode(wave, rate)
-    return mini_omni_answer_snac([level[..., : codes.shape[1] * (4 // s)] for level, s in zip(levels, [4, 2, 1])]), codes
+    levels = [level[..., : codes.shape[1] * (4 // s)] for level, s in zip(levels, [4, 2, 1])]
+    return mini_omni_answer_snac(levels), codes
 
 
 def audio_bytes(path):
@@ -89,8 +90,10 @@ def write_schema_datasets(root, rows: int = ROWS):
         "voiceassistant": Dataset.from_dict({
             "split_name": ["demo"] * rows, "index": list(range(rows)), "round": [0] * rows,
             "question": [r["question_text"] for r in spoken],
-            "question_audio": [{"bytes": audio_bytes(r["question_audio"]), "path": os.path.basename(r["question_audio"])}
-                               for r in spoken],
+            "question_audio": [
+                {"bytes": audio_bytes(r["question_audio"]), "path": os.path.basename(r["question_audio"])}
+                for r in spoken
+            ],
             "answer": [r["answer_text"] for r in spoken],
             "answer_snac": [text for text, _ in answers],
         }, features=VOICEASSISTANT_FEATURES),
@@ -133,7 +136,8 @@ def write_schema_datasets(root, rows: int = ROWS):
         lines.append({"messages": [
             {"role": "user", "content": [{"type": "audio", "audio": "audio/" + os.path.basename(r["question_audio"])}]},
             {"role": "assistant", "content": [{"type": "text", "text": r["answer_text"]},
-                                              {"type": "audio", "audio": "audio/" + os.path.basename(r["answer_audio"])}]},
+                                              {"type": "audio",
+                                               "audio": "audio/" + os.path.basename(r["answer_audio"])}]},
         ]})
     lines.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "two plus two"},
                                {"role": "assistant", "content": "four"}]})
@@ -233,7 +237,8 @@ def check_conversations(data_format, rows, data):
 def test_each_format_from_parquet_and_save_to_disk_streamed_or_not(schema_data, cache_dir, data_format, storage,
                                                                    streaming):
     data = schema_data[data_format]
-    dataset = load_conversation_dataset(data[storage], data_format=data_format, streaming=streaming, cache_dir=cache_dir)
+    dataset = load_conversation_dataset(data[storage], data_format=data_format, streaming=streaming,
+                                        cache_dir=cache_dir)
     assert isinstance(dataset, IterableDataset if streaming else Dataset)
     check_conversations(data_format, rows_of(dataset), data)
 
@@ -295,8 +300,8 @@ def test_bad_options_are_refused_before_reading(schema_data):
     with pytest.raises(FileNotFoundError, match="No dataset at"):
         load_conversation_dataset("/nonexistent/data.parquet", data_format="asr")
     with pytest.raises(ValueError, match="has no split 'test'"):
-        load_conversation_dataset(DatasetDict({"train": Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}]]})}),
-                                  split="test")
+        chat = Dataset.from_dict({"messages": [[{"role": "user", "content": "x"}]]})
+        load_conversation_dataset(DatasetDict({"train": chat}), split="test")
     assert set(DATA_FORMATS) == {"messages", "asr", "voiceassistant", "spoken_qa"}
 
 

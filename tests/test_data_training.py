@@ -119,7 +119,8 @@ def test_sources_mix_by_weight_or_concatenate(schema_data, cache_dir, processor,
     alone = [load_training_data([s], processor, data_format=f, cache_dir=cache_dir).dataset
              for s, f in ((asr, "asr"), (qa, "spoken_qa"))]
     assert rows_of(both.dataset) == rows_of(alone[0]) + rows_of(alone[1]) and both.num_rows == 2 * ROWS
-    mixed = load_training_data([(asr, 3.0), (qa, 1.0)], processor, data_format=["asr", "spoken_qa"], cache_dir=cache_dir)
+    mixed = load_training_data([(asr, 3.0), (qa, 1.0)], processor, data_format=["asr", "spoken_qa"],
+                               cache_dir=cache_dir)
     kinds = [0 if key(r) in {key(x) for x in rows_of(alone[0])} else 1 for r in rows_of(mixed.dataset)]
     assert kinds.count(0) > 2 * kinds.count(1) and kinds.count(1) >= ROWS  # every source seen whole
     streamed = load_training_data([(asr, 3.0), (qa, 1.0)], processor, data_format=["asr", "spoken_qa"],
@@ -200,7 +201,8 @@ def test_answers_match_after_whisper_normalisation():
 
 def test_benchmark_table_gains_rows_per_model(tmp_path):
     def row(model, scores):
-        results = {name: {"s2t": s2t, "s2s": s2s, "num_examples": 3, "asr": "own"} for name, (s2t, s2s) in scores.items()}
+        results = {name: {"s2t": s2t, "s2s": s2s, "num_examples": 3, "asr": "own"}
+                   for name, (s2t, s2s) in scores.items()}
         return {"model": model, "results": results,
                 "average": {m: float(np.mean([r[m] for r in results.values()])) for m in ("s2t", "s2s")},
                 "skipped": {}, "settings": {"match": "contains"}}

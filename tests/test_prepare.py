@@ -83,8 +83,7 @@ def test_prepare_each_format_into_a_batch_the_model_accepts(schema_data, cache_d
                                                             tmp_path):
     codec = schema_data["voiceassistant"]["codec"]
     dataset = conversations(schema_data, data_format, cache_dir)
-    kwargs = {"record_codec": codec} if data_format == "voiceassistant" else {"codec": codec} if data_format == "jsonl" \
-        else {}
+    kwargs = {"voiceassistant": {"record_codec": codec}, "jsonl": {"codec": codec}}.get(data_format, {})
     prepared = prepare_dataset(dataset, processor, output_dir=tmp_path / "out", shard_size=4, source="test",
                                data_format=data_format, **kwargs)
     assert isinstance(prepared, Dataset) and prepared.column_names == list(PREPARED_COLUMNS)
@@ -174,7 +173,8 @@ def stalling_encode(self, *args, **kwargs):  # stall mid-shard so that the kill 
 
 DeepTalkProcessor.encode_conversation = stalling_encode
 dataset = load_conversation_dataset(source, data_format="asr", keep_columns=["id"], cache_dir=cache_dir)
-prepare_dataset(dataset, processor, output_dir=output, shard_size=3, keep_columns=["id"], source=source, data_format="asr")
+prepare_dataset(dataset, processor, output_dir=output, shard_size=3, keep_columns=["id"], source=source,
+                data_format="asr")
 """
 
 

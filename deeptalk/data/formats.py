@@ -220,7 +220,8 @@ def normalize_messages(messages: Sequence[Mapping], base_dir: str | os.PathLike 
                     if codes is None and source is None:
                         raise ValueError(f"Message {i} has an audio part with neither 'audio' nor 'audio_codes'.")
                     rate = part.get("sampling_rate")
-                    if isinstance(source, Mapping) and source.get("array") is not None and source.get("sampling_rate") is None:
+                    if isinstance(source, Mapping) and source.get("array") is not None \
+                            and source.get("sampling_rate") is None:
                         source = {**source, "sampling_rate": rate}
                     elif source is not None and not isinstance(source, (str, os.PathLike, Mapping, bytes)) \
                             and not hasattr(source, "get_all_samples"):  # raw samples
@@ -271,7 +272,8 @@ def _qa_conversation(question_text: str | None, question_audio: dict | None, ans
     assistant = [_part("text", text=answer)]
     if answer_codes is not None:
         assistant.append(_part("audio", audio_codes=answer_codes))
-    return [{"role": "user", "content": user, "voice": None}, {"role": "assistant", "content": assistant, "voice": None}]
+    return [{"role": "user", "content": user, "voice": None},
+            {"role": "assistant", "content": assistant, "voice": None}]
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]):
@@ -294,7 +296,8 @@ def _check_options(data_format: str, question_modality: str, answer_modality: st
     return answer_modality
 
 
-def required_columns(data_format: str, question_modality: str = "audio", answer_modality: str | None = None) -> list[str]:
+def required_columns(data_format: str, question_modality: str = "audio",
+                     answer_modality: str | None = None) -> list[str]:
     """The schema columns a format reads with these options."""
     answer_modality = _check_options(data_format, question_modality, answer_modality)
     skip = set()
@@ -441,7 +444,8 @@ def load_raw_dataset(source, *, split: str = "train", streaming: bool = False, *
             )
         builder = kinds.pop()
         name = split.split("[")[0]
-        loaded = datasets.load_dataset(builder, data_files={name: files}, split=split, streaming=streaming, **load_kwargs)
+        loaded = datasets.load_dataset(builder, data_files={name: files}, split=split, streaming=streaming,
+                                       **load_kwargs)
         return loaded, os.path.commonpath([os.path.dirname(f) for f in files])
     if os.path.exists(source) or Path(source).suffix in _FILE_BUILDERS or glob.has_magic(source) \
             or not _HUB_ID.match(source):
@@ -497,7 +501,8 @@ def load_conversation_dataset(source, *, data_format: str = "messages", split: s
         files = None if isinstance(path, str) and os.path.isdir(path) and _is_saved_dataset(path) else _data_files(path)
         if files and all(Path(f).suffix in (".jsonl", ".json") for f in files):
             if keep:
-                raise ValueError("keep_columns is not supported for JSON Lines conversations (only 'messages' is read).")
+                raise ValueError("keep_columns is not supported for JSON Lines conversations (only 'messages' is "
+                                 "read).")
             if streaming:
                 return datasets.IterableDataset.from_generator(_read_jsonl_conversations, features=features,
                                                                gen_kwargs={"files": files})
@@ -553,7 +558,8 @@ def mix_datasets(datasets_and_weights: Iterable[tuple[Any, float]], seed: int = 
     sets = [d for d, _ in pairs]
     streamed = [isinstance(d, datasets.IterableDataset) for d in sets]
     if any(streamed) and not all(streamed):
-        raise ValueError("mix_datasets got both streamed and in-memory datasets: load them all with the same streaming=.")
+        raise ValueError("mix_datasets got both streamed and in-memory datasets: load them all with the same "
+                         "streaming=.")
     if len(sets) == 1:
         return sets[0]
     shared = [c for c in sets[0].column_names if all(c in d.column_names for d in sets[1:])]

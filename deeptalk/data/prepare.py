@@ -53,7 +53,8 @@ PREPARED_COLUMNS = ("input_ids", "labels", "audio_input_mask", "input_features",
 
 SNAC_24KHZ_NAME = "hubertsiuzdak/snac_24khz"
 SNAC_24KHZ_CONFIG = {
-    "sampling_rate": 24000, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], "decoder_dim": 1024, "decoder_rates": [8, 8, 4, 2], "attn_window_size": None, "codebook_size": 4096, "codebook_dim": 8,
+    "sampling_rate": 24000, "encoder_dim": 48, "encoder_rates": [2, 4, 8, 8], "decoder_dim": 1024,
+    "decoder_rates": [8, 8, 4, 2], "attn_window_size": None, "codebook_size": 4096, "codebook_dim": 8,
     "vq_strides": [4, 2, 1], "noise": True, "depthwise": True,
 }
 """`snac.SNAC` arguments of hubertsiuzdak/snac_24khz, the codec of VoiceAssistant-400K's `answer_snac`."""
@@ -210,7 +211,8 @@ def encode_conversations(dataset, processor, *, codec=None, max_length: int | No
     from datasets import Features, Value
 
     if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
-        raise TypeError(f"encode_conversations takes a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
+        raise TypeError(
+            f"encode_conversations takes a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
     names = dataset.column_names
     if names is not None and "messages" not in names:
         raise ValueError(f"The dataset has no 'messages' column (it has {names}): load it with "
@@ -263,7 +265,8 @@ def _write_json(path: str, data: dict):
 def read_manifest(output_dir) -> dict:
     path = os.path.join(os.fspath(output_dir), MANIFEST_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{output_dir!r} holds no prepared data ({MANIFEST_NAME} missing): run prepare_dataset first.")
+        raise FileNotFoundError(
+            f"{output_dir!r} holds no prepared data ({MANIFEST_NAME} missing): run prepare_dataset first.")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -337,7 +340,8 @@ def prepare_dataset(dataset, processor, *, output_dir, codec=None, num_proc: int
         recorded = SNAC_24KHZ_NAME
     if isinstance(recorded, str):
         if recorded != SNAC_24KHZ_NAME:
-            raise ValueError(f"record_codec={recorded!r}: by name only {SNAC_24KHZ_NAME!r} is known; pass a SpeechCodec.")
+            raise ValueError(
+                f"record_codec={recorded!r}: by name only {SNAC_24KHZ_NAME!r} is known; pass a SpeechCodec.")
         codec_config = snac_24khz_codec_config()
         codec_layout = codec_config["layout"]
     elif recorded is not None:
@@ -412,7 +416,8 @@ def prepare_dataset(dataset, processor, *, output_dir, codec=None, num_proc: int
     done = _complete_shards(output_dir)
     features = prepared_features({c: dataset.features[c] for c in keep_columns})
     kwargs = {"processor": processor, "codec": codec, "num_proc": num_proc, "batch_size": batch_size,
-              "max_length": max_length, "keep_columns": keep_columns, "skip_invalid": skip_invalid, "features": features}
+              "max_length": max_length, "keep_columns": keep_columns, "skip_invalid": skip_invalid,
+              "features": features}
     write_manifest(complete=False)
 
     def write_shard(index: int, shard):
@@ -445,8 +450,8 @@ def prepare_dataset(dataset, processor, *, output_dir, codec=None, num_proc: int
                 if sum(1 for _ in shard_rows) == 0:
                     break
                 continue
-            shard = _spool(shard_rows, dataset.features, os.path.join(output_dir, f"source-{index:05d}.tmp-{os.getpid()}"),
-                           batch_size)
+            spool_dir = os.path.join(output_dir, f"source-{index:05d}.tmp-{os.getpid()}")
+            shard = _spool(shard_rows, dataset.features, spool_dir, batch_size)
             if shard is None:
                 break
             write_shard(index, shard)

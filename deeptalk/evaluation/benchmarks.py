@@ -80,7 +80,8 @@ def load_spoken_qa_records(source, *, split: str = "test", columns=None, limit: 
         try:
             wave = load_audio(clip, target_sampling_rate=WHISPER_SAMPLING_RATE)
         except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"{dataset_name(source)} row {index}: its question audio cannot be read ({err}).") from None
+            raise ValueError(
+                f"{dataset_name(source)} row {index}: its question audio cannot be read ({err}).") from None
         answers = [str(a) for a in row["answers"]]
         records.append({"question_audio": {"array": wave, "sampling_rate": WHISPER_SAMPLING_RATE}, "answers": answers,
                         "answer_text": answers[0]})
@@ -138,7 +139,8 @@ def evaluate_spoken_qa(model, processor, records: list[dict], *, codec=None, rec
     return result
 
 
-def evaluate_spoken_qa_datasets(model, processor, sources: Sequence, *, codec=None, splits: Sequence[str] | str = "test",
+def evaluate_spoken_qa_datasets(model, processor, sources: Sequence, *, codec=None,
+                                splits: Sequence[str] | str = "test",
                                 columns=None, limit: int | None = None, asr=None, match: str = "contains",
                                 speech_answers: bool = True, max_speech_steps: int = 200, max_new_tokens: int = 32,
                                 decoding: dict | None = None, model_name: str | None = None,
@@ -245,7 +247,8 @@ def write_benchmark_table(row: dict, path, *, merge: bool = True) -> dict:
         except (OSError, json.JSONDecodeError):
             existing = None
         if isinstance(existing, dict) and existing.get("kind") == TABLE_KIND \
-                and existing.get("datasets") == list(row["results"]) and existing.get("match") == row["settings"]["match"]:
+                and existing.get("datasets") == list(row["results"]) \
+                and existing.get("match") == row["settings"]["match"]:
             rows = [r for r in existing["rows"] if r.get("model") != row["model"]] + [row]
     table = benchmark_table(rows)
     table = write_results(table, path)
