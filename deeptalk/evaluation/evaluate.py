@@ -127,7 +127,7 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
 def degenerate_answer_warnings(scores: dict, own_asr_error_rates: dict | None) -> dict:
     """Say when a speech score cannot mean what its name says: every spoken question got the same
     answer (the accuracy is then that answer's share of the test set), or the ASR that transcribes
-    the spoken answers is the model's own and fails on real speech (so S2S accuracy and TTS WER only
+    the spoken answers is the model's own and fails on the test set's speech (so S2S accuracy and TTS WER only
     compare the model with itself)."""
     found = {}
     answers = {normalize_answer(t) for t in scores.get("text_answers", [])}
@@ -137,7 +137,7 @@ def degenerate_answer_warnings(scores: dict, own_asr_error_rates: dict | None) -
             "of the test set, not understanding")
     if scores.get("asr") == OWN_ASR and own_asr_error_rates and own_asr_error_rates.get("wer", 0.0) >= 0.5:
         found["tts_wer"] = (
-            f"the spoken answers are transcribed by the model's own ASR path, whose WER on real speech is "
+            f"the spoken answers are transcribed by the model's own ASR path, whose WER on the ASR test clips is "
             f"{own_asr_error_rates['wer']:.2f}: S2S accuracy and TTS WER are not trustworthy; pass an ASR "
             "checkpoint (deeptalk evaluate --asr ...)")
     return found

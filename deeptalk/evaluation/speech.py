@@ -76,7 +76,7 @@ class SpeechRecognizer:
         transcripts = [""] * len(clips)
         if audible:
             with warnings.catch_warnings():  # clipped by us (see _as_mono_float): "lower the recording gain" does not apply
-                warnings.filterwarnings("ignore", message="audio array is clipped")
+                warnings.filterwarnings("ignore", message=r".* is clipped: ")
                 texts = list(self.transcribe_batch([clips[i] for i in audible]))
             if len(texts) != len(audible):
                 raise ValueError(f"The ASR {self.name!r} returned {len(texts)} transcripts for {len(audible)} clips.")
