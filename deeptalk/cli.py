@@ -289,7 +289,7 @@ def cmd_convert(args) -> int:
     overrides = {"routing_mode": args.routing_mode}
     if args.num_speech_experts is not None:
         overrides["num_speech_experts"] = args.num_speech_experts
-    model = convert_folder(source, args.output, speech_experts, dtype=args.dtype, **overrides)
+    model = convert_folder(source, args.output, speech_experts, dtype=args.dtype, overwrite=args.overwrite, **overrides)
     assigned = "assigned" if model.config.speech_experts else "not assigned yet (run the assignment step)"
     print(f"Converted {args.source} ({model.config.family}) -> {args.output}: "
           f"{len(model.config.moe_layer_indices)} MoE layers x {model.config.num_routed_experts} routed experts; "
@@ -665,6 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="which experts tokens may be routed to")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          help="load the source in this dtype (default: as saved)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace OUT if it holds something (the old folder stays whole until the new one is)")
     convert.set_defaults(func=cmd_convert)
 
     upgrade = command("upgrade", "rewrite a folder saved by deeptalk 0.1 in the current format")

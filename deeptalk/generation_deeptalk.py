@@ -276,6 +276,13 @@ def decode_steps(model, processor, conversation: list[dict], config: SpeechDecod
     if static and not use_cache:
         raise ValueError("cache_implementation='static' needs use_cache=True.")
     max_length = prompt_length + config.max_steps + 1
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is not None and max_length > context:
+        raise ValueError(
+            f"The prompt takes {prompt_length} decoder steps and the answer may take max_steps={config.max_steps}: "
+            f"{max_length} positions, past the model's context of {context}. Shorten the conversation (drop old "
+            f"turns from the history, or send shorter audio) or lower max_steps to {max(1, context - prompt_length - 1)}."
+        )
     # batch-parallel prefills one row into a dynamic cache and then gives it two rows (a static cache
     # cannot be repeated in place: it is rebuilt with two rows below)
     cache = None if batch_parallel else _new_cache(model, config.cache_implementation, max_length)

@@ -38,6 +38,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -1267,6 +1268,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         start, end = self.config.stream_range(stream)
         return logits[..., start:end]
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate` on the text stream. A speech model scores its whole extended vocabulary;
+        a text answer may only pick text ids (`TextIdsOnly`), as the text stream does when it speaks."""
+        if self.config.speech_layout is not None:
+            processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+            processors.append(TextIdsOnly(self.config.text_vocab_size))
+            kwargs["logits_processor"] = processors
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
@@ -1424,6 +1434,18 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
 
                 path = os.path.join(snapshot_download(self.name_or_path, allow_patterns=["codec/*"]), "codec")
         return load_codec(path, **kwargs)
+
+
+class TextIdsOnly(LogitsProcessor):
+    """Only ids below `limit` (the text block) can be picked: audio ids get -inf."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] <= self.limit:
+            return scores
+        return scores.masked_fill(torch.arange(scores.shape[-1], device=scores.device) >= self.limit, float("-inf"))
 
 
 def _new_rows(reference: torch.Tensor, count: int, mean_resizing: bool, config: DeepTalkConfig) -> torch.Tensor:

@@ -309,3 +309,16 @@ def test_one_chat_serves_concurrent_requests_one_at_a_time(setup):
     for reply, reference in zip(replies, expected):
         assert torch.equal(reply.layout, reference.layout)
         assert torch.equal(reply.expert_load, reference.expert_load)
+
+
+def test_prompts_past_the_context_and_audio_without_a_rate_are_refused_clearly(setup):
+    import numpy as np
+
+    from deeptalk.generation.chat import user_message
+
+    model, processor, codec, _ = setup
+    with pytest.raises(ValueError, match="needs the sampling rate in Hz as a number, got None"):
+        user_message(audio=(np.zeros(1600, dtype=np.float32), None))
+    long = [{"role": "user", "content": "is seven bigger than three " * 300}]
+    with pytest.raises(ValueError, match=r"past the model's context of \d+\. Shorten the conversation"):
+        generate_speech_answer(model, processor, long, max_steps=4)
