@@ -197,7 +197,8 @@ def _train_original_llm(source, processor, data, settings: QuickstartSettings, l
         warmup_steps=0.03, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
         logging_steps=50, seed=settings.seed, remove_unused_columns=False, disable_tqdm=False,
     )
-    trainer = Trainer(model=source, args=args, train_dataset=data.text_qa["train"], data_collator=TextStreamCollator(processor))
+    trainer = Trainer(model=source, args=args, train_dataset=data.text_qa["train"],
+                      data_collator=TextStreamCollator(processor))
     _train(trainer, "original LLM (text QA)")
     source.eval()
     log("taught the original LLM the text QA world")
@@ -311,7 +312,8 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
     model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, num_speech_experts=settings.num_speech_experts)
     encoder_name, encoder_description = resolve_audio_encoder(settings.audio_encoder)
     if encoder_name is None:
-        model.add_speech(audio_config=tiny_whisper_config(d_model=64, encoder_layers=2), **processor.model_speech_kwargs())
+        random_encoder = tiny_whisper_config(d_model=64, encoder_layers=2)
+        model.add_speech(audio_config=random_encoder, **processor.model_speech_kwargs())
         make_random_encoder_audible(model.model.audio_encoder)
     else:
         from .conversion.whisper_ct2 import load_pretrained_whisper
