@@ -46,7 +46,7 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
         assert soundfile.info(str(tmp_path / "reply.wav")).samplerate == 16000
     evaluation = subprocess.run([sys.executable, "-m", "deeptalk", "evaluate", "--model", str(tmp_path / "model"),
                                  "--base-model", str(tmp_path / "original_llm"), "--output", str(tmp_path / "eval.json"),
-                                 "--limit", "8", "--max-speech-steps", "30"], capture_output=True, text=True, timeout=300)
+                                 "--limit", "8", "--max-speech-steps", "30"], capture_output=True, text=True, timeout=900)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     results = json.loads((tmp_path / "eval.json").read_text())
     for key in ("text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy", "audio_token_accuracy"):
