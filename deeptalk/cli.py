@@ -698,15 +698,19 @@ def cmd_assign(args) -> int:
 def cmd_quickstart(args) -> int:
     base_model = check_source(args.base_model, "--base-model") if args.base_model else None
     codec = check_source(args.codec, "--codec", need_config=False) if args.codec else None
-    audio_encoder = check_source(args.audio_encoder, "--audio-encoder") if args.audio_encoder else None
     check_output_folder(args.output, "--output")
+    from .conversion.whisper_ct2 import SHIPPED_WHISPER_MODELS
     from .quickstart import QuickstartSettings, run_quickstart
 
+    audio_encoder = args.audio_encoder
+    if audio_encoder not in ("auto", "random", *SHIPPED_WHISPER_MODELS):
+        audio_encoder = check_source(audio_encoder, "--audio-encoder")
     settings = QuickstartSettings(output_dir=args.output, seed=args.seed, base_model=base_model, codec=codec,
-                                  audio_encoder=audio_encoder, audio_adapter_stride=args.audio_adapter_stride)
+                                  audio_encoder=audio_encoder, audio_adapter_stride=args.audio_adapter_stride,
+                                  num_threads=args.threads)
     if args.fast:  # a smoke run: a few steps per phase
         settings.text_pretrain_steps, settings.align_steps, settings.speech_steps = 20, 4, 4
-        settings.text_steps, settings.joint_steps = 4, 4
+        settings.text_steps, settings.joint_steps, settings.judge_spoken_answers = 4, 4, False
     run_quickstart(settings)
     return 0
 
@@ -779,7 +783,7 @@ def cmd_evaluate(args) -> int:
     model_dir, codec_dir = _check_model_and_codec(args)
     base_dir = check_source(args.base_model, "--base-model") if args.base_model else None
     asr = args.asr
-    if asr is not None and asr != "own":
+    if asr not in ("auto", "judge", "own"):
         asr = check_source(asr, "--asr")
 
     from transformers import AutoModelForCausalLM
@@ -935,7 +939,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Whisper frames per LLM position (authors: 1)")
     quick.add_argument("--base-model", help="a transformers MoE LLM (Hub id or folder) instead of the tiny one (GPU)")
     quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
-    quick.add_argument("--audio-encoder", help="a Whisper checkpoint (e.g. openai/whisper-medium) for the encoder")
+    quick.add_argument("--audio-encoder", default="auto",
+                       help="auto: the pretrained Whisper tiny.en (frozen) when the whisper extra is installed, else "
+                            "random; random: a tiny encoder trained from scratch; or a Whisper checkpoint (shipped "
+                            "name, CTranslate2 or transformers folder, Hub id such as openai/whisper-medium)")
+    quick.add_argument("--threads", type=_positive_int, default=1,
+                       help="torch threads for the run, whatever OMP_NUM_THREADS says (1 is fastest on 2 cores)")
     quick.set_defaults(func=cmd_quickstart)
 
     chat = command("chat", "ask a spoken (or text) question, get text and a WAV")
@@ -964,8 +973,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", default=os.path.join(home, "evaluation.json"), help="where to write the JSON")
     evaluate.add_argument("--limit", type=_positive_int,
                           help="score only the first N test records per task (default: all)")
-    evaluate.add_argument("--asr", help="ASR for the spoken answers: 'own' (default, the model's ASR path) or a "
-                                        "transformers ASR checkpoint (Hub id or folder, e.g. openai/whisper-large-v3)")
+    evaluate.add_argument("--asr", default="auto",
+                          help="ASR for the spoken answers: auto (the pretrained Whisper judge when the whisper extra "
+                               "is installed, else own), judge, own (the model's ASR path) or a transformers ASR "
+                               "checkpoint (Hub id or folder, e.g. openai/whisper-large-v3)")
     evaluate.add_argument("--max-speech-steps", type=_positive_int, default=200, help="decode steps per spoken answer")
     evaluate.add_argument("--max-new-tokens", type=_positive_int, default=8, help="tokens per greedy text answer")
     evaluate.add_argument("--no-speech-answers", action="store_true", help="skip speech->speech accuracy and TTS WER")

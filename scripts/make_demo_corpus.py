@@ -10,8 +10,10 @@ numbers measured on it say nothing about performance on natural recordings.
 What gets written (``--out``, default ``deeptalk/data/demo_corpus``)::
 
     audio/questions/sqa-<split>-NNNNN.flac   spoken questions (several voices)
-    audio/answers/<answer>.flac              spoken answers (one "assistant" voice,
+    audio/answers/<answer>.flac              one-word spoken answers (one "assistant" voice,
                                              one file per distinct answer word)
+    audio/answer_sentences/<sentence>.flac   sentence-length spoken answers ("the dog says woof"),
+                                             same voice, one file per distinct sentence
     audio/statements/stm-<split>-NNNNN.flac  plain statements (extra ASR material)
     spoken_qa/{train,validation,test}.jsonl
     asr/{train,validation,test}.jsonl
@@ -98,11 +100,62 @@ QUESTION_PITCH_RANGE = (30, 70)  # espeak -p, 0..99
 
 SPOKEN_CATEGORY_MIX = {"arithmetic": 0.4, "yes_no": 0.3, "fact": 0.3}
 
+
+# ---------------------------------------------------------------------------
+# sentence answers
+# ---------------------------------------------------------------------------
+def answer_sentence(item: W.QAItem) -> str:
+    """The spoken assistant's full-sentence answer to ``item`` ("the dog says woof").
+
+    It holds the one-word answer and restates what was asked, so an ASR judge hears a sentence rather than
+    a lone word; a "no" answer states the true fact ("no, the apple is red").
+    """
+    w, answer, t = item.question.split(), item.answer, item.template
+    if t in ("plus", "minus", "times", "plus_how_much", "minus_how_much"):
+        return f"{w[-3]} {w[-2]} {w[-1]} is {answer}"
+    if t in ("after", "before"):
+        return f"{answer} comes {t} {w[-1]}"
+    if t in ("bigger", "smaller"):
+        a, b = w[1], w[4]
+        relation = t if answer == "yes" else ("smaller" if t == "bigger" else "bigger")
+        return f"{answer}, {a} is {relation} than {b}"
+    if t == "older":
+        a, b = w[1], w[4]
+        return f"{answer}, {a} is {'older' if answer == 'yes' else 'younger'} than {b}"
+    if t in ("color", "color_of"):
+        return f"the {w[-1]} is {answer}"
+    if t == "is_color":
+        return f"{answer}, the {w[2]} is {W.OBJECT_COLORS[w[2]]}"
+    if t in ("lives", "lives_city"):
+        return f"{w[-2]} lives in {answer}"
+    if t == "who_lives":
+        return f"{answer} lives in {w[-1]}"
+    if t == "lives_in":
+        return f"{answer}, {w[1]} lives in {W.PEOPLE[w[1]]['city']}"
+    if t in ("pet", "pet_animal"):
+        return f"{w[-2]} has a {answer}"
+    if t == "has_pet":
+        return f"{answer}, {w[1]} has a {W.PEOPLE[w[1]]['pet']}"
+    if t in ("age", "age_of"):
+        return f"{w[-1]} is {answer} years old"
+    if t in ("sound", "sound_make"):
+        return f"the {w[3] if t == 'sound' else w[4]} says {answer}"
+    if t == "who_says":
+        return f"the {answer} says {w[-1]}"
+    if t == "says":
+        return f"{answer}, the {w[2]} says {W.ANIMAL_SOUNDS[w[2]]}"
+    if t == "legs":
+        return f"a {w[5]} has {answer} legs"
+    if t == "has_legs":
+        return f"{answer}, a {w[2]} has {W.num(W.ANIMAL_LEGS[w[2]])} legs"
+    raise ValueError(f"no sentence answer for template {t!r} ({item.question!r})")
+
 TRIM_THRESHOLD_DB = -50.0  # relative to the peak
 PAD_START_S = 0.05
 PAD_END_S = 0.08
 PEAK_LEVEL = 0.6
 FLAC_COMPRESSION_LEVEL = 1.0  # soundfile scale 0..1 (max = smallest files)
+MAX_MB = 28.0  # disk budget of the shipped folder (MiB, du-style)
 
 
 # ---------------------------------------------------------------------------
@@ -248,7 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--statements-test", type=int, default=6)
     ap.add_argument("--frac-validation", type=float, default=0.1)
     ap.add_argument("--frac-test", type=float, default=0.1)
-    ap.add_argument("--max-mb", type=float, default=15.0, help="fail if the corpus folder uses more disk (MiB, du-style 4 KiB blocks)")
+    ap.add_argument("--max-mb", type=float, default=MAX_MB, help="fail if the corpus folder uses more disk (MiB, du-style 4 KiB blocks)")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
     args = ap.parse_args(argv)
 
@@ -291,6 +344,7 @@ def main(argv=None) -> int:
     jobs = []  # (relpath, text, voice, rate, pitch)
     spoken_records: Dict[str, List[dict]] = {s: [] for s in SPLITS}
     answer_rel: Dict[str, str] = {}
+    sentence_rel: Dict[str, str] = {}
     for s in SPLITS:
         for i, it in enumerate(spoken_items[s]):
             v, r, p = next(voices)
@@ -301,10 +355,16 @@ def main(argv=None) -> int:
                 arel = f"audio/answers/{it.answer.replace(' ', '_')}.flac"
                 answer_rel[it.answer] = arel
                 jobs.append((arel, it.answer, ASSISTANT_VOICE["voice"], ASSISTANT_VOICE["rate"], ASSISTANT_VOICE["pitch"]))
+            sentence = answer_sentence(it)
+            if sentence not in sentence_rel:
+                srel = f"audio/answer_sentences/{sentence.replace(',', '').replace(' ', '_')}.flac"
+                sentence_rel[sentence] = srel
+                jobs.append((srel, sentence, ASSISTANT_VOICE["voice"], ASSISTANT_VOICE["rate"], ASSISTANT_VOICE["pitch"]))
             spoken_records[s].append({
                 "id": rid, "task": "spoken_qa", "category": it.category, "template": it.template,
-                "question_text": it.question, "answer_text": it.answer,
+                "question_text": it.question, "answer_text": it.answer, "answer_sentence": sentence,
                 "question_audio": qrel, "answer_audio": answer_rel[it.answer],
+                "answer_sentence_audio": sentence_rel[sentence],
                 "voice": v, "rate": r, "pitch": p, "answer_voice": ASSISTANT_VOICE["voice"],
             })
     statement_records: Dict[str, List[dict]] = {s: [] for s in SPLITS}
@@ -332,6 +392,7 @@ def main(argv=None) -> int:
         for rec in spoken_records[s]:
             rec["question_duration_s"] = durations[rec["question_audio"]]
             rec["answer_duration_s"] = durations[rec["answer_audio"]]
+            rec["answer_sentence_duration_s"] = durations[rec["answer_sentence_audio"]]
         write_jsonl(out / "spoken_qa" / f"{s}.jsonl", spoken_records[s])
 
         asr = []
@@ -363,9 +424,10 @@ def main(argv=None) -> int:
                                   for s in SPLITS},
         "text_qa_by_category": {s: dict(sorted(Counter(it.category for it in q_split[s]).items())) for s in SPLITS},
         "answer_audio_files": len(answer_rel),
+        "answer_sentence_audio_files": len(sentence_rel),
         "audio_files": len(durations),
     }
-    speech_s = sum(d for rel, d in durations.items() if not rel.startswith("audio/answers/"))
+    speech_s = sum(d for rel, d in durations.items() if rel.startswith(("audio/questions/", "audio/statements/")))
     settings = {
         "seed": args.seed, "world_seed": args.world_seed,
         "spoken_counts": spoken_n, "statement_counts": st_n,
@@ -382,7 +444,8 @@ def main(argv=None) -> int:
     manifest = {"name": "deeptalk-demo-corpus", "version": 1, "settings": settings, "versions": versions,
                 "counts": counts, "total_speech_seconds": round(speech_s, 1),
                 "answer_speech_seconds": round(sum(durations[a] for a in answer_rel.values()), 1),
-                "vocabulary_size": len(W.vocabulary(args.world_seed))}
+                "answer_sentence_speech_seconds": round(sum(durations[a] for a in sentence_rel.values()), 1),
+                "vocabulary_size": len(set(W.vocabulary(args.world_seed)) | {w for t in sentence_rel for w in t.replace(",", "").split()})}
     # (generation time is printed, not stored, so regenerating is byte-for-byte reproducible)
     for _ in range(2):  # second pass makes the recorded size include the manifest/README themselves
         manifest["size_bytes"] = dir_size_bytes(out)
@@ -439,10 +502,14 @@ load_demo_corpus("spoken_qa", decode_audio=False)  # absolute paths only
 |---|---|---|---|
 {rows}
 
-* `spoken_qa/*.jsonl` - spoken question + short text answer + spoken answer.
-  Fields: `id, task, category, template, question_text, answer_text,
-  question_audio, answer_audio, voice, rate, pitch, answer_voice,
-  question_duration_s, answer_duration_s`. Audio paths are relative to this folder.
+* `spoken_qa/*.jsonl` - spoken question + one-word text answer + spoken answers:
+  the one word (`answer_audio`) and a full sentence (`answer_sentence`,
+  `answer_sentence_audio`: "what does the dog say" -> "the dog says woof"; a "no"
+  states the true fact: "is the apple blue" -> "no, the apple is red").
+  Fields: `id, task, category, template, question_text, answer_text, answer_sentence,
+  question_audio, answer_audio, answer_sentence_audio, voice, rate, pitch, answer_voice,
+  question_duration_s, answer_duration_s, answer_sentence_duration_s`. Audio paths are
+  relative to this folder.
   Category mix per split: {json.dumps(c['spoken_qa_by_category'])}.
 * `asr/*.jsonl` - utterance audio + transcript: every spoken question of the
   same split plus plain statements ("anna lives in paris", "three plus four is
@@ -455,10 +522,11 @@ load_demo_corpus("spoken_qa", decode_audio=False)  # absolute paths only
   questions/statements spoken by {len(s['question_voices'])} espeak-ng voices with
   random rate (`-s` {s['question_rate_range'][0]}-{s['question_rate_range'][1]}) and pitch
   (`-p` {s['question_pitch_range'][0]}-{s['question_pitch_range'][1]}).
-* `audio/answers/`: all answers in ONE fixed "assistant" voice
+* `audio/answers/`, `audio/answer_sentences/`: all answers in ONE fixed "assistant" voice
   (`{s['assistant_voice']['voice']}`, `-s {s['assistant_voice']['rate']} -p {s['assistant_voice']['pitch']}`).
-  Synthesis of a word is deterministic, so each distinct answer word has one file
-  ({c['answer_audio_files']} files) shared by all records with that answer.
+  Synthesis is deterministic, so each distinct answer word ({c['answer_audio_files']} files,
+  {m['answer_speech_seconds']} s) and each distinct answer sentence ({c['answer_sentence_audio_files']} files,
+  {m['answer_sentence_speech_seconds']} s) has one file shared by all records with that answer.
 * `world.json` - the fact tables; `manifest.json` - settings, versions, counts.
 
 Total: {c['audio_files']} audio files, {m['total_speech_seconds']} s of question/statement speech,
@@ -469,7 +537,8 @@ Total: {c['audio_files']} audio files, {m['total_speech_seconds']} s of question
 Categories: `arithmetic` (plus / minus / times / after / before, numbers spelled
 out, `zero`..`twenty`), `fact` (colours of objects; where people live, their pet and
 age; animal sounds and legs) and `yes_no` (number comparisons, "is the apple red",
-"does anna live in paris", "is anna older than ben", ...). Every answer is one word.
+"does anna live in paris", "is anna older than ben", ...). Every text answer is one word;
+spoken questions also have a sentence answer that restates the question with the answer.
 The rules live in `deeptalk/data/demo_world.py` (`solve()` answers any corpus question).
 
 * objects: {", ".join(f"{o} ({c_})" for o, c_ in world["object_colors"].items())}
@@ -508,7 +577,7 @@ python -m pytest tests/test_demo_corpus.py -q
 
 Metadata is identical for a given seed; audio bytes can differ slightly with
 other espeak-ng / libsndfile versions. The script fails if the folder exceeds
-`--max-mb` (default {15} MiB) - lower `--spoken-train` etc. if it does.
+`--max-mb` (default {MAX_MB:g} MiB) - lower `--spoken-train` etc. if it does.
 """
 
 

@@ -27,7 +27,7 @@ from deeptalk.data import demo_world as W
 
 SPLITS = ("train", "validation", "test")
 TASKS = ("spoken_qa", "asr", "text_qa")
-MAX_BYTES = 15_000_000  # 15 MB (decimal), measured like `du` (4 KiB blocks)
+MAX_BYTES = 28 * 2**20  # the generator's --max-mb default, measured like `du` (4 KiB blocks)
 WORD_RE = re.compile(r"^[a-z]+( [a-z]+)*$")
 
 
@@ -46,7 +46,7 @@ def test_folder_layout_and_size():
         assert (root / f).is_file()
     files = [p for p in root.rglob("*") if p.is_file()]
     du_bytes = sum(-(-p.stat().st_size // 4096) * 4096 for p in files)
-    assert du_bytes <= MAX_BYTES, f"demo corpus uses {du_bytes / 1e6:.2f} MB > 15 MB"
+    assert du_bytes <= MAX_BYTES, f"demo corpus uses {du_bytes / 2**20:.2f} MiB > {MAX_BYTES / 2**20:g} MiB"
 
 
 def test_splits_non_empty_and_match_manifest(records):
@@ -167,6 +167,11 @@ def test_answers_consistent_with_world(records):
             assert q in text_q and text_q[q]["in_spoken_qa"], r  # same split in text_qa
             assert asr_by_audio[r["question_audio"]] == q  # question audio reused for ASR
             assert Path(r["answer_audio"]).stem.replace("_", " ") == a
+            sentence = r["answer_sentence"]
+            assert a in sentence.replace(",", "").split(), r  # the sentence says the answer word
+            assert Path(r["answer_sentence_audio"]).stem.replace("_", " ") == sentence.replace(",", "")
+            if r["category"] == "yes_no":
+                assert sentence.startswith(a + ", "), r
             spoken_answers.add(a)
     assert spoken_answers <= set(text_answers.values())
     with open(demo_corpus_path() / "world.json", encoding="utf-8") as f:

@@ -339,6 +339,14 @@ def test_spoken_qa_speech_accuracy_is_one_when_the_asr_hears_the_reference(proce
     faithful = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=lambda w, r: next(texts), max_steps=12)
     assert faithful["tts_wer"] == 0.0
     assert faithful["accuracy"] == answer_accuracy(scores["text_answers"], references)
+    # a recognizer with its own normaliser compares through it: "12." is "twelve" for the Whisper judge's
+    from deeptalk.evaluation.judge import normalize_transcript
+    from deeptalk.evaluation.speech import SpeechRecognizer
+
+    written = {"twelve": "12.", "three": "3!"}
+    digits = SpeechRecognizer("digits", lambda clips: [written.get(r, r.upper()) for r in references[: len(clips)]],
+                              normalize=normalize_transcript)
+    assert spoken_qa_speech_scores(speech_model, processor, codec, records, asr=digits, max_steps=12)["accuracy"] == 1.0
     # an ASR that hears two extra words: 2 insertions per answer over the *text answer's* words (the reference side)
     texts = iter(scores["text_answers"])
     wordy = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=lambda w, r: next(texts) + " and more",
@@ -423,9 +431,16 @@ def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(pro
     processor, codec = processor
     base = tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer))
     rig(base, token_id(processor, "four"))  # text_qa test answers: twenty, fourteen, four
-    hear, _ = reference_asr(read_demo_records("spoken_qa", "test")[:3])
+    # the ASR hears the reference answer words, in order: for the 3 spoken answers, then for the ceilings (the
+    # one-word recordings, their codec round trips, the sentence recordings, theirs)
+    hear, _ = reference_asr(read_demo_records("spoken_qa", "test")[:3] * 5)
     results = evaluate_on_demo_corpus(speech_model, processor, base_model=base, codec=codec, limit=3, asr=hear,
                                       max_speech_steps=10, max_new_tokens=1)
+    assert results["judge"] == {"name": results["speech_answer_asr"]}
+    assert set(results["ceilings"]) == {"answer_audio", "answer_sentence_audio"}
+    assert results["ceilings"]["answer_audio"] == {"reference_audio": {"accuracy": 1.0, "wer": 0.0, "num_examples": 3},
+                                                   "codec_round_trip": {"accuracy": 1.0, "wer": 0.0, "num_examples": 3}}
+    assert results["ceilings"]["answer_sentence_audio"]["reference_audio"]["accuracy"] == 0.0  # one word != a sentence
     assert results["base_text_qa_accuracy"] == pytest.approx(1 / 3)
     assert results["text_relative_drop"] == pytest.approx(relative_drop(1 / 3, results["text_qa_accuracy"]))
     assert results["spoken_qa_speech_accuracy"] == 1.0 and results["tts_wer"] >= 0.0

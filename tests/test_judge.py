@@ -121,3 +121,31 @@ def test_judge_refuses_bad_settings(judge):
         WhisperJudge(model=judge.model)
     with pytest.raises(ValueError, match="batch_size"):
         WhisperJudge(model=judge.model, processor=judge.processor, batch_size=0)
+
+
+def test_judge_ceilings_on_reference_answers_and_their_codec_round_trip(judge):
+    from deeptalk.data import read_demo_records
+    from deeptalk.evaluation.judge import judge_reference_audio
+    from deeptalk.recipes.demo_data import fit_demo_codec
+
+    records = [r for r in read_demo_records("spoken_qa", "test") if r["answer_text"] in ("twelve", "yes", "woof")][:3]
+    codec = fit_demo_codec()
+    found = judge_reference_audio(judge, records, codec)
+    assert set(found) == {"reference_audio", "codec_round_trip"}
+    assert found["reference_audio"] == {"accuracy": 1.0, "wer": 0.0, "num_examples": 3}  # all three are heard (above)
+    assert 0.0 <= found["codec_round_trip"]["accuracy"] <= 1.0 and found["codec_round_trip"]["num_examples"] == 3
+    sentences = judge_reference_audio(judge, records[:1], audio_column="answer_sentence_audio", text_column="answer_sentence")
+    assert set(sentences) == {"reference_audio"} and 0.0 <= sentences["reference_audio"]["wer"] <= 1.0
+
+
+def test_rank_by_wer_uses_the_judge_by_default(judge):
+    from deeptalk.evaluation.judge import default_judge
+    from deeptalk.evaluation.speech import load_speech_recognizer
+    from deeptalk.trainers.dpo import rank_by_wer
+
+    assert load_speech_recognizer("judge") is default_judge() and default_judge().normalize is normalize_transcript
+    (twelve, rate), (woof, _) = _clip("twelve"), _clip("woof")
+    assert rank_by_wer("twelve", [woof, twelve], sampling_rate=rate) == [1, 0]  # "12" is heard as "twelve"
+    assert rank_by_wer("woof", [woof, twelve], judge, rate) == [0, 1]
+    with pytest.raises(ValueError, match="sampling_rate"):
+        rank_by_wer("woof", [woof])

@@ -40,7 +40,7 @@ DEMO_SAMPLING_RATE = 16_000
 SPLITS = ("train", "validation", "test")
 TASKS = ("spoken_qa", "asr", "text_qa")
 AUDIO_COLUMNS: Dict[str, tuple] = {
-    "spoken_qa": ("question_audio", "answer_audio"),
+    "spoken_qa": ("question_audio", "answer_audio", "answer_sentence_audio"),
     "asr": ("audio",),
     "text_qa": (),
 }

@@ -7,13 +7,19 @@ Offline it scores the shipped demo corpus's test split:
   model's own ASR path;
 * speech out (needs the codec): audio-token accuracy on held-out spoken answers, spoken question ->
   spoken answer accuracy (S2S: the answer is generated, decoded, transcribed by an ASR and matched)
-  and TTS WER (the transcript of the spoken answer against the model's own text answer).
+  and TTS WER (the transcript of the spoken answer against the model's own text answer). The ASR is
+  the pretrained Whisper judge when the `whisper` extra is installed (`asr="auto"`), else the model's
+  own ASR path; the same ASR's accuracy and WER on the reference answer recordings, and on their codec
+  round trip, are the ceilings the model's figures are read against.
 
 Keys of the JSON (each metric is either a number under its key or absent with its reason in
 ``"skipped"``): ``dataset``, ``text_qa_accuracy``, ``base_text_qa_accuracy``, ``text_relative_drop``,
 ``spoken_qa_text_accuracy``, ``asr`` (``{"wer", "cer"}`` of the model's own ASR), ``audio_token_accuracy``,
 ``spoken_qa_speech_accuracy``, ``tts_wer``, ``speech_answer_asr`` (which ASR transcribed the spoken
-answers: ``"own"`` or the checkpoint / callable name), ``max_speech_steps``, ``num_examples``
+answers: ``"own"``, the judge's name or the checkpoint / callable name), ``judge`` (the judge's name,
+padding, decoding and normaliser), ``ceilings`` (``{"answer_audio" | "answer_sentence_audio":
+{"reference_audio" | "codec_round_trip": {"accuracy", "wer", "num_examples"}}}``: the same ASR on the
+one-word and sentence reference answers), ``max_speech_steps``, ``num_examples``
 (examples scored per metric) and ``skipped`` (metric -> reason). The same functions take other record lists.
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import json
 
 from ..saving import atomic_write_text
+from .judge import judge_reference_audio
 from .metrics import (
     asr_error_rates,
     dataset_audio_token_accuracy,
@@ -30,10 +37,10 @@ from .metrics import (
     spoken_qa_text_accuracy,
     text_qa_accuracy,
 )
-from .speech import OWN_ASR, load_speech_recognizer, spoken_qa_speech_scores
+from .speech import AUTO_ASR, OWN_ASR, load_speech_recognizer, spoken_qa_speech_scores
 
 
-def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, limit: int | None = None, asr=None,
+def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, limit: int | None = None, asr=AUTO_ASR,
                             speech_answers: bool = True, max_speech_steps: int = 200, max_new_tokens: int = 8,
                             decoding: dict | None = None) -> dict:
     """Score `model` on the demo corpus's test split (the first `limit` records of each task).
@@ -41,8 +48,9 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
     Args:
         base_model: the text LLM the model was built from; adds its text QA accuracy and the relative drop.
         codec: the model's speech codec; without it the speech-out metrics are skipped.
-        asr: what transcribes the spoken answers: None (the model's own ASR path), a transformers ASR
-            checkpoint id or folder, or a callable `(waveform, sampling_rate) -> str`
+        asr: what transcribes the spoken answers: `"auto"` (the Whisper judge when the `whisper` extra is
+            installed, else the model's own ASR path), `"judge"`, None or `"own"` (the model's own ASR path), a
+            transformers ASR checkpoint id or folder, or a callable `(waveform, sampling_rate) -> str`
             (see :func:`~deeptalk.evaluation.load_speech_recognizer`).
         speech_answers: generate spoken answers for `spoken_qa_speech_accuracy` and `tts_wer` (the slow part).
         max_speech_steps: decoding steps per spoken answer.
@@ -53,9 +61,9 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
 
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of records per task, or None for all; got {limit!r}.")
-    if speech_answers and codec is not None and asr is not None and asr != OWN_ASR:
+    if speech_answers and codec is not None:
         # a wrong ASR fails here, before minutes of other metrics; a checkpoint runs where the model runs
-        asr = load_speech_recognizer(asr, device=next(model.parameters()).device)
+        asr = load_speech_recognizer(asr, model=model, processor=processor, device=next(model.parameters()).device)
 
     def records(task):
         rows = [dict(r) for r in load_demo_corpus(task, decode_audio=False)["test"]]
@@ -108,7 +116,8 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
             scores = spoken_qa_speech_scores(model, processor, codec, spoken_records, asr=asr,
                                              max_steps=max_speech_steps, decoding=decoding, return_predictions=True)
             warnings.update(degenerate_answer_warnings(scores, results.get("asr")))
-            results["speech_decoding"] = {"strategy": "single_pass", **{k: v for k, v in (decoding or {}).items() if v is not None}}
+            chosen = {k: v for k, v in (decoding or {}).items() if v is not None}
+            results["speech_decoding"] = {"strategy": "single_pass", **chosen}
             results["spoken_qa_speech_accuracy"] = scores["accuracy"]
             num_examples["spoken_qa_speech_accuracy"] = scores["num_examples"]
             if scores["tts_wer"] is not None:
@@ -117,6 +126,11 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
             else:
                 skipped["tts_wer"] = "every text answer was empty, so WER against it is undefined"
             results["speech_answer_asr"] = scores["asr"]
+            results["judge"] = getattr(asr, "judge_info", None) or {"name": scores["asr"]}
+            results["ceilings"] = {
+                column: judge_reference_audio(asr, spoken_records, codec, audio_column=column, text_column=text)
+                for column, text in (("answer_audio", "answer_text"), ("answer_sentence_audio", "answer_sentence"))
+                if all(r.get(column) for r in spoken_records)}
             results["max_speech_steps"] = max_speech_steps
     results["num_examples"] = num_examples
     results["skipped"] = skipped

@@ -142,7 +142,7 @@ class WhisperJudge(SpeechRecognizer):
         self.model, self.processor = model.eval(), processor
         self.pad_seconds, self.batch_size, self.max_new_tokens = float(pad_seconds), int(batch_size), int(max_new_tokens)
         self.language = language
-        super().__init__(_judge_name(model), self._transcribe_batch)
+        super().__init__(_judge_name(model), self._transcribe_batch, normalize=normalize_transcript)
 
     @property
     def judge_name(self) -> str:
@@ -182,9 +182,66 @@ class WhisperJudge(SpeechRecognizer):
         return texts
 
 
+def judge_available(name: str = "tiny.en") -> bool:
+    """Whether the shipped Whisper `name` is installed (the `whisper` extra), so :func:`default_judge` can load it."""
+    from ..conversion.whisper_ct2 import shipped_whisper_folder
+
+    try:
+        shipped_whisper_folder(name)
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=2)
+def default_judge(name: str = "tiny.en") -> WhisperJudge:
+    """The shared :class:`WhisperJudge` of shipped Whisper `name`, loaded once per process (ImportError with the
+    pip command when the `whisper` extra is not installed)."""
+    return WhisperJudge(name)
+
+
+def judge_reference_audio(judge: SpeechRecognizer, records, codec=None, *, audio_column: str = "answer_audio",
+                          text_column: str = "answer_text") -> dict:
+    """The judge's ceilings on spoken_qa records: its accuracy and WER on the reference answer recordings
+    (`audio_column`, paths or `{"array", "sampling_rate"}` dicts, against `text_column`), and with `codec` on their
+    round trip through it (encode, decode). A model's spoken answers cannot be judged better than its codec's round
+    trip of the references, nor that better than the references themselves."""
+    references = [r[text_column] for r in records]
+    clips = [_reference_clip(r[audio_column]) for r in records]
+    found = {"reference_audio": _judged(judge, clips, references)}
+    if codec is not None:
+        with torch.no_grad():
+            round_trips = [(codec.decode(codec.encode(torch.from_numpy(w), rate)).detach().to("cpu", torch.float32).numpy(),
+                            codec.sampling_rate) for w, rate in clips]
+        found["codec_round_trip"] = _judged(judge, round_trips, references)
+    return found
+
+
+def _reference_clip(audio) -> tuple[np.ndarray, int]:
+    if isinstance(audio, dict):
+        return np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
+    import soundfile
+
+    waveform, rate = soundfile.read(audio, dtype="float32", always_2d=True)
+    return waveform.mean(axis=1), rate
+
+
+def _judged(judge, clips, references) -> dict:
+    transcripts = judge.transcribe(clips)
+    normalize = getattr(judge, "normalize", None) or normalize_transcript
+    heard, wanted = [normalize(t) for t in transcripts], [normalize(r) for r in references]
+    from .metrics import word_error_rate
+
+    return {"accuracy": sum(h == w for h, w in zip(heard, wanted)) / len(wanted),
+            "wer": word_error_rate(wanted, heard, normalize=False), "num_examples": len(wanted)}
+
+
 __all__ = [
     "DEFAULT_PAD_SECONDS",
     "WhisperJudge",
+    "default_judge",
+    "judge_available",
+    "judge_reference_audio",
     "normalize_transcript",
     "transcript_accuracy",
     "transcript_word_error_rate",

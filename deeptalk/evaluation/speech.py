@@ -30,10 +30,17 @@ from .metrics import _audio_source, _records_list, answer_accuracy, normalize_an
 OWN_ASR = "own"
 """The name results record for the DeepTalk model's own ASR path (also accepted as `asr="own"`)."""
 
+JUDGE_ASR = "judge"
+"""`asr="judge"`: the pretrained Whisper judge (:func:`~deeptalk.evaluation.judge.default_judge`, the `whisper` extra)."""
+
+AUTO_ASR = "auto"
+"""`asr="auto"`: the Whisper judge when the `whisper` extra is installed, else the model's own ASR path."""
+
 ASR_SPEC_HELP = (
-    "pass asr=None (or 'own') for the DeepTalk model's own ASR path, the name or local folder of a transformers "
-    "ASR checkpoint (e.g. 'openai/whisper-small', loaded with transformers.pipeline('automatic-speech-recognition')), "
-    "or a callable (waveform, sampling_rate) -> str"
+    "pass asr=None (or 'own') for the DeepTalk model's own ASR path, 'judge' for the pretrained Whisper judge "
+    "(pip install \"deeptalk[whisper]\"), 'auto' for the judge when it is installed and the own path otherwise, "
+    "the name or local folder of a transformers ASR checkpoint (e.g. 'openai/whisper-small', loaded with "
+    "transformers.pipeline('automatic-speech-recognition')), or a callable (waveform, sampling_rate) -> str"
 )
 
 
@@ -57,11 +64,16 @@ class SpeechRecognizer:
     returns one transcript each. Clips with nothing to hear (no samples, or a peak below
     :data:`~deeptalk.processing.audio.SILENCE_PEAK`: a spoken answer that ended at once) get the
     empty transcript without calling the backend, so every backend scores them the same way (wrong).
+
+    `normalize` is how its transcripts and their references are compared (both sides go through it before exact
+    match and WER); None: :func:`~deeptalk.evaluation.normalize_answer`.
     """
 
-    def __init__(self, name: str, transcribe_batch: Callable[[list[tuple[np.ndarray, int]]], list[str]]):
+    def __init__(self, name: str, transcribe_batch: Callable[[list[tuple[np.ndarray, int]]], list[str]],
+                 normalize: Callable[[str], str] | None = None):
         self.name = name
         self.transcribe_batch = transcribe_batch
+        self.normalize = normalize
 
     def __repr__(self) -> str:
         return f"SpeechRecognizer({self.name!r})"
@@ -136,7 +148,9 @@ def load_speech_recognizer(asr=None, *, model=None, processor=None, max_new_toke
     """The :class:`SpeechRecognizer` that `asr` names.
 
     Args:
-        asr: `None` or `"own"`: the DeepTalk `model`'s own ASR path (:func:`~deeptalk.evaluation.transcribe`,
+        asr: `"judge"`: the pretrained Whisper judge (:class:`~deeptalk.evaluation.judge.WhisperJudge`, tiny.en from
+            the `whisper` extra, loaded once per process); `"auto"`: the judge when installed, else the own path;
+            `None` or `"own"`: the DeepTalk `model`'s own ASR path (:func:`~deeptalk.evaluation.transcribe`,
             needs `model` with an audio encoder and `processor`); a `str` Hub id or local folder of a
             transformers ASR checkpoint (loaded with `transformers.pipeline("automatic-speech-recognition")`
             on `device`); a callable `(waveform, sampling_rate) -> str`; or a `SpeechRecognizer` (returned as is).
@@ -148,6 +162,14 @@ def load_speech_recognizer(asr=None, *, model=None, processor=None, max_new_toke
     """
     if isinstance(asr, SpeechRecognizer):
         return asr
+    if asr == AUTO_ASR:
+        from .judge import judge_available
+
+        asr = JUDGE_ASR if judge_available() else OWN_ASR
+    if asr == JUDGE_ASR:
+        from .judge import default_judge
+
+        return default_judge()
     if asr is None or asr == OWN_ASR:
         return _own_recognizer(model, processor, max_new_tokens, batch_size)
     if isinstance(asr, (str, os.PathLike)):
@@ -200,10 +222,13 @@ def spoken_qa_speech_scores(model, processor, codec, records, *, asr=None, max_s
     records = _records_list(records)
     text_answers, waveforms = spoken_answers(model, processor, codec, records, max_steps=max_steps, decoding=decoding)
     transcripts = recognizer.transcribe([(waveform, codec.sampling_rate) for waveform in waveforms])
-    said = [i for i, text in enumerate(text_answers) if normalize_answer(text)]
+    normalize = recognizer.normalize or normalize_answer
+    said = [i for i, text in enumerate(text_answers) if normalize(text)]
+    references = [normalize(r["answer_text"]) for r in records]
+    heard = [normalize(t) for t in transcripts]
     scores = {
-        "accuracy": answer_accuracy(transcripts, [r["answer_text"] for r in records]),
-        "tts_wer": word_error_rate([text_answers[i] for i in said], [transcripts[i] for i in said]) if said else None,
+        "accuracy": answer_accuracy(heard, references),
+        "tts_wer": word_error_rate([normalize(text_answers[i]) for i in said], [heard[i] for i in said]) if said else None,
         "asr": recognizer.name,
         "num_examples": len(records),
         "num_tts_wer_examples": len(said),

@@ -5,7 +5,8 @@ averaged with the text cross-entropy of the chosen answer (the authors' code).
 
 Preference pairs come from a ranking function: `rank_by_wer` orders candidate spoken answers by the
 word error rate of their transcripts against the answer text (the paper ranks Whisper-large
-transcripts); the transcriber is any callable `waveform, sampling_rate -> text`.
+transcripts); the transcriber is any callable `waveform, sampling_rate -> text`, by default the pretrained
+Whisper judge that `deeptalk evaluate` scores spoken answers with.
 """
 
 from __future__ import annotations
@@ -185,13 +186,21 @@ def frozen_reference(model):
     return type(model).from_pretrained(model.name_or_path, dtype=model.dtype)
 
 
-def rank_by_wer(reference_text: str, candidates: list, transcribe, sampling_rate: int) -> list[int]:
-    """Indices of `candidates` (waveforms) from best to worst by the WER of `transcribe(waveform,
-    sampling_rate)` against `reference_text`; ties keep the candidates' order. The first and last
-    make a (chosen, rejected) pair."""
-    from ..evaluation.metrics import word_error_rate
+def rank_by_wer(reference_text: str, candidates: list, transcribe=None, sampling_rate: int | None = None) -> list[int]:
+    """Indices of `candidates` (waveforms at `sampling_rate`) from best to worst by the WER of `transcribe(waveform,
+    sampling_rate)` against `reference_text`; ties keep the candidates' order. The first and last make a (chosen,
+    rejected) pair. `transcribe` defaults to the Whisper judge (`deeptalk.evaluation.judge.default_judge`, the
+    `whisper` extra); a recognizer with a `normalize` (the judge: Whisper's English normaliser) compares through it."""
+    from ..evaluation.metrics import normalize_answer, word_error_rate
 
-    errors = [word_error_rate([reference_text], [transcribe(c, sampling_rate)]) for c in candidates]
+    if sampling_rate is None:
+        raise ValueError("rank_by_wer needs the candidates' sampling_rate.")
+    if transcribe is None:
+        from ..evaluation.judge import default_judge
+
+        transcribe = default_judge()
+    normalize = getattr(transcribe, "normalize", None) or normalize_answer
+    errors = [word_error_rate([normalize(reference_text)], [normalize(transcribe(c, sampling_rate))]) for c in candidates]
     return sorted(range(len(candidates)), key=lambda i: (errors[i], i))
 
 
@@ -206,10 +215,11 @@ def model_asr_transcriber(model, processor, instruction: str | None = None):
     return transcribe_one
 
 
-def demo_preference_pairs(processor, codec, records, transcribe, *, distractors=1, seed=0):
+def demo_preference_pairs(processor, codec, records, transcribe=None, *, distractors=1, seed=0):
     """Preference pairs on the demo corpus, offline: for each spoken question, candidate spoken
     answers are the right answer's audio and `distractors` other answers' audio (all in the
-    assistant voice); `rank_by_wer` against the answer text picks chosen (best) and rejected (worst).
+    assistant voice); `rank_by_wer` against the answer text (`transcribe`: default the Whisper judge) picks chosen
+    (best) and rejected (worst).
     Returns the columns of `encode_preference_pairs`."""
     import random
 
