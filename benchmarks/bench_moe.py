@@ -359,6 +359,9 @@ def main(argv=None) -> int:
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each timed block, wait up to S seconds until other processes are idle")
     p.add_argument("--no-decode", action="store_true", help="skip the decode timing")
+    p.add_argument("--speech-streams", type=int, default=7, help="audio streams of the speech-step layout (SNAC: 7)")
+    p.add_argument("--speech-codebook", type=int, default=4096, help="codebook size of the speech-step layout (SNAC: 4096)")
+    p.add_argument("--no-speech-step", action="store_true", help="skip the speech decode step timing")
     p.add_argument("--profile", action="store_true", help="also profile free-mode prefill (torch.profiler) per family/size")
     p.add_argument("--profile-iters", type=int, default=10)
     p.add_argument("--json", help="write raw numbers here")
@@ -402,6 +405,8 @@ def main(argv=None) -> int:
                 entry["decode"] = summarize(run_interleaved(
                     models, lambda m, v: time_decode(m, v, prompt_ids, args.new_tokens), args.warmup, args.repeats,
                     args.wait_idle))
+            if not args.no_speech_step:
+                entry["speech_step"] = time_speech_step(source, converted, config, args)
             if args.profile:
                 entry["profile"] = profile_forward(source, converted, input_ids, args.profile_iters, 15, f"{family}/{size}")
             entry["wall_s"] = time.perf_counter() - t0
@@ -423,6 +428,71 @@ def main(argv=None) -> int:
             json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=1)
         print(f"raw numbers written to {args.json}")
     return 0
+
+
+def step_flops(model, vocab_rows: int) -> float:
+    """Matmul FLOPs of one decode step for one token: 2 x (weights it multiplies by), counting top-k of the
+    routed experts, the shared experts, attention projections and the head (attention over the context
+    and the elementwise work are left out)."""
+    config = model.config.get_text_config()
+    routed = shared = other = 0
+    top_k = config.num_experts_per_tok
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name or name.startswith("lm_head"):
+            continue
+        if "experts.gate_up_proj" in name or "experts.down_proj" in name or "_bank." in name:
+            routed += p.numel()
+        elif "router" in name or ".gate.weight" in name:
+            other += p.numel()
+        elif "shared_expert" in name:
+            shared += p.numel()
+        elif p.dim() >= 2:
+            other += p.numel()
+    num_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts")
+    return 2.0 * (routed * top_k / num_experts + shared + other + vocab_rows * config.hidden_size)
+
+
+def time_speech_step(source, converted, config, args) -> dict:
+    """One cached decode step of the converted model with a speech vocabulary (a `[1, 1 + N, 1]` column
+    through the multi-stream embedding and the head over the extended vocabulary) vs the source's text
+    step, with the extra head's share of the step's FLOPs printed beside the time ratio."""
+    import copy
+
+    from deeptalk.configuration_deeptalk import SpeechTokenLayout
+
+    speech = copy.deepcopy(converted)
+    layout = SpeechTokenLayout(text_vocab_size=config.vocab_size, num_audio_streams=args.speech_streams,
+                               codebook_size=args.speech_codebook, eot_id=2, pad_t_id=0)
+    speech.add_speech(layout, mean_resizing=False).eval()  # outside inference_mode: ordinary tensors
+    prompt = torch.randint(3, config.vocab_size, (1, args.prompt_len))
+    column = layout.pad_column().view(1, -1, 1).clone()
+    column[0, 1:, 0] = torch.tensor([layout.stream_offset(i + 1) + 7 for i in range(layout.num_audio_streams)])
+    text_token = torch.tensor([[5]])
+    state = {}
+
+    def prefill(model, variant):
+        ids = prompt if variant == "source" else layout.pad_column().view(1, -1, 1).repeat(1, 1, args.prompt_len)
+        if variant != "source":
+            ids[0, 0] = prompt[0]
+        state[variant] = model(ids, use_cache=True).cache
+
+    def one_step(model, variant):
+        prefill(model, variant)
+        step_ids = text_token if variant == "source" else column
+        position = torch.tensor([[args.prompt_len]])
+        t0 = time.perf_counter()
+        for _ in range(8):
+            model(step_ids, cache=state[variant], use_cache=True, position_ids=position)
+            state[variant].crop(-1)  # drop the step again: every timed step sees the same context
+        return (time.perf_counter() - t0) / 8 * 1e3
+
+    summary = summarize(run_interleaved({"source": source, "converted:speech": speech}, one_step, args.warmup,
+                                        args.repeats, args.wait_idle))
+    text_flops, speech_flops = step_flops(source, config.vocab_size), step_flops(speech, layout.vocab_size)
+    summary["flops"] = {"source_text_step": text_flops, "speech_step": speech_flops,
+                        "extra_head_share": (speech_flops - text_flops) / speech_flops,
+                        "flop_ratio": speech_flops / text_flops}
+    return summary
 
 
 def print_table(results, modes, args):
@@ -452,6 +522,17 @@ def print_table(results, modes, args):
     if noisy:
         print(f"\n(!) other processes kept > {NOISY_FOREIGN_LOAD} cores busy while timing these rows: rerun them "
               "(e.g. with --wait-idle 60) before trusting the numbers.")
+    speech_rows = [e for e in results if "speech_step" in e]
+    if speech_rows:
+        print(f"\n## Speech decode step vs the source's text step ({args.speech_streams} audio streams x "
+              f"{args.speech_codebook} codes; median ms of 8 cached steps)\n")
+        print("| family | size | source text step ms | speech step ms | time ratio | FLOP ratio | extra head's FLOP share |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for e in speech_rows:
+            r = e["speech_step"]
+            print(f"| {e['family']} | {e['size']} | {r['source']['median_ms']:.2f} | {r['converted:speech']['median_ms']:.2f} | "
+                  f"{r['converted:speech']['ratio_of_medians']:.3f} | {r['flops']['flop_ratio']:.3f} | "
+                  f"{r['flops']['extra_head_share']:.1%} |")
 
 
 if __name__ == "__main__":

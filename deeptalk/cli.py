@@ -2,6 +2,7 @@
 
     deeptalk demo                          # the embedded-defaults job: convert, check, save, reload
     deeptalk convert SRC OUT [--speech-experts JSON_OR_PATH] [--routing-mode MODE]
+    deeptalk upgrade OLD NEW               # a folder saved by deeptalk 0.1 -> the current format
     deeptalk assign --model DIR --text-data T.jsonl --speech-data S.jsonl --output DIR
     deeptalk train {align,experts,joint,dpo} --recipe tiny_cpu/experts_speech --model DIR --data D.jsonl --output DIR
     deeptalk quickstart                    # the whole recipe offline on tiny models
@@ -20,6 +21,234 @@ import os
 import sys
 from pathlib import Path
 
+HOME_VARIABLE = "DEEPTALK_HOME"
+DEBUG_VARIABLE = "DEEPTALK_DEBUG"
+_ENVIRONMENT = f"""environment:
+  {HOME_VARIABLE}    where default outputs go and default models are looked for (unset: ./deeptalk_output,
+                   relative to the current directory)
+  {DEBUG_VARIABLE}=1 print the full traceback of an error instead of one line
+  HF_HUB_OFFLINE=1 never contact the Hugging Face Hub (Hub ids are then read from the local cache only)
+"""
+
+
+class UsageError(Exception):
+    """A problem with the command line's input, reported as one line (exit code 2)."""
+
+
+def deeptalk_home() -> str:
+    """The folder the CLI's default paths live in: `$DEEPTALK_HOME`, else `deeptalk_output` in the current directory."""
+    return os.environ.get(HOME_VARIABLE) or "deeptalk_output"
+
+
+def default_model() -> str:
+    return os.path.join(deeptalk_home(), "quickstart", "model")
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+_positive_int.__name__ = _non_negative_int.__name__ = "int"  # argparse names the type in "invalid int value"
+_positive_float.__name__ = "float"
+
+
+def _looks_like_path(value: str) -> bool:
+    """A name that cannot be a Hub repo id (`user/name`) and must be a local path."""
+    return (value.startswith((".", "~", "/")) or value.count("/") > 1 or value.endswith("/")
+            or (os.sep != "/" and os.sep in value) or bool(os.altsep and os.altsep != "/" and os.altsep in value))
+
+
+def _offline_mode() -> bool:
+    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return flag.upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _go_offline() -> None:
+    """Switch this process to offline mode, so that cached Hub files load without minutes of retries."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+
+
+def hub_endpoint() -> str:
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+_reachability: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub (or the HTTPS proxy) opens within `timeout` seconds."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    proxy = next((os.environ[k] for k in proxies if os.environ.get(k)), None)
+    target = proxy if proxy else hub_endpoint()
+    if target in _reachability:
+        return _reachability[target]
+    parts = urlsplit(target if "://" in target else "http://" + target)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    outcome = []
+
+    def connect():  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    _reachability[target] = bool(outcome and outcome[0])
+    return _reachability[target]
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    return snapshots.is_dir() and any(snapshots.iterdir())
+
+
+def check_source(value: str, option: str, *, default: str | None = None, need_config: bool = True) -> str:
+    """Check a model/codec argument before anything loads: an existing local folder (with `config.json`
+    when `need_config`), or a Hub id that can be fetched (network up, or already in the local cache).
+    Returns the value to load; raises UsageError with one line that says what is wrong and what to do."""
+    path = os.path.expanduser(value)
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise UsageError(f"{option} {value} is a file; give a folder or a Hub id.")
+        if need_config and not os.path.isfile(os.path.join(path, "config.json")):
+            raise UsageError(f"{option} {value} has no config.json: it is not a saved model folder.")
+        return path
+    if default is not None and value == default:
+        raise UsageError(f"no model at {value}: run `deeptalk quickstart` first or pass {option} DIR "
+                         f"(default models are looked for under ${HOME_VARIABLE}, else ./deeptalk_output).")
+    if _looks_like_path(value):
+        raise UsageError(f"{option} {value}: no such folder.")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        raise UsageError(f"{option} {value}: no such folder, and not a Hub repo id (user/name).") from None
+    local_hint = f"pass {option} DIR with a local copy (`hf download {value} --local-dir DIR` where there is network)"
+    if _offline_mode():
+        if _in_hub_cache(value):
+            return value
+        raise UsageError(f"{option} {value}: no such folder, and offline mode (HF_HUB_OFFLINE=1) with no cached copy "
+                         f"of the Hub repo {value!r}: {local_hint}.")
+    if not hub_reachable():
+        _go_offline()
+        if _in_hub_cache(value):
+            print(f"deeptalk: no network to reach {hub_endpoint()}: using the cached copy of {value}.", file=sys.stderr)
+            return value
+        raise UsageError(f"{option} {value}: no such folder, and no network to reach {hub_endpoint()} "
+                         f"for the Hub repo {value!r}: {local_hint}.")
+    return value
+
+
+def check_model(value: str, option: str = "--model", *, default: str | None = None) -> str:
+    """`check_source` for a saved DeepTalk model; a local folder is also checked file by file (config, format,
+    weights complete, processor present) so a damaged folder fails here with the file named."""
+    from .folder_checks import check_model_folder
+
+    path = check_source(value, option, default=default)
+    if os.path.isdir(path):
+        check_model_folder(path, need_processor=True, option=option)
+    return path
+
+
+def check_upload_possible(what: str, alternative: str) -> None:
+    if _offline_mode():
+        raise UsageError(f"{what} uploads to the Hub, but offline mode is on (HF_HUB_OFFLINE=1): unset it, "
+                         f"or {alternative}.")
+    if not hub_reachable():
+        raise UsageError(f"{what} uploads to the Hub, but there is no network to reach {hub_endpoint()}: "
+                         f"{alternative}.")
+
+
+def check_input_file(value: str | None, option: str) -> None:
+    path = os.path.expanduser(value) if value is not None else None
+    if path is not None and not os.path.isfile(path):
+        what = "is a folder, not a file" if os.path.isdir(path) else "no such file"
+        raise UsageError(f"{option} {value}: {what}.")
+
+
+def _check_parent_writable(path: Path, option: str, shown: str, *, create: bool) -> None:
+    """The folder `path` goes into must exist and be writable (with `create`, its nearest existing ancestor)."""
+    parent = path.parent
+    if create:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {shown}: the folder {path.parent} does not exist." if not create
+                         else f"{option} {shown}: {parent} is not a folder.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {shown}: cannot write into {parent} (permission denied).")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {shown}: the file exists and is not writable.")
+
+
+def check_audio_output(value: str, option: str = "--out") -> None:
+    """A file name soundfile can write (known audio extension) in an existing, writable folder."""
+    import soundfile
+
+    path = Path(value).expanduser().absolute()
+    if path.is_dir():
+        raise UsageError(f"{option} {value} is a folder; give a file name such as {os.path.join(value, 'reply.wav')}.")
+    writable = sorted(f.lower() for f in soundfile.available_formats() if soundfile.default_subtype(f))
+    extension = path.suffix[1:]
+    if extension.upper() not in {f.upper() for f in writable}:
+        said = f"extension .{extension} is not an audio format" if extension else "has no extension"
+        raise UsageError(f"{option} {value}: {said}; use e.g. reply.wav (soundfile writes: {', '.join(writable)}).")
+    _check_parent_writable(path, option, value, create=False)
+
+
+def check_output_file(value: str, option: str) -> None:
+    """A file path whose folder exists or can be created, and is writable."""
+    path = Path(value).expanduser().absolute()
+    if path.is_dir():
+        example = os.path.join(value, "results.json")
+        raise UsageError(f"{option} {value} is a folder; give a file name such as {example}.")
+    _check_parent_writable(path, option, value, create=True)
+
+
+def check_output_folder(value: str, option: str, *, inputs: dict[str, str] | None = None) -> None:
+    """An output folder that is not a file, not one of the inputs, and can be created."""
+    path = Path(value).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {value} is a file; give a folder.")
+    for other_option, other in (inputs or {}).items():
+        other_path = os.path.expanduser(other or "")
+        if other and os.path.exists(other_path) and path.exists() and os.path.samefile(path, other_path):
+            raise UsageError(f"{option} {value} is the input given to {other_option}: write to another folder.")
+    _check_parent_writable(path, option, value, create=True)
+
 
 def parse_speech_experts(value: str | None) -> list[list[int]] | None:
     """`--speech-experts` accepts inline JSON (`[[3, 17], [5, 9]]`) or a path to a JSON file holding
@@ -30,46 +259,37 @@ def parse_speech_experts(value: str | None) -> list[list[int]] | None:
     try:
         experts = json.loads(text)
     except json.JSONDecodeError as err:
-        raise SystemExit(
+        raise UsageError(
             f"--speech-experts: {value!r} is neither a JSON file nor inline JSON ({err}). "
             "Expected one list of expert indices per MoE layer, e.g. '[[3, 17], [5, 9]]'."
         ) from None
     if not (isinstance(experts, list) and all(isinstance(layer, list) for layer in experts)):
-        raise SystemExit("--speech-experts must be a JSON list of lists (one list of expert indices per MoE layer).")
+        raise UsageError("--speech-experts must be a JSON list of lists (one list of expert indices per MoE layer).")
     return experts
 
 
-def load_source(spec: str, dtype: str | None = None):
-    """Load the source MoE LLM named by `spec` (`tiny:FAMILY`, a folder, or a Hub id)."""
-    if spec.startswith("tiny:"):
-        from .tiny import tiny_text_moe
-
-        return tiny_text_moe(spec.split(":", 1)[1]), None
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kwargs = {"dtype": getattr(torch, dtype)} if dtype else {"dtype": "auto"}
-    model = AutoModelForCausalLM.from_pretrained(spec, **kwargs)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError):  # a source without a tokenizer still converts
-        tokenizer = None
-    return model, tokenizer
+# ---------------------------------------------------------------------------------------------- commands
 
 
 def cmd_convert(args) -> int:
-    import deeptalk
+    source = args.source
+    tiny = source.startswith("tiny:")
+    if not tiny:
+        source = check_source(source, "SRC")
+    check_output_folder(args.output, "OUT", inputs={"SRC": source})
+    speech_experts = parse_speech_experts(args.speech_experts)
+    if tiny:
+        from .tiny import TINY_FAMILIES
 
-    source, tokenizer = load_source(args.source, args.dtype)
+        family = source.split(":", 1)[1]
+        if family not in TINY_FAMILIES:
+            raise UsageError(f"{source}: unknown tiny family {family!r}; one of {', '.join(TINY_FAMILIES)}.")
+    from .conversion import convert_folder
+
     overrides = {"routing_mode": args.routing_mode}
-    if args.num_speech_experts:
+    if args.num_speech_experts is not None:
         overrides["num_speech_experts"] = args.num_speech_experts
-    model = deeptalk.DeepTalkForCausalLM.from_text_moe(
-        source, speech_experts=parse_speech_experts(args.speech_experts), **overrides
-    )
-    model.save_pretrained(args.output)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output)
+    model = convert_folder(source, args.output, speech_experts, dtype=args.dtype, overwrite=args.overwrite, **overrides)
     assigned = "assigned" if model.config.speech_experts else "not assigned yet (run the assignment step)"
     print(f"Converted {args.source} ({model.config.family}) -> {args.output}: "
           f"{len(model.config.moe_layer_indices)} MoE layers x {model.config.num_routed_experts} routed experts; "
@@ -77,63 +297,92 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    from .configuration_deeptalk import FORMAT_VERSION
+    from .conversion import upgrade_folder
+
+    folder = upgrade_folder(args.old, args.new, overwrite=args.overwrite)
+    print(f"Upgraded {args.old} -> {folder} (format {FORMAT_VERSION}).")
+    return 0
+
+
 def cmd_demo(args) -> int:
+    check_output_folder(args.output, "--output")
     from .demo import run_demo
 
     return 0 if run_demo(args.output, families=args.family) else 1
 
 
 def cmd_train(args) -> int:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoProcessor
+    model_dir = check_model(args.model)
+    codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
+    check_input_file(args.data, "--data")
+    check_output_folder(args.output, "--output", inputs={"--model": model_dir})
 
-    import deeptalk  # noqa: F401  (registers the Auto classes)
     from .trainers.recipes import build_trainer, encode_dataset, load_conversations, load_recipe, parse_overrides
 
     recipe = load_recipe(args.recipe)
     if recipe["phase"] != args.phase:
-        raise ValueError(f"Recipe {args.recipe} is for phase {recipe['phase']!r}, not {args.phase!r}.")
-    train_args = {**recipe["args"], **parse_overrides(args.set), "output_dir": args.output}
+        raise UsageError(f"Recipe {args.recipe} is for phase {recipe['phase']!r}, not {args.phase!r}.")
+    train_args = {**recipe["args"], **parse_overrides(args.set, phase=args.phase), "output_dir": args.output}
     if args.phase == "experts" and args.modality:
         train_args["modality"] = args.modality
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if train_args.get("bf16") else None)
-    processor = AutoProcessor.from_pretrained(args.model)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    conversations = load_conversations(args.data)  # a malformed file fails before the model loads
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if train_args.get("bf16") else None)
+    processor = AutoProcessor.from_pretrained(model_dir)
     codec = None
-    if args.codec:
+    if codec_dir:
         from .processing.codecs import load_codec
 
-        codec = load_codec(args.codec)
-    dataset = encode_dataset(processor, load_conversations(args.data), codec=codec, max_length=recipe["data"].get("max_length"))
+        codec = load_codec(codec_dir)
+    dataset = encode_dataset(processor, conversations, codec=codec, max_length=recipe["data"].get("max_length"))
     trainer = build_trainer(args.phase, model, processor, dataset, train_args, codec=codec)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     trainer.save_model(args.output)
-    processor.save_pretrained(args.output)
-    print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {len(dataset)} conversations -> {args.output}")
+    if trainer.is_world_process_zero():  # one writer and one completion line under a multi-process launch
+        processor.save_pretrained(args.output)
+        print(f"deeptalk train {args.phase}: {trainer.state.global_step} steps on {len(dataset)} conversations "
+              f"-> {args.output}")
     return 0
 
 
 def cmd_assign(args) -> int:
+    model_dir = check_model(args.model)
+    if args.strategy != "random":
+        data = {"--text-data": args.text_data, "--speech-data": args.speech_data}
+        for option, value in data.items():
+            if value is None:
+                raise UsageError(f"--strategy {args.strategy} measures the modality load: pass {option} FILE.jsonl "
+                                 "(or use --strategy random).")
+        for option, value in data.items():
+            check_input_file(value, option)
+    check_output_folder(args.output, "--output", inputs={"--model": model_dir})
+
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    import deeptalk  # noqa: F401
     from .processing.processing_deeptalk import DeepTalkDataCollator
     from .trainers.assignment import assign_speech_experts, measure_modality_load, save_load_report
     from .trainers.recipes import load_conversations
 
-    model = AutoModelForCausalLM.from_pretrained(args.model)
-    processor = AutoProcessor.from_pretrained(args.model)
+    if args.strategy != "random":  # malformed files fail before the model loads
+        text_rows, speech_rows = load_conversations(args.text_data), load_conversations(args.speech_data)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
     collate = DeepTalkDataCollator(processor)
 
-    def batches(path):
-        rows = load_conversations(path)
+    def batches(rows):
         for start in range(0, len(rows), args.batch_size):
             yield {k: v for k, v in collate(rows[start : start + args.batch_size]).items() if k != "labels"}
 
     if args.strategy == "random":
         load = None
     else:
-        load = measure_modality_load(model, batches(args.text_data), batches(args.speech_data))
-    if args.num_speech_experts:
+        load = measure_modality_load(model, batches(text_rows), batches(speech_rows))
+    if args.num_speech_experts is not None:
         model.config.num_speech_experts = args.num_speech_experts
     speech_experts = assign_speech_experts(model, load, strategy=args.strategy, seed=args.seed)
     model.save_pretrained(args.output)
@@ -141,16 +390,20 @@ def cmd_assign(args) -> int:
     if load is not None:
         save_load_report(load, speech_experts, args.output, strategy=args.strategy, seed=args.seed)
     print(f"deeptalk assign: {args.strategy} speech experts per MoE layer -> {args.output}")
-    for layer, experts in zip(model.config.moe_layer_indices, speech_experts):
+    for layer, experts in zip(model.config.moe_layer_indices, speech_experts, strict=True):
         print(f"  layer {layer}: {experts}")
     return 0
 
 
 def cmd_quickstart(args) -> int:
+    base_model = check_source(args.base_model, "--base-model") if args.base_model else None
+    codec = check_source(args.codec, "--codec", need_config=False) if args.codec else None
+    audio_encoder = check_source(args.audio_encoder, "--audio-encoder") if args.audio_encoder else None
+    check_output_folder(args.output, "--output")
     from .quickstart import QuickstartSettings, run_quickstart
 
-    settings = QuickstartSettings(output_dir=args.output, seed=args.seed, base_model=args.base_model, codec=args.codec,
-                                  audio_encoder=args.audio_encoder, audio_adapter_stride=args.audio_adapter_stride)
+    settings = QuickstartSettings(output_dir=args.output, seed=args.seed, base_model=base_model, codec=codec,
+                                  audio_encoder=audio_encoder, audio_adapter_stride=args.audio_adapter_stride)
     if args.fast:  # a smoke run: a few steps per phase
         settings.text_pretrain_steps, settings.align_steps, settings.speech_steps = 20, 4, 4
         settings.text_steps, settings.joint_steps = 4, 4
@@ -158,12 +411,15 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
-def _load_model_processor_codec(model_dir: str, codec_dir: str | None):
-    import os
+def _check_model_and_codec(args) -> tuple[str, str | None]:
+    model_dir = check_model(args.model, default=default_model())
+    codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
+    return model_dir, codec_dir
 
+
+def _load_model_processor_codec(model_dir: str, codec_dir: str | None):
     from transformers import AutoModelForCausalLM, AutoProcessor
 
-    import deeptalk  # noqa: F401
     from .processing.codecs import load_codec
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -179,13 +435,17 @@ def _load_model_processor_codec(model_dir: str, codec_dir: str | None):
 
 
 def cmd_chat(args) -> int:
+    if (args.audio is None) == (args.text is None):
+        raise UsageError("give the question as --audio FILE or as --text '...', one of the two.")
+    check_input_file(args.audio, "--audio")
+    check_audio_output(args.out, "--out")
+    model_dir, codec_dir = _check_model_and_codec(args)
+
     import soundfile
 
     from .generation import AudioChunk, ChatReply, SpeechChat, SpeechDecodingConfig, TextDelta
 
-    if (args.audio is None) == (args.text is None):
-        raise ValueError("Give the question as --audio FILE or as --text '...', one of the two.")
-    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
+    model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
     config = SpeechDecodingConfig(strategy=args.strategy, max_steps=args.max_steps, audio_top_k=args.audio_top_k,
                                   text_repetition_penalty=args.repetition_penalty, seed=args.seed, voice=args.voice,
                                   cache_implementation=args.cache)
@@ -201,39 +461,63 @@ def cmd_chat(args) -> int:
     print()
     if reply.waveform is not None and reply.waveform.size:
         soundfile.write(args.out, reply.waveform, reply.sampling_rate)
-        spoken = f"{reply.codes.shape[1]} codec frames ({reply.waveform.size / reply.sampling_rate:.2f} s) -> {args.out}"
+        seconds = reply.waveform.size / reply.sampling_rate
+        spoken = f"{reply.codes.shape[1]} codec frames ({seconds:.2f} s) -> {args.out}"
     else:
         spoken = "no speech frames generated" if codec is not None else "no codec found (pass --codec) so no WAV"
     t = reply.timings
-    latency = ", ".join(f"{name} {t[name] * 1000:.0f} ms" for name in ("features", "prefill", "first_text", "first_audio_chunk", "total") if name in t)
+    stages = ("features", "prefill", "first_text", "first_audio_chunk", "total")
+    latency = ", ".join(f"{name} {t[name] * 1000:.0f} ms" for name in stages if name in t)
     print(f"[{reply.steps} decode steps ({args.strategy}); {latency}; {spoken}]", file=sys.stderr)
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    check_output_file(args.output, "--output")
+    model_dir, codec_dir = _check_model_and_codec(args)
+    base_dir = check_source(args.base_model, "--base-model") if args.base_model else None
+    asr = args.asr
+    if asr is not None and asr != "own":
+        asr = check_source(asr, "--asr")
+
     from transformers import AutoModelForCausalLM
 
     from .evaluation.evaluate import evaluate_on_demo_corpus, write_results
 
-    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
-    base = AutoModelForCausalLM.from_pretrained(args.base_model).eval() if args.base_model else None
-    results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit, asr=args.asr,
+    model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval() if base_dir else None
+    results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit, asr=asr,
                                       speech_answers=not args.no_speech_answers, max_speech_steps=args.max_speech_steps,
                                       max_new_tokens=args.max_new_tokens,
                                       decoding={"strategy": args.strategy, "voice": args.voice})
-    write_results(results, args.output)
-    print(json.dumps(results, indent=2))
+    results = write_results(results, args.output)
+    print(json.dumps(results, indent=2, allow_nan=False))
     for metric, warning in results.get("warnings", {}).items():
         print(f"deeptalk evaluate: warning: {metric}: {warning}", file=sys.stderr)
     return 0
 
 
 def cmd_push(args) -> int:
+    if not args.export_only:
+        check_upload_possible("push", "use --export-only FOLDER to write the repository without uploading")
+    else:
+        check_output_folder(args.export_only, "--export-only")
+    model_dir, codec_dir = _check_model_and_codec(args)
+    check_input_file(args.eval_results, "--eval-results")
+    if args.load_report is not None and not os.path.isdir(args.load_report):
+        raise UsageError(f"--load-report {args.load_report}: no such folder.")
+    eval_results = None
+    if args.eval_results:
+        try:
+            eval_results = json.loads(Path(args.eval_results).read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--eval-results {args.eval_results} is not JSON ({err}).") from None
+
     from .hub import export_for_hub, push_to_hub
 
-    model, processor, codec = _load_model_processor_codec(args.model, args.codec)
-    eval_results = json.load(open(args.eval_results)) if args.eval_results else None
-    kwargs = dict(codec=codec, base_model=args.base_model, eval_results=eval_results, load_report_dir=args.load_report)
+    model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
+    kwargs = {"codec": codec, "base_model": args.base_model, "eval_results": eval_results,
+              "load_report_dir": args.load_report}
     if args.export_only:
         folder = export_for_hub(model, processor, args.export_only, repo_id=args.repo_id, **kwargs)
         print(f"Exported a Hub-ready repository for {args.repo_id} into {folder} (nothing uploaded).")
@@ -244,9 +528,19 @@ def cmd_push(args) -> int:
 
 
 def cmd_space(args) -> int:
+    if args.push:
+        check_upload_possible("space --push", "drop --push and upload the written folder later")
+    model = args.model
+    local = os.path.expanduser(model)
+    if os.path.exists(local) or _looks_like_path(model) or args.bundle_model or model == default_model():
+        model = check_source(model, "--model", default=default_model())  # a Hub id is only referenced, not loaded
+    for example in args.example or ():
+        check_input_file(example, "--example")
+    check_output_folder(args.folder, "FOLDER")
+
     from .hub import create_space
 
-    folder = create_space(args.folder, args.model, max_steps=args.max_steps, strategy=args.strategy,
+    folder = create_space(args.folder, model, max_steps=args.max_steps, strategy=args.strategy,
                           example_audio=args.example or (), bundle_model=args.bundle_model,
                           deeptalk_requirement=args.deeptalk_requirement, push=bool(args.push), repo_id=args.push)
     where = f"and pushed to the Space {args.push}" if args.push else f"run it with: cd {folder} && python app.py"
@@ -254,120 +548,188 @@ def cmd_space(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deeptalk", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---------------------------------------------------------------------------------------------- parser
 
-    demo = sub.add_parser("demo", help="convert tiny MoE LLMs of every family, check equality, save and reload")
-    demo.add_argument("--output", default="deeptalk_output/demo", help="where to write the converted models")
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows each option's default (options without one say nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is False or default is argparse.SUPPRESS or default == []:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    home, model = deeptalk_home(), default_model()
+    parser = argparse.ArgumentParser(prog="deeptalk", description=__doc__, epilog=_ENVIRONMENT,
+                                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name, help, **kwargs):
+        return sub.add_parser(name, help=help, description=help, epilog=_ENVIRONMENT, formatter_class=_HelpFormatter,
+                              **kwargs)
+
+    model_help = f"DeepTalk model folder (or Hub id), saved with its processor; the default is under ${HOME_VARIABLE}"
+    codec_help = "codec folder or Hub id (default: <model>/codec)"
+    strategies = ["single_pass", "batch_parallel"]
+
+    demo = command("demo", "convert tiny MoE LLMs of every family, check equality, save and reload")
+    demo.add_argument("--output", default=os.path.join(home, "demo"), help="where to write the converted models")
     demo.add_argument("--family", action="append", help="limit to these families (repeatable)")
     demo.set_defaults(func=cmd_demo)
 
-    quick = sub.add_parser("quickstart", help="the whole recipe offline on tiny models: train, assign, evaluate, speak")
-    quick.add_argument("--output", default="deeptalk_output/quickstart")
-    quick.add_argument("--seed", type=int, default=0)
+    quick = command("quickstart", "the whole recipe offline on tiny models: train, assign, evaluate, speak")
+    quick.add_argument("--output", default=os.path.join(home, "quickstart"), help="where every phase's output goes")
+    quick.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of every phase")
     quick.add_argument("--fast", action="store_true", help="a few steps per phase (smoke test)")
-    quick.add_argument("--audio-adapter-stride", type=int, default=4, help="Whisper frames per LLM position (authors: 1)")
+    quick.add_argument("--audio-adapter-stride", type=_positive_int, default=4,
+                       help="Whisper frames per LLM position (authors: 1)")
     quick.add_argument("--base-model", help="a transformers MoE LLM (Hub id or folder) instead of the tiny one (GPU)")
     quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
     quick.add_argument("--audio-encoder", help="a Whisper checkpoint (e.g. openai/whisper-medium) for the encoder")
     quick.set_defaults(func=cmd_quickstart)
 
-    chat = sub.add_parser("chat", help="ask a spoken (or text) question, get text and a WAV")
-    chat.add_argument("--model", default="deeptalk_output/quickstart/model")
+    chat = command("chat", "ask a spoken (or text) question, get text and a WAV")
+    chat.add_argument("--model", default=model, help=model_help)
     chat.add_argument("--audio", help="question audio file (any rate; mixed to mono)")
     chat.add_argument("--text", help="question as text")
-    chat.add_argument("--out", default="reply.wav")
-    chat.add_argument("--codec", help="codec folder (default: <model>/codec)")
-    chat.add_argument("--max-steps", type=int, default=200)
-    chat.add_argument("--strategy", default="single_pass", choices=["single_pass", "batch_parallel"],
+    chat.add_argument("--out", default="reply.wav", help="where to write the spoken answer (an audio file name)")
+    chat.add_argument("--codec", help=codec_help)
+    chat.add_argument("--max-steps", type=_positive_int, default=200, help="decode steps at most")
+    chat.add_argument("--strategy", default="single_pass", choices=strategies,
                       help="single_pass: one sequence; batch_parallel: the authors' text-only copy supplies the text")
-    chat.add_argument("--audio-top-k", type=int, default=10, help="sample audio among the top k codes (1 = greedy)")
-    chat.add_argument("--repetition-penalty", type=float, default=1.2, help="text repetition penalty (1.0 = off)")
-    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument("--audio-top-k", type=_positive_int, default=10,
+                      help="sample audio among the top k codes (1 = greedy)")
+    chat.add_argument("--repetition-penalty", type=_positive_float, default=1.2,
+                      help="text repetition penalty (1.0 = off)")
+    chat.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
     chat.add_argument("--voice", help="voice token name, for models trained with voices")
-    chat.add_argument("--chunk-frames", type=int, default=8, help="codec frames per streamed audio chunk")
+    chat.add_argument("--chunk-frames", type=_positive_int, default=8, help="codec frames per streamed audio chunk")
     chat.add_argument("--cache", default="dynamic", choices=["dynamic", "static"], help="KV cache implementation")
     chat.set_defaults(func=cmd_chat)
 
-    evaluate = sub.add_parser("evaluate", help="text QA, spoken QA, ASR and audio-token metrics -> JSON")
-    evaluate.add_argument("--model", default="deeptalk_output/quickstart/model")
-    evaluate.add_argument("--base-model", help="the original LLM, for the relative text drop")
-    evaluate.add_argument("--codec", help="codec folder (default: <model>/codec)")
-    evaluate.add_argument("--output", default="deeptalk_output/evaluation.json")
-    evaluate.add_argument("--limit", type=int, help="score only the first N test records per task")
+    evaluate = command("evaluate", "text QA, spoken QA, ASR and audio-token metrics -> JSON")
+    evaluate.add_argument("--model", default=model, help=model_help)
+    evaluate.add_argument("--base-model", help="the original LLM (folder or Hub id), for the relative text drop")
+    evaluate.add_argument("--codec", help=codec_help)
+    evaluate.add_argument("--output", default=os.path.join(home, "evaluation.json"), help="where to write the JSON")
+    evaluate.add_argument("--limit", type=_positive_int,
+                          help="score only the first N test records per task (default: all)")
     evaluate.add_argument("--asr", help="ASR for the spoken answers: 'own' (default, the model's ASR path) or a "
                                         "transformers ASR checkpoint (Hub id or folder, e.g. openai/whisper-large-v3)")
-    evaluate.add_argument("--max-speech-steps", type=int, default=200, help="decode steps per spoken answer")
-    evaluate.add_argument("--max-new-tokens", type=int, default=8, help="tokens per greedy text answer")
+    evaluate.add_argument("--max-speech-steps", type=_positive_int, default=200, help="decode steps per spoken answer")
+    evaluate.add_argument("--max-new-tokens", type=_positive_int, default=8, help="tokens per greedy text answer")
     evaluate.add_argument("--no-speech-answers", action="store_true", help="skip speech->speech accuracy and TTS WER")
-    evaluate.add_argument("--strategy", default="single_pass", choices=["single_pass", "batch_parallel"],
+    evaluate.add_argument("--strategy", default="single_pass", choices=strategies,
                           help="decoding of the spoken answers")
-    evaluate.add_argument("--voice", help="voice token for the spoken answers (default: the model's first voice, if any)")
+    evaluate.add_argument("--voice",
+                          help="voice token for the spoken answers (default: the model's first voice, if any)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    push = sub.add_parser("push", help="export to a Hub-ready folder and upload it (huggingface_hub)")
-    push.add_argument("repo_id")
-    push.add_argument("--model", default="deeptalk_output/quickstart/model")
-    push.add_argument("--codec", help="codec folder (default: <model>/codec)")
+    push = command("push", "export to a Hub-ready folder and upload it (huggingface_hub)")
+    push.add_argument("repo_id", help="the Hub model repo to upload to (user/name)")
+    push.add_argument("--model", default=model, help=model_help)
+    push.add_argument("--codec", help=codec_help)
     push.add_argument("--base-model", help="base model id for the card")
     push.add_argument("--eval-results", help="JSON from `deeptalk evaluate`, rendered as the card's eval_results")
-    push.add_argument("--load-report", help="folder holding modality_load.json/.png (e.g. deeptalk_output/quickstart)")
-    push.add_argument("--private", action="store_true")
+    push.add_argument("--load-report", help="folder holding modality_load.json/.png (e.g. the quickstart's output)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--export-only", metavar="FOLDER", help="write the repository folder and stop before uploading")
     push.set_defaults(func=cmd_push)
 
-    space = sub.add_parser("space", help="write a gradio Space (spoken chat + expert view) for a model, optionally push it")
+    space = command("space", "write a gradio Space (spoken chat + expert view) for a model, optionally push it")
     space.add_argument("folder", help="where to write the Space")
-    space.add_argument("--model", default="deeptalk_output/quickstart/model", help="model repo id or folder")
-    space.add_argument("--max-steps", type=int, default=200)
-    space.add_argument("--strategy", default="single_pass", choices=["single_pass", "batch_parallel"])
+    space.add_argument("--model", default=model, help="model folder or Hub id (a Hub id is referenced, not downloaded)")
+    space.add_argument("--max-steps", type=_positive_int, default=200, help="decode steps at most per answer")
+    space.add_argument("--strategy", default="single_pass", choices=strategies, help="decoding of the spoken answers")
     space.add_argument("--example", action="append", help="a spoken question offered as an example (repeatable)")
     space.add_argument("--bundle-model", action="store_true", help="copy a local model folder into the Space")
     space.add_argument("--deeptalk-requirement", help="pip requirement for deeptalk (default: bundle the package)")
     space.add_argument("--push", metavar="REPO_ID", help="upload the Space to this repo id (huggingface_hub)")
     space.set_defaults(func=cmd_space)
 
-    convert = sub.add_parser("convert", help="convert a transformers MoE LLM into a DeepTalk model")
-    convert.add_argument("source", help="folder, Hub id, or tiny:FAMILY")
-    convert.add_argument("output", help="output folder (Hub-ready: weights, config, remote code)")
-    convert.add_argument("--speech-experts", help="JSON (inline or file): one list of source expert indices per MoE layer")
-    convert.add_argument("--num-speech-experts", type=int, help="speech experts per layer when assigning later (default 6)")
-    convert.add_argument("--routing-mode", default="free", help="free | speech_only | text_only | by_token_modality")
-    convert.add_argument("--dtype", help="load the source in this dtype, e.g. bfloat16 (default: as saved)")
+    convert = command("convert", "convert a transformers MoE LLM into a DeepTalk model")
+    convert.add_argument("source", metavar="SRC", help="folder, Hub id, or tiny:FAMILY")
+    convert.add_argument("output", metavar="OUT", help="output folder (Hub-ready: weights, config, remote code)")
+    convert.add_argument("--speech-experts",
+                         help="JSON (inline or file): one list of source expert indices per MoE layer")
+    convert.add_argument("--num-speech-experts", type=_positive_int,
+                         help="speech experts per layer when assigning later (default: the config's, 6)")
+    convert.add_argument("--routing-mode", default="free",
+                         choices=["free", "speech_only", "text_only", "by_token_modality"],
+                         help="which experts tokens may be routed to")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                         help="load the source in this dtype (default: as saved)")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace OUT if it holds something (the old folder stays whole until the new one is)")
     convert.set_defaults(func=cmd_convert)
 
-    train = sub.add_parser("train", help="run one training phase from a recipe")
-    train.add_argument("phase", choices=["align", "experts", "joint", "dpo"])
+    upgrade = command("upgrade", "rewrite a folder saved by deeptalk 0.1 in the current format")
+    upgrade.add_argument("old", metavar="OLD", help="the old model folder (left untouched)")
+    upgrade.add_argument("new", metavar="NEW", help="the new folder (new or empty)")
+    upgrade.add_argument("--overwrite", action="store_true", help="replace NEW if it holds something")
+    upgrade.set_defaults(func=cmd_upgrade)
+
+    train = command("train", "run one training phase from a recipe")
+    train.add_argument("phase", choices=["align", "experts", "joint", "dpo"], help="the phase to run")
     train.add_argument("--recipe", required=True, help="YAML path or shipped name, e.g. tiny_cpu/experts_speech")
     train.add_argument("--model", required=True, help="DeepTalk model folder (with its processor)")
     train.add_argument("--data", required=True, help="conversations, JSON Lines of {'messages': [...]}")
-    train.add_argument("--output", required=True)
+    train.add_argument("--output", required=True, help="where to write the trained model")
     train.add_argument("--modality", choices=["speech", "text"], help="experts phase: override the recipe's modality")
     train.add_argument("--codec", help="codec folder for assistant answers given as audio files")
-    train.add_argument("--resume-from-checkpoint", default=None)
-    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override recipe args")
+    train.add_argument("--resume-from-checkpoint", help="a checkpoint folder to resume from")
+    train.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                       help="override recipe args (fields of the phase's config, e.g. max_steps=10 save_strategy=no)")
     train.set_defaults(func=cmd_train)
 
-    assign = sub.add_parser("assign", help="assign speech experts from modality load (or at random)")
-    assign.add_argument("--model", required=True)
+    assign = command("assign", "assign speech experts from modality load (or at random)")
+    assign.add_argument("--model", required=True, help="DeepTalk model folder (with its processor)")
     assign.add_argument("--text-data", help="text-only conversations (JSON Lines)")
     assign.add_argument("--speech-data", help="spoken conversations (JSON Lines)")
-    assign.add_argument("--output", required=True)
-    assign.add_argument("--num-speech-experts", type=int)
-    assign.add_argument("--strategy", choices=["adaptive", "random", "moextend"], default="adaptive")
-    assign.add_argument("--seed", type=int, default=0)
-    assign.add_argument("--batch-size", type=int, default=8)
+    assign.add_argument("--output", required=True, help="where to write the model with its speech experts")
+    assign.add_argument("--num-speech-experts", type=_positive_int,
+                        help="speech experts per MoE layer (default: the model's)")
+    assign.add_argument("--strategy", choices=["adaptive", "random", "moextend"], default="adaptive",
+                        help="adaptive: the experts speech loads most; random; moextend: new experts")
+    assign.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random strategy")
+    assign.add_argument("--batch-size", type=_positive_int, default=8, help="conversations per load-measuring batch")
     assign.set_defaults(func=cmd_assign)
     return parser
 
 
+# ---------------------------------------------------------------------------------------------- main
+
+
+def _is_user_error(err: BaseException) -> bool:
+    """Errors that describe bad input or a missing resource (said in one line), as opposed to bugs."""
+    if isinstance(err, (UsageError, ValueError, OSError)):
+        return True
+    return type(err).__module__.split(".")[0] == "yaml"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = (os.environ.get(DEBUG_VARIABLE) or "").lower() in {"1", "true", "yes", "on"}
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:  # input problems: print the message, not a traceback
-        print(f"deeptalk {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"deeptalk {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug or not _is_user_error(err):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        if not isinstance(err, UsageError):
+            message += f" ({DEBUG_VARIABLE}=1 shows the traceback)"
+        print(f"deeptalk {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -451,6 +451,26 @@ class DeepTalkConfig(PreTrainedConfig):
     def router_aux_loss_coef(self, value: float):
         self.text_config.router_aux_loss_coef = float(value)
 
+    # A causal LM's config answers `vocab_size` (tools and transformers' tests read it at the top level);
+    # it is the whole extended vocabulary, held by the text config like the router-loss switches.
+    @property
+    def vocab_size(self) -> int:
+        return self.text_config.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int):
+        self.text_config.vocab_size = value
+
+    # `model.config.use_cache = False` (Trainer with gradient checkpointing, generation tests) must reach the
+    # decoder, which reads it from the text config.
+    @property
+    def use_cache(self) -> bool:
+        return bool(getattr(self.text_config, "use_cache", True))
+
+    @use_cache.setter
+    def use_cache(self, value: bool):
+        self.text_config.use_cache = bool(value)
+
     # ---- the source family -------------------------------------------------------------------
     @property
     def family(self) -> str:

@@ -27,6 +27,8 @@ checkpointed forward and its backward.
 Invariant (tested for every family): in ``free`` mode a converted model computes its source's logits.
 """
 
+import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +38,7 @@ from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
+from transformers.generation import LogitsProcessor, LogitsProcessorList
 from transformers.integrations.moe import use_experts_implementation
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -158,10 +161,11 @@ def route_tokens(router_logits: torch.Tensor, allowed: torch.Tensor | None, spec
         group_index = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_index, 1.0)
         expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, grouped // spec.num_groups).reshape(num_tokens, -1)
-        expert_mask = F.pad(expert_mask, (0, num_experts - grouped), value=1.0)
+        if grouped < num_experts:
+            expert_mask = F.pad(expert_mask, (0, num_experts - grouped), value=1.0)
         choice_scores = probs.masked_fill(~expert_mask.bool(), 0.0)
 
-    expert_weight, expert_index = torch.topk(choice_scores, spec.top_k, dim=-1)
+    expert_weight, expert_index = torch.topk(choice_scores, spec.top_k, dim=-1, sorted=False)
     if allowed is not None:
         filled = allowed.expand_as(probs).gather(1, expert_index)
         expert_index = expert_index.masked_fill(~filled, -1)
@@ -283,16 +287,18 @@ def joined_view(first: nn.Parameter, second: nn.Parameter) -> torch.Tensor | Non
     """
     if not (_exclusively_local(first) and _exclusively_local(second)):
         return None
-    if not _back_to_back(first, second):
-        if first.untyped_storage().nbytes() != first.numel() * first.element_size() or (
-            second.untyped_storage().nbytes() != second.numel() * second.element_size()
-        ):
-            return None  # a view into someone else's storage
-        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors that training can use later
+    if first.is_inference() or second.is_inference():
+        return None  # tensors made under inference_mode cannot be re-pointed
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors that training can use later
+        if not _back_to_back(first, second):
+            if first.untyped_storage().nbytes() != first.numel() * first.element_size() or (
+                second.untyped_storage().nbytes() != second.numel() * second.element_size()
+            ):
+                return None  # a view into someone else's storage
             storage = torch.cat([first.detach(), second.detach()])
             first.data = storage[: first.shape[0]]
             second.data = storage[first.shape[0] :]
-    return first.detach().as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride())
+        return first.detach().as_strided((first.shape[0] + second.shape[0], *first.shape[1:]), first.stride())
 
 
 class _JoinedCache:
@@ -315,6 +321,7 @@ class _JoinedCache:
 
     def _apply(self, fn, *args, **kwargs):
         self.__dict__.pop("_joined_views", None)
+        self.__dict__.pop("_packed_module", None)
         return super()._apply(fn, *args, **kwargs)
 
 
@@ -355,6 +362,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         self.has_speech_bank = bool(self.bank_members[SPEECH_MODALITY])
         self.fill_placement()
         self.__dict__.pop("_joined_views", None)
+        self.__dict__.pop("_packed_module", None)
 
     @torch.no_grad()
     def fill_placement(self):
@@ -402,6 +410,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
             bank.gate_up_proj = nn.Parameter(gate_up.contiguous())
             bank.down_proj = nn.Parameter(down.contiguous())
         self.__dict__.pop("_joined_views", None)
+        self.__dict__.pop("_packed_module", None)
 
     def split_source_experts(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> dict:
         """Source-order fused expert weights -> `{"text_bank": (gate_up, down), "speech_bank": ...}`,
@@ -442,8 +451,8 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
             return self.banks()[bank](hidden_states, self.local_index[index.clamp(min=0)], weight)
         if not torch.is_grad_enabled():
             packed = self._packed_experts()
-            if packed is not None:  # both banks as one experts call, like the source's block
-                return packed(hidden_states, self.packed_index[index.clamp(min=0)], weight)
+            if packed is not None:  # both banks as one experts call, like the source's block (no empty slots here)
+                return packed(hidden_states, self.packed_index[index], weight)
         # Training (or partitioned weights): each bank runs its own slots; the other bank's are sentinels.
         source = index.clamp(min=0)
         speech_slot = self.is_speech_expert[source]
@@ -455,18 +464,19 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
 
     def _packed_experts(self) -> DeepTalkExperts | None:
         """Both banks as ONE experts module (text experts, then speech experts), for inference."""
-        banks = (self.text_bank, self.speech_bank)
+        cached = self.__dict__.get("_packed_module")
+        if torch.compiler.is_compiling():  # data_ptr cannot be traced: use what eager mode prepared
+            return cached
+        text_bank, speech_bank = self._modules["text_bank"], self._modules["speech_bank"]
+        if cached is not None and cached.source_ptrs == (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr()):
+            return cached  # the hot path: one check per layer and step
+        banks = (text_bank, speech_bank)
         if not all(type(bank) is DeepTalkExperts for bank in banks):
             return None  # e.g. a PEFT adapter wraps a bank: packing raw weights would skip it
         gate_up = self._joined("gate_up_proj", self.text_bank.gate_up_proj, self.speech_bank.gate_up_proj)
         down = self._joined("down_proj", self.text_bank.down_proj, self.speech_bank.down_proj)
         if gate_up is None or down is None:
             return None
-        cached = self.__dict__.get("_packed_module")
-        if cached is not None and cached.gate_up_proj is gate_up and cached.down_proj is down:
-            return cached
-        if torch.compiler.is_compiling():
-            return cached
         packed = DeepTalkExperts.__new__(DeepTalkExperts)
         nn.Module.__init__(packed)
         packed.__dict__.update({k: v for k, v in self.text_bank.__dict__.items() if k not in ("_parameters", "_buffers")})
@@ -474,6 +484,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         packed._parameters = {"gate_up_proj": gate_up, "down_proj": down}
         packed.num_experts = gate_up.shape[0]
         packed._is_expert_parallel = False  # no sentinels here: the source's exact kernel path
+        packed.source_ptrs = (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr())
         self.__dict__["_packed_module"] = packed
         return packed
 
@@ -695,7 +706,7 @@ class DeepTalkPreTrainedModel(PreTrainedModel):
     config: DeepTalkConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["DeepTalkDecoderLayer", "WhisperEncoderLayer"]
+    _no_split_modules = ["DeepTalkDecoderLayer"]  # a speech model adds its encoder's WhisperEncoderLayer
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -792,6 +803,14 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         self._ep_plan.update(_tp_plan_for_banks(getattr(text_config, "base_model_ep_plan", None)))
         if self.config.speech_layout is not None:  # a vocabulary-sharded table cannot hold two row blocks
             self._tp_plan.pop("embed_tokens", None)
+        elif self._tp_plan:  # as transformers does for a family's base model, whose plan sits on its own config
+            self._tp_plan = {"embed_tokens": "embedding_rowwise", **self._tp_plan}
+        # the family's plan names modules its configs may lack (q_b_proj without q_lora_rank, dense MLPs of a
+        # model with none): keep what this model holds, as transformers matches it (layer indices as `*`)
+        present = {re.sub(r"\d+", "*", name) for name, _ in [*self.named_modules(), *self.named_parameters()]}
+        for plan in (self._tp_plan, self._ep_plan):
+            for key in [key for key in plan if key not in present]:
+                del plan[key]
 
     def _build_speech_input(self, audio_rows: torch.Tensor | None = None):
         """The speech-side modules a `speech_layout` / `audio_config` call for. At construction the tables
@@ -850,10 +869,12 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         hidden, lengths = self.audio_encoder.encode(input_features, feature_lengths, self.config.audio_pad_to_30s)
         return self.audio_adapter(hidden, lengths)
 
-    def mean_stream_embedding(self, input_ids: torch.LongTensor) -> torch.Tensor:
+    def mean_stream_embedding(self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None) -> torch.Tensor:
         """`[B, 1 + N, T]` ids -> `[B, T, H]`: the mean of the streams' embeddings, leaving PAD_A slots
-        out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts)."""
-        embeddings = self.embed_tokens(input_ids)
+        out when `config.stream_embedding_mean == "non_pad"` (the text slot always counts). `embeddings`:
+        `embed_tokens(input_ids)` when the caller already has it."""
+        if embeddings is None:
+            embeddings = self.embed_tokens(input_ids)
         if self.config.stream_embedding_mean == "all":
             return embeddings.mean(dim=1)
         weight = (input_ids != self.stream_pad_ids[None, :, None]).to(embeddings.dtype).unsqueeze(-1)
@@ -866,7 +887,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         At an audio-input position the N audio slots take the adapter output while the text slot keeps
         its placeholder embedding, as in the authors' code: `(text_embedding + N * feature) / (1 + N)`.
         """
-        inputs_embeds = self.mean_stream_embedding(input_ids) if input_ids.dim() == 3 else self.embed_tokens(input_ids)
+        # the table is looked up once per call: under FSDP each lookup of a sharded table is a collective,
+        # so a second lookup for the audio positions would desync ranks whose batches hold no audio
+        if input_ids.dim() == 3:
+            stream_embeddings = self.embed_tokens(input_ids)
+            inputs_embeds, text_embeds = self.mean_stream_embedding(input_ids, stream_embeddings), stream_embeddings[:, 0]
+        else:
+            inputs_embeds = text_embeds = self.embed_tokens(input_ids)
         if input_features is None:
             if self.training and hasattr(self, "audio_encoder") or _distributed() and hasattr(self, "audio_encoder"):
                 # every rank runs the same modules each step, whatever its batch holds, or collectives desync
@@ -884,8 +911,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             )
         num_audio = self.config.num_audio_streams
         if num_audio:
-            text_ids = input_ids[:, 0] if input_ids.dim() == 3 else input_ids
-            text_slot = self.embed_tokens(text_ids)[audio_input_mask]
+            text_slot = text_embeds[audio_input_mask]
             features = (text_slot + num_audio * features) / (num_audio + 1)
         mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
         return inputs_embeds.masked_scatter(mask, features)
@@ -1242,6 +1268,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         start, end = self.config.stream_range(stream)
         return logits[..., start:end]
 
+    def generate(self, *args, **kwargs):
+        """transformers' `generate` on the text stream. A speech model scores its whole extended vocabulary;
+        a text answer may only pick text ids (`TextIdsOnly`), as the text stream does when it speaks."""
+        if self.config.speech_layout is not None:
+            processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+            processors.append(TextIdsOnly(self.config.text_vocab_size))
+            kwargs["logits_processor"] = processors
+        return super().generate(*args, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, cache=None, inputs_embeds=None, is_first_iteration=False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
@@ -1311,6 +1346,8 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if hasattr(self.model, "audio_encoder"):
             self.model.audio_encoder.to(text_embedding.device)
             self.model.audio_adapter.to(text_embedding.device)
+        self.model.init_parallel_plans()  # the table and the head now hold two row blocks: not vocabulary-sharded
+        self.init_parallel_plans()
         return self
 
     # ---- expert placement ----------------------------------------------------------------------
@@ -1373,6 +1410,42 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
                 "`deeptalk.DeepTalkForCausalLM.from_text_moe(...)` or `deeptalk convert SRC OUT`."
             ) from None
         return from_text_moe(source, speech_experts, progress=progress, model_class=cls, **config_overrides)
+
+    # ---- speaking (remote code: generation_deeptalk.py, codec_deeptalk.py) --------------------------
+    def generate_speech(self, processor, conversation: list[dict], codec=None, **decoding):
+        """A text + speech answer to `conversation` (chat messages ending with a user turn, e.g. a spoken
+        question `{"type": "audio", "audio": "question.wav"}`): a `SpeechAnswer` with `.text`, `.codes` and,
+        given the model's `codec` (see `load_codec`), `.waveform`. `decoding` options are the fields of
+        `SpeechDecodingConfig` (strategy, max_steps, audio_top_k, seed, voice, ...)."""
+        from .generation_deeptalk import generate_speech_answer
+
+        return generate_speech_answer(self, processor, conversation, codec=codec, **decoding)
+
+    def load_codec(self, path: str | os.PathLike | None = None, **kwargs):
+        """The speech codec saved with this model (`codec/` in its folder or Hub repo), or the one at `path`."""
+        from .codec_deeptalk import load_codec
+
+        if path is None:
+            if not self.name_or_path:
+                raise ValueError("This model was not loaded from a folder or Hub repo: pass the codec's path.")
+            path = os.path.join(self.name_or_path, "codec")
+            if not os.path.isdir(path):  # a Hub repo: fetch its codec/ folder
+                from huggingface_hub import snapshot_download
+
+                path = os.path.join(snapshot_download(self.name_or_path, allow_patterns=["codec/*"]), "codec")
+        return load_codec(path, **kwargs)
+
+
+class TextIdsOnly(LogitsProcessor):
+    """Only ids below `limit` (the text block) can be picked: audio ids get -inf."""
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if scores.shape[-1] <= self.limit:
+            return scores
+        return scores.masked_fill(torch.arange(scores.shape[-1], device=scores.device) >= self.limit, float("-inf"))
 
 
 def _new_rows(reference: torch.Tensor, count: int, mean_resizing: bool, config: DeepTalkConfig) -> torch.Tensor:

@@ -175,3 +175,34 @@ def test_bad_codes_and_audio_are_rejected(processor, corpus):
         processor.encode_conversation(long)
     with pytest.raises(ValueError, match="add_generation_prompt=True needs"):
         processor.encode_conversation(spoken(example), add_generation_prompt=True)
+
+
+def test_the_remote_code_audio_reader_agrees_with_load_audio(corpus, tmp_path):
+    """Where deeptalk is absent the processor reads audio with `read_audio` (soundfile + torchaudio): same samples
+    as the package's `load_audio` for files, bytes, dicts and arrays at other rates, and clear errors."""
+    import soundfile
+
+    from deeptalk.processing.audio import load_audio
+    from deeptalk.processing_deeptalk import read_audio
+
+    path = corpus["test"][0]["question_audio"]["path"]
+    samples, rate = soundfile.read(path, dtype="float32")
+    stereo = np.stack([samples, 0.5 * samples])  # [channels, samples]
+    wav = tmp_path / "question.wav"
+    soundfile.write(wav, samples, rate)
+    sources = [(path, None), (wav.read_bytes(), None), ({"path": str(wav)}, None),
+               ({"array": samples, "sampling_rate": rate}, None), (stereo, rate)]
+    for source, source_rate in sources:
+        for target in (16000, 24000):
+            ours = read_audio(source, source_rate, target_sampling_rate=target)
+            reference = load_audio(source, source_rate, target_sampling_rate=target)
+            assert ours.dtype == np.float32 and ours.shape == reference.shape
+            np.testing.assert_allclose(ours, reference, atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="missing.wav"):
+        read_audio(tmp_path / "missing.wav", target_sampling_rate=16000)
+    with pytest.raises(ValueError, match="needs its sampling_rate"):
+        read_audio(samples, target_sampling_rate=16000)
+    with pytest.raises(ValueError, match="floats in"):
+        read_audio((samples * 32767).astype(np.int16), 16000, target_sampling_rate=16000)
+    with pytest.raises(ValueError, match="at most 1 s"):
+        read_audio(path, target_sampling_rate=16000, max_seconds=1)

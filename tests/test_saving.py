@@ -185,10 +185,11 @@ def test_kill_during_save_leaves_the_previous_or_the_new_model(tmp_path):
     its filesystem-changing operations and at random instants (tests/scripts/kill_during_save.py)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "4"], capture_output=True, text=True, env=env,
-                         timeout=600)
+    report = tmp_path / "report.jsonl"
+    run = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "4", str(report)], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    rows = [json.loads(line) for line in report.read_text().splitlines()]
     for mode, before_commit in [("fresh", "absent"), ("replace", "previous"), ("replace_without_exchange", "previous")]:
         trials = [r for r in rows if r["mode"] == mode and r["kill"] is not None]
         final = next(r for r in rows if r["mode"] == mode and r["kill"] is None)

@@ -174,3 +174,13 @@ def test_text_stream_alone_embeds_like_the_full_layout(speech_model):
     full = speech_model.model.embed_inputs(ids, inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
     text_only = speech_model.model.embed_inputs(ids[:, 0], inputs["input_features"], inputs["audio_feature_lengths"], inputs["audio_input_mask"])
     assert torch.allclose(full, text_only, atol=1e-6)
+
+
+def test_text_generation_on_a_speech_model_picks_text_ids_only(tiny_source):
+    model = convert(tiny_source("qwen3_moe")).add_speech(layout()).eval()
+    with torch.no_grad():
+        model.lm_head.audio_weight.mul_(100)  # audio ids would win every step
+        scores = model(random_ids(shape=(1, 5))).logits[0, -1]
+        assert scores.argmax() >= 128
+        out = model.generate(random_ids(shape=(1, 5)), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert (out < 128).all()

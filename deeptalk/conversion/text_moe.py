@@ -3,6 +3,10 @@
 DeepTalk keeps the family's parameter names (`model.layers.N.self_attn...`, `model.embed_tokens`,
 `lm_head`); only each MoE block changes: the family's fused `mlp.experts` is split into
 `mlp.text_bank` / `mlp.speech_bank` by the speech map, and its `mlp.gate` becomes `mlp.router` (fp32).
+
+`convert_folder` is `deeptalk convert`: source folder (or Hub id, or `tiny:FAMILY`) in, a folder out
+that transformers and TRL use as they are (weights, config, remote code, the source's tokenizer with a
+chat template), e.g. `trl sft --model_name_or_path OUT --trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import logging
 
 from ..configuration_deeptalk import DeepTalkConfig
+
+TINY_PREFIX = "tiny:"
 
 
 def from_text_moe(
@@ -111,3 +117,83 @@ def _copy_buffers(source, model):
             module._buffers[buffer_name] = source_buffers[name].clone()
         else:  # DeepTalk's own (placement, stream tables): real tensors, filled right after
             module._buffers[buffer_name] = torch.zeros_like(buffer, device="cpu").to(source.device)
+
+
+def load_source_tokenizer(source: str | os.PathLike):
+    """The tokenizer of the source model at `source`, refused with a clear error when there is none.
+
+    transformers builds a tokenizer with a single token from a folder that holds only a model (the family's
+    tokenizer class, no vocabulary): a converted folder with it would train and generate on nothing."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{source}: the source's tokenizer could not be loaded ({err}). DeepTalk keeps the source "
+                         "model's tokenizer: give a folder or Hub id that holds it.") from None
+    if len(tokenizer) <= max(1, len(set(tokenizer.all_special_ids))):
+        raise ValueError(
+            f"{source} has no tokenizer: loading it gave one with {len(tokenizer)} token(s) and no vocabulary. Copy "
+            "the source model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into the folder, or give "
+            "the Hub id the model came from."
+        )
+    return tokenizer
+
+
+def convert_folder(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    speech_experts: list[list[int]] | None = None,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **config_overrides,
+):
+    """Convert the MoE LLM at `source` and write a folder that transformers and TRL load as they are.
+
+    `source` is a folder or Hub id of a supported family (its tokenizer is required), or `tiny:FAMILY` for a
+    tiny random one with the demo corpus's tokenizer (offline). `output` gets the weights, the config (expert
+    map, `auto_map`), the remote-code files and the tokenizer; a tokenizer without a chat template gets
+    DeepTalk's role-tagged one (`<|user|>...<|eot|><|assistant|>`, the processor's text format), so chat
+    (`messages`) data works with TRL's SFT. `dtype` (e.g. "bfloat16") loads the source in that dtype
+    (default: as saved). Other options are those of `from_text_moe`. Returns the converted model.
+    """
+    import torch
+
+    from ..processing_deeptalk import DEFAULT_CHAT_TEMPLATE
+    from ..saving import atomic_directory, check_output_path
+
+    source_name = os.fspath(source)
+    tiny_family = source_name[len(TINY_PREFIX):] if source_name.startswith(TINY_PREFIX) else None
+    local_source = None if tiny_family is not None or not os.path.exists(source_name) else source_name
+    check_output_path(output, overwrite=overwrite, forbid=[local_source], what="output")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype; use e.g. 'bfloat16', 'float16' or 'float32'.")
+    if tiny_family is not None:
+        from ..recipes import build_demo_tokenizer
+        from ..tiny import TINY_FAMILIES, tiny_text_moe
+
+        if tiny_family not in TINY_FAMILIES:
+            raise ValueError(f"{source_name}: no tiny config for {tiny_family!r}; choose one of {TINY_FAMILIES}.")
+        tokenizer = build_demo_tokenizer()
+        special_ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos")}
+        source_model = tiny_text_moe(tiny_family, vocab_size=len(tokenizer), **special_ids)
+    else:  # tokenizer and config before the (large) weights: bad input fails fast
+        from transformers import AutoConfig
+
+        tokenizer = load_source_tokenizer(source_name)
+        vocab_size = AutoConfig.from_pretrained(source_name).get_text_config().vocab_size
+        if len(tokenizer) > vocab_size:
+            raise ValueError(f"{source_name}: the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                             f"only {vocab_size}; the tokenizer does not belong to this model.")
+        # loaded by from_text_moe itself, which then moves the tensors instead of copying them
+        source_model = source_name
+        config_overrides["source_kwargs"] = {"dtype": getattr(torch, dtype) if dtype else "auto"}
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    model = from_text_moe(source_model, speech_experts, progress=progress, **config_overrides)
+    with atomic_directory(output, overwrite=overwrite, forbid=[local_source], what="output") as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return model

@@ -11,20 +11,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..configuration_deeptalk import FORMAT_VERSION, SpeechTokenLayout
+from ..saving import atomic_directory, check_output_path
 
 _FLAT_SPEECH_FIELDS = ("num_audio_streams", "audio_codebook_size", "audio_stream_delays", "audio_special_tokens",
                        "text_vocab_size")
 
 
-def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Path:
-    """Write the format-1 folder `old_dir` in the current format to `new_dir` (which must not exist).
+def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the format-1 folder `old_dir` in the current format to `new_dir` (new or empty unless `overwrite`;
+    written atomically).
     Files other than config.json and the weights (tokenizer, processor, codec, reports) are copied."""
     old_dir, new_dir = Path(old_dir), Path(new_dir)
     config_path = old_dir / "config.json"
@@ -35,11 +36,12 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
         raise ValueError(f"{config_path} describes a {config.get('model_type')!r} model, not a DeepTalk one.")
     if config.get("deeptalk_format_version", 1) == FORMAT_VERSION:
         raise ValueError(f"{old_dir} is already in format {FORMAT_VERSION}: nothing to upgrade.")
-    if new_dir.exists():
-        raise FileExistsError(f"{new_dir} exists: give a new folder for the upgraded model.")
-    weight_files = sorted(old_dir.glob("*.safetensors"))
-    if not weight_files or (old_dir / "model.safetensors.index.json").exists():
-        raise ValueError(f"{old_dir}: upgrade handles one model.safetensors file (sharded format-1 folders were never written).")
+    check_output_path(new_dir, overwrite=overwrite, forbid=[old_dir], what="the new folder")
+    weights = old_dir / "model.safetensors"  # other .safetensors files (reports, test data) are not weights
+    if (old_dir / "model.safetensors.index.json").exists():
+        raise ValueError(f"{old_dir}: upgrade handles one model.safetensors file (format 1 was never sharded).")
+    if not weights.is_file():
+        raise FileNotFoundError(f"{old_dir} has no model.safetensors: it is not a folder saved by deeptalk 0.1.")
 
     num_audio_streams = config.get("num_audio_streams", 0)
     text_vocab_size = config.get("text_vocab_size") or config["text_config"]["vocab_size"]
@@ -62,7 +64,7 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
     config["deeptalk_format_version"] = FORMAT_VERSION
 
     tensors = {}
-    with safe_open(weight_files[0], framework="pt") as f:
+    with safe_open(weights, framework="pt") as f:
         metadata = f.metadata()
         for key in f.keys():
             tensor = f.get_tensor(key)
@@ -73,17 +75,12 @@ def upgrade_folder(old_dir: str | os.PathLike, new_dir: str | os.PathLike) -> Pa
             else:
                 tensors[new_key] = tensor
 
-    new_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{new_dir.name}.upgrading-", dir=new_dir.parent))
-    try:
+    with atomic_directory(new_dir, overwrite=overwrite, forbid=[old_dir], what="the new folder") as staging:
+        staging = Path(staging)
         for item in old_dir.iterdir():
-            if item.suffix == ".py" or item.name == "config.json" or item in weight_files:
+            if item.suffix == ".py" or item.name == "config.json" or item == weights:
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         save_file(tensors, staging / "model.safetensors", metadata=metadata or {"format": "pt"})
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        os.replace(staging, new_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return new_dir

@@ -141,7 +141,42 @@ def degenerate_answer_warnings(scores: dict, own_asr_error_rates: dict | None) -
     return found
 
 
-def write_results(results: dict, path: str):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
+def write_results(results: dict, path: str) -> dict:
+    """Write `results` as strict JSON (atomically) and return what was written: a NaN or infinite number
+    (a metric undefined on the examples scored) becomes null, with a note under ``"warnings"``."""
+    import math
+    import tempfile
+
+    undefined = []
+
+    def finite(value, where):
+        if isinstance(value, float) and not math.isfinite(value):
+            undefined.append(where)
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    results = finite(results, "")
+    if undefined:
+        warnings = results.setdefault("warnings", {})
+        for where in undefined:
+            warnings[where] = "undefined (NaN or infinite) on the examples scored: written as null"
+    text = json.dumps(results, indent=2, allow_nan=False)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, scratch = tempfile.mkstemp(prefix=".evaluation-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(scratch, 0o666 & ~umask)  # mkstemp's 0600 would make the results private
+        os.replace(scratch, path)
+    except BaseException:
+        if os.path.exists(scratch):
+            os.unlink(scratch)
+        raise
+    return results

@@ -1,30 +1,11 @@
 """Speaking: decode a text + speech answer (single-pass or batch-parallel), stream it as audio chunks,
-and chat with a model (`SpeechChat`)."""
+and chat with a model (`SpeechChat`). The decoding itself is `deeptalk/generation_deeptalk.py`, the
+remote-code file saved folders carry."""
 
+from . import decoding
 from .chat import ChatReply, SpeechChat, user_message
-from .decoding import (
-    STRATEGIES,
-    DecodeResult,
-    DecodeStep,
-    SpeechAnswer,
-    SpeechDecodingConfig,
-    decode_steps,
-    generate_speech_answer,
-)
+from .decoding import *  # noqa: F403  (the decoding names, listed once: generation_deeptalk.__all__)
 from .streaming import AudioChunk, IncrementalSpeechDecoder, TextDelta
 
-__all__ = [
-    "AudioChunk",
-    "ChatReply",
-    "IncrementalSpeechDecoder",
-    "SpeechChat",
-    "TextDelta",
-    "user_message",
-    "STRATEGIES",
-    "DecodeResult",
-    "DecodeStep",
-    "SpeechAnswer",
-    "SpeechDecodingConfig",
-    "decode_steps",
-    "generate_speech_answer",
-]
+__all__ = ["AudioChunk", "ChatReply", "IncrementalSpeechDecoder", "SpeechChat", "TextDelta", "user_message",
+           *decoding.__all__]

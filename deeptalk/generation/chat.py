@@ -53,7 +53,12 @@ def user_message(audio=None, text: str | None = None) -> dict:
         elif isinstance(audio, tuple) and len(audio) == 2:
             first, second = audio
             array, rate = (second, first) if np.isscalar(first) else (first, second)  # gradio gives (rate, array)
-            content.append({"type": "audio", "audio": np.asarray(array), "sampling_rate": int(rate)})
+            if rate is None or isinstance(rate, bool) or not np.isscalar(rate):
+                raise ValueError(
+                    f"audio=(samples, sampling_rate) needs the sampling rate in Hz as a number, got {rate!r}: pass "
+                    "e.g. (samples, 16000), or a file path."
+                )
+            content.append({"type": "audio", "audio": np.asarray(array), "sampling_rate": rate})
         else:
             raise ValueError(
                 f"audio must be a file path, (array, sampling_rate) or {{'array', 'sampling_rate'}}, got {type(audio).__name__}."

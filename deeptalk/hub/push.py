@@ -1,10 +1,12 @@
 """Export a DeepTalk model for the Hub and push it.
 
 `export_for_hub` writes everything a model repo needs into a folder: safetensors weights, config
-with the expert map and `auto_map`, the two remote-code files (so the repo loads with
-`trust_remote_code=True` where deeptalk is not installed), the processor, the codec, the
+with the expert map and `auto_map`, the processor (with its own `auto_map`), the codec (`codec/`), the
 modality-load report, and a model card rendered from `model_card.md` with huggingface_hub's
-`ModelCard` / `ModelCardData`. `push_to_hub` uploads that folder with `huggingface_hub`.
+`ModelCard` / `ModelCardData`. Saving copies the remote-code files next to them (configuration,
+modeling, processing, generation and codec), so with `trust_remote_code=True` the repo answers a spoken
+question with text and speech where deeptalk is not installed. `push_to_hub` uploads that folder with
+`huggingface_hub`.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def render_model_card(model, *, repo_id: str | None = None, base_model: str | No
     card_data = ModelCardData(
         base_model=base_model or config.text_config.name_or_path or None,
         library_name="transformers",
-        pipeline_tag="any-to-any",
+        # what a stock pipeline serves from the repo (text prompts); speech goes through model.generate_speech
+        pipeline_tag="text-generation",
         license=license,
         tags=["deeptalk", "speech", "moe", "modality-specific-experts", "custom_code"],
         datasets=datasets,
@@ -117,8 +120,8 @@ def export_for_hub(model, processor, folder: str | os.PathLike, *, codec=None, r
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     phases = card_kwargs.pop("phases", None) or _phases_of(model)
-    model.save_pretrained(folder)  # safetensors, config with auto_map, and the remote-code files
-    processor.save_pretrained(folder)
+    model.save_pretrained(folder)  # safetensors, config with auto_map, the model's remote-code files
+    processor.save_pretrained(folder)  # tokenizer, feature extractor, chat template, processing_deeptalk.py
     if codec is not None:
         codec.save_pretrained(folder / "codec")
     heatmap = None

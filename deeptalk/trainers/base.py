@@ -14,7 +14,8 @@ from collections import defaultdict
 import torch
 
 from ..modeling_deeptalk import stream_num_items
-from .freezing import PhasePlan, apply_phase, trainable_parameter_count, unwrap_deeptalk
+from .engines import DtypeKeeper, check_launch, unsharded_class
+from .freezing import PhasePlan, apply_phase, parameter_numel, trainable_parameter_count, unwrap_deeptalk
 
 PAPER = {  # the shape TRL's trainers expect (`_paper` feeds their model cards)
     "title": "DeepTalk: Towards Seamless and Smart Speech Interaction with Adaptive Modality-Specific MoE",
@@ -48,6 +49,13 @@ class DeepTalkTrainerMixin:
             model = get_peft_model(model, peft_config)
         self._stream_metrics: dict[str, list[float]] = defaultdict(list)
         return model
+
+    # ---- engine ------------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        check_launch(self.accelerator)
+        # before any engine wraps or casts the model: what `save_model` restores
+        self._dtype_keeper = DtypeKeeper(unwrap_deeptalk(self.model), self.accelerator)
 
     # ---- loss --------------------------------------------------------------------------------
     def _model_kwargs(self, inputs: dict) -> dict:
@@ -127,7 +135,7 @@ class DeepTalkTrainerMixin:
             "phase": self.phase,
             "routing_mode": self.plan.routing_mode,
             "trainable_parameters": trainable_parameter_count(self.model),
-            "total_parameters": sum(p.numel() for p in self.model.parameters()),
+            "total_parameters": sum(parameter_numel(p) for p in self.model.parameters()),
             "trainable_groups": self.trainable_groups,
             "learning_rate": self.args.learning_rate,
             "epochs": self.args.num_train_epochs,
@@ -148,10 +156,27 @@ class DeepTalkTrainerMixin:
         )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
+        if self.is_deepspeed_enabled:
+            self._dtype_keeper.gather_masters(unwrap_deeptalk(self.model_wrapped))
+        fsdp_sharded = self.is_fsdp_enabled and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        if fsdp_sharded and not _internal_call:
+            # sharded checkpoints stay sharded (resume); the model folder gets one full state dict
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        else:
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
             self._append_phase_record(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None):
+        # an engine's state dict (DeepSpeed's, FSDP's) in the model's own dtypes; PEFT saves its adapter only
+        if state_dict is not None and not hasattr(type(self.model), "get_base_model"):
+            state_dict = self._dtype_keeper.restore(state_dict)
+        with unsharded_class(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
+            super()._save(output_dir, state_dict)
 
     def _append_phase_record(self, output_dir: str):
         """`deeptalk_phases.json` accumulates the phases a checkpoint went through (read by the Hub

@@ -101,7 +101,7 @@ class DeepTalkSpeechDPOTrainer(DeepTalkTrainerMixin, DPOTrainer):
         plan = plan_for_phase("dpo", train_embeddings=args.train_embeddings)
         uses_peft = peft_config is not None or hasattr(type(model), "get_base_model")
         if ref_model is None and not uses_peft:
-            ref_model = copy.deepcopy(unwrap_deeptalk(model))
+            ref_model = frozen_reference(unwrap_deeptalk(model))
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
         model = self._setup_phase(model, plan, peft_config)
@@ -168,6 +168,20 @@ class DeepTalkSpeechDPOTrainer(DeepTalkTrainerMixin, DPOTrainer):
                 self._stream_metrics[f"dpo_audio_{stream}"].append(value)
             self._stream_metrics["reward_margin"].append(float(logits.mean().detach()))
         return (loss, outputs) if return_outputs else loss
+
+
+def frozen_reference(model):
+    """A copy of `model` for the DPO reference. A model whose parameters DeepSpeed ZeRO-3 partitioned as it was
+    loaded (`zero3_init_flag`) holds only this rank's shards, which a deep copy cannot duplicate: it is loaded
+    again from its checkpoint, as TRL does for its own reference."""
+    if not any(hasattr(p, "ds_id") for p in model.parameters()):
+        return copy.deepcopy(model)
+    if not model.name_or_path:
+        raise ValueError(
+            "The model's parameters are partitioned by DeepSpeed ZeRO-3 and it has no checkpoint path to load the "
+            "reference from: pass ref_model=... (the same checkpoint, loaded the same way)."
+        )
+    return type(model).from_pretrained(model.name_or_path, dtype=model.dtype)
 
 
 def rank_by_wer(reference_text: str, candidates: list, transcribe, sampling_rate: int) -> list[int]:

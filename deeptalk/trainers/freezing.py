@@ -109,7 +109,7 @@ def apply_phase(model, plan: PhasePlan) -> dict[str, int]:
             return
         module_or_param.requires_grad_(True)
         params = [module_or_param] if isinstance(module_or_param, nn.Parameter) else list(module_or_param.parameters())
-        counts[group] = counts.get(group, 0) + sum(p.numel() for p in params)
+        counts[group] = counts.get(group, 0) + sum(parameter_numel(p) for p in params)
 
     moe_layers = set(base.config.moe_layer_indices)
     for index, layer in enumerate(decoder.layers):
@@ -176,5 +176,10 @@ def unwrap_deeptalk(model):
     raise TypeError(f"Expected a DeepTalkForCausalLM (or a PEFT / DDP / DeepSpeed / FSDP wrapper around one), got {type(model).__name__}.")
 
 
+def parameter_numel(p) -> int:
+    """Elements of a parameter, also when DeepSpeed ZeRO-3 holds only this rank's partition of it."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def trainable_parameter_count(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return sum(parameter_numel(p) for p in model.parameters() if p.requires_grad)

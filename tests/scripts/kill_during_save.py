@@ -1,5 +1,5 @@
 """Run by tests/test_saving.py: kill -9 a real save of a tiny model at every filesystem step, and at random
-instants, and report what the output folder holds afterwards (one JSON line per kill).
+instants, and report what the output folder holds afterwards (one JSON line per kill, written to the report file).
 
 For each mode (a fresh save; replacing a previous model with the atomic exchange; replacing it with the
 rename-away fallback used where the filesystem cannot exchange) a forked child saves the new model through
@@ -63,8 +63,14 @@ def write_model(model, folder, tag):
             f.write("{}")
 
 
-def main(workdir, random_kills):
+def main(workdir, random_kills, report_path):
     torch.set_num_threads(1)
+
+    # rows go to a file of their own: libraries may print to stdout (DeepSpeed's accelerator notice does)
+    def report(row):
+        with open(report_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
     # tqdm shares a multiprocessing lock across fork; a child killed while holding it would hang this process
     logging.disable_progress_bar()
     models = {"previous": tiny_text_moe("qwen3_moe", seed=1), "new": tiny_text_moe("qwen3_moe", seed=2)}
@@ -176,17 +182,15 @@ def main(workdir, random_kills):
             hidden = sorted(e for e in os.listdir(parent) if e.startswith("."))
             saving.check_output_path(target, overwrite=True)  # restores a previous folder left hidden, cleans up
             recovered = classify()
-            print(json.dumps({"mode": mode, "kill": kill, "ended": ended, "state": state, "hidden": hidden,
-                              "recovered": recovered, "loads": loads_as(recovered),
-                              "left_after_recovery": sorted(e for e in os.listdir(parent) if e.startswith("."))}),
-                  flush=True)
+            report({"mode": mode, "kill": kill, "ended": ended, "state": state, "hidden": hidden,
+                    "recovered": recovered, "loads": loads_as(recovered),
+                    "left_after_recovery": sorted(e for e in os.listdir(parent) if e.startswith("."))})
         # a save that completes after all those kills leaves the new model and nothing hidden
         reset()
         save()
-        print(json.dumps({"mode": mode, "kill": None, "n_events": n_events, "seconds": seconds, "state": classify(),
-                          "hidden": sorted(e for e in os.listdir(parent) if e.startswith(".")),
-                          "loads": loads_as(classify())}), flush=True)
+        report({"mode": mode, "kill": None, "n_events": n_events, "seconds": seconds, "state": classify(),
+                "hidden": sorted(e for e in os.listdir(parent) if e.startswith(".")), "loads": loads_as(classify())})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
