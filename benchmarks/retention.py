@@ -119,9 +119,9 @@ class Settings:
     world_repeats: int = 3  # copies of the world's text QA in that mix
     # speech
     num_speech_experts: int = 4
-    align_steps: int = 600
-    speech_steps: int = 300  # the speech stage (2a); the text and joint stages follow the ratios below
-    text_ratio: float = 0.2  # tiny_cpu recipes: 300 / 60 / 200
+    align_steps: int = 100
+    speech_steps: int = 80  # the speech stage (2a); the text and joint stages follow the ratios below
+    text_ratio: float = 0.2  # the tiny_cpu recipes' proportions (300 / 60 / 200)
     joint_ratio: float = 2 / 3
     batch_size: int = 16
     lora_rank: int = 8
@@ -146,7 +146,7 @@ QUICK = dict(seeds=[0, 1], hidden_size=64, num_hidden_layers=2, num_experts=8, t
              world_repeats=1, num_speech_experts=2, align_steps=4, speech_steps=6, corpus_limit=12, workers=1,
              lora_rank=2)
 QUICK_SWEEP = [3, 6]
-DEFAULT_SWEEP = [50, 100, 200, 300, 600]
+DEFAULT_SWEEP = [20, 40, 80, 160, 320]
 SWEEP_SEEDS = [100, 101, 102, 103, 104]
 
 
@@ -664,6 +664,7 @@ def quiet():
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
 
 
@@ -733,7 +734,7 @@ def run_jobs(function, jobs: list[dict], workers: int) -> list[dict]:
         return list(pool.map(function, jobs))
 
 
-BRANCH_COST = {"full": 3, "lora": 2, "deeptalk": 1}  # longest first keeps the workers busy to the end
+BRANCH_COST = {"full": 2, "lora": 2, "deeptalk": 1}  # relative cost per step
 
 
 def run_all(groups: list[dict], original_dir: str, original: dict, workdir: str, workers: int) -> dict:
@@ -748,8 +749,9 @@ def run_all(groups: list[dict], original_dir: str, original: dict, workdir: str,
     done = run_jobs(phase1_job, phase1_jobs, workers)
     branch_jobs = [{**job, "branch": asdict(branch)} for group in groups for branch in group["branches"]
                    for job in phase1_jobs if job["name"] == group["name"]]
-    branch_jobs.sort(key=lambda j: -BRANCH_COST[j["branch"]["training"]] * (j["branch"]["speech_steps"] or
-                                                                               j["settings"]["speech_steps"]))
+    # seed by seed (a run stopped early still holds whole seeds in its log), longest first within a seed
+    branch_jobs.sort(key=lambda j: (j["seed"], -BRANCH_COST[j["branch"]["training"]] * (
+        j["branch"]["speech_steps"] or j["settings"]["speech_steps"])))
     done += run_jobs(branch_job, branch_jobs, workers)
     runs: dict = {}
     for item in done:
