@@ -691,7 +691,7 @@ def phase1_job(job: dict) -> dict:
         run.save(job["phase1_dir"])
     metrics["text_relative_drop"] = relative_drop(job["original_kinds_accuracy"], metrics["kinds_accuracy"])
     metrics.update(seconds=round(time.perf_counter() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
-    log(f"[{job['name']} seed {job['seed']}] phase 1: {line(metrics)} ({metrics['seconds']:.0f}s)")
+    log(f"[{job['name']} seed {job['seed']}] phase 1: {line(metrics)} ({metrics['seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU)")
     return {**job, "branch": "phase1", "result": metrics}
 
 
@@ -709,7 +709,7 @@ def branch_job(job: dict) -> dict:
         branch = Branch(**job["branch"])
         metrics = run.run_branch(branch, job["original_kinds_accuracy"])
     metrics.update(seconds=round(time.perf_counter() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
-    log(f"[{job['name']} seed {job['seed']}] {branch.name}: {line(metrics)} ({metrics['seconds']:.0f}s)")
+    log(f"[{job['name']} seed {job['seed']}] {branch.name}: {line(metrics)} ({metrics['seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU)")
     return {**job, "branch": branch.name, "result": metrics}
 
 
