@@ -677,18 +677,42 @@ def _worker_setup(job: dict) -> tuple[Settings, World]:
     return settings, cached_world(settings)
 
 
+PHASE1_RECORD = "retention_phase1.json"
+NOT_PHASE1_SETTINGS = ("seeds", "strategies", "speech_steps", "text_ratio", "joint_ratio", "lora_rank", "eval_split",
+                       "spoken_eval_splits", "judge_asr", "workers", "threads")
+
+
+def phase1_settings(settings: Settings, seed: int) -> dict:
+    """What a phase-1 model depends on: a saved one is reused only where these agree."""
+    return {"seed": seed, **{k: v for k, v in asdict(settings).items() if k not in NOT_PHASE1_SETTINGS}}
+
+
 def phase1_job(job: dict) -> dict:
     """Convert the original LLM, add speech, phase 1 and the modality load for `job["seed"]`; saved to
-    `job["phase1_dir"]` for the branch jobs."""
+    `job["phase1_dir"]` for the branch jobs. A model saved there by a run with the same settings is
+    reused (and evaluated again)."""
     from transformers import AutoModelForCausalLM
 
     wall, cpu = time.perf_counter(), time.process_time()
     settings, world = _worker_setup(job)
-    source = AutoModelForCausalLM.from_pretrained(job["original_llm"]).eval()
+    wanted = phase1_settings(settings, job["seed"])
+    record_path = os.path.join(job["phase1_dir"], PHASE1_RECORD)
+    saved = None
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            saved = json.load(f)
     with tempfile.TemporaryDirectory(prefix="retention_phase1_") as workdir:
         run = SeedRun(world, settings, job["seed"], workdir)
-        metrics = run.shared_start(source)
-        run.save(job["phase1_dir"])
+        if saved and saved["settings"] == wanted:
+            run.restore(job["phase1_dir"])
+            metrics = {**evaluate(run.phase1, world, settings), "stages": saved["stages"], "reused": job["phase1_dir"]}
+        else:
+            source = AutoModelForCausalLM.from_pretrained(job["original_llm"]).eval()
+            metrics = run.shared_start(source)
+            run.save(job["phase1_dir"])
+            from deeptalk.saving import atomic_write_json
+
+            atomic_write_json(record_path, {"settings": wanted, "stages": metrics["stages"]})
     metrics["text_relative_drop"] = relative_drop(job["original_kinds_accuracy"], metrics["kinds_accuracy"])
     metrics.update(seconds=round(time.perf_counter() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
     log(f"[{job['name']} seed {job['seed']}] phase 1: {line(metrics)} ({metrics['seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU)")
@@ -734,10 +758,11 @@ def run_jobs(function, jobs: list[dict], workers: int) -> list[dict]:
         return list(pool.map(function, jobs))
 
 
-BRANCH_COST = {"full": 2, "lora": 2, "deeptalk": 1}  # relative cost per step
+FIRST = ("full_finetune", "adaptive", "lora", "random", "moextend", "by_token_modality")
 
 
-def run_all(groups: list[dict], original_dir: str, original: dict, workdir: str, workers: int) -> dict:
+def run_all(groups: list[dict], original_dir: str, original: dict, workdir: str, workers: int,
+            phase1_dir: str | None = None) -> dict:
     """Every group (`name`, `settings`, `seeds`, `branches`, `split`): the shared start of each seed,
     then each branch. Returns `{name: {seed: {"phase1" | branch: metrics}}}`."""
     phase1_jobs = []
@@ -745,13 +770,14 @@ def run_all(groups: list[dict], original_dir: str, original: dict, workdir: str,
         for seed in group["seeds"]:
             phase1_jobs.append({"name": group["name"], "seed": seed, "settings": group["settings"],
                                 "original_llm": original_dir, "original_kinds_accuracy": original["kinds_accuracy"][group["split"]],
-                                "phase1_dir": os.path.join(workdir, f"phase1_{group['name']}_{seed}")})
+                                "phase1_dir": os.path.join(phase1_dir or workdir, f"phase1_{group['name']}_{seed}")})
     done = run_jobs(phase1_job, phase1_jobs, workers)
     branch_jobs = [{**job, "branch": asdict(branch)} for group in groups for branch in group["branches"]
                    for job in phase1_jobs if job["name"] == group["name"]]
-    # seed by seed (a run stopped early still holds whole seeds in its log), longest first within a seed
-    branch_jobs.sort(key=lambda j: (j["seed"], -BRANCH_COST[j["branch"]["training"]] * (
-        j["branch"]["speech_steps"] or j["settings"]["speech_steps"])))
+    # strategy by strategy over the seeds, the control and DeepTalk first: a run stopped early (its log holds
+    # every finished job) has intervals for them
+    branch_jobs.sort(key=lambda j: (FIRST.index(j["branch"]["name"]) if j["branch"]["name"] in FIRST else len(FIRST),
+                                    j["branch"]["speech_steps"] or 0, j["seed"]))
     done += run_jobs(branch_job, branch_jobs, workers)
     runs: dict = {}
     for item in done:
@@ -932,6 +958,8 @@ def parse_args(argv=None):
                         help="score spoken answers through this ASR (a Whisper checkpoint folder, or 'own')")
     parser.add_argument("--original-llm-dir", default=None,
                         help="reuse the original LLM saved here by an earlier run with the same settings (or save it)")
+    parser.add_argument("--phase1-dir", default=None,
+                        help="reuse the phase-1 models saved here by an earlier run with the same settings (or save them)")
     parser.add_argument("--workers", type=int, default=None, help="seed worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks that the script runs (seconds)")
@@ -982,7 +1010,7 @@ def parse_args(argv=None):
         args.json = os.path.join(RESULTS, stem + ".json")
     if args.json and os.path.isdir(args.json):
         parser.error(f"--json {args.json} is a folder; give a file path")
-    for path in (args.json, args.plot):
+    for path in (args.json, args.plot, args.phase1_dir, args.original_llm_dir):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             parser.error(f"the folder of {path} does not exist")
     return args, settings
@@ -1084,7 +1112,7 @@ def main(argv=None):
                                         for s in args.sweep_strategies for steps in args.sweep_steps]})
         log(f"strategies {settings.strategies}, ablations {args.ablations}, "
             f"sweep {args.sweep_steps if args.control_sweep else 'off'}; stage steps {settings.stage_steps()}")
-        runs = run_all(groups, original_dir, original, workdir, settings.workers)
+        runs = run_all(groups, original_dir, original, workdir, settings.workers, args.phase1_dir)
 
     main_runs, sweep_runs = runs.get("main", {}), runs.get("sweep", {})
     payload = {"settings": asdict(settings), "machine": info, "data": world.overlap | {
