@@ -42,12 +42,14 @@ per-seed differences to ``adaptive`` (same phase-1 model, so shared noise cancel
 Flags: ``--control-sweep`` (full fine-tuning's drop against speech steps, on the validation split
 with seeds kept apart: how the default schedule was chosen), ``--ablations`` (speech experts per
 layer, router trained in phase 2, dense first layer frozen, no phase 2b), ``--quick`` (a tiny run
-for the test suite), ``--replot JSON``.
+for the test suite), ``--replot JSON``, ``--original-llm-dir`` / ``--phase1-dir`` (keep and reuse the
+original LLM and each seed's phase-1 model across runs with the same settings). Results and
+reading: docs/retention.md.
 
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/retention.py                 # the default run
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/retention.py --control-sweep --strategies none
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/retention.py --ablations --strategies adaptive
-    python benchmarks/retention.py --quick --json /tmp/retention.json                  # seconds
+    python benchmarks/retention.py --quick --json /tmp/retention.json                  # about a minute
 
 A script, not a test: nothing is asserted about which strategy wins.
 """
@@ -141,10 +143,9 @@ class Settings:
 
 
 QUICK = dict(seeds=[0, 1], hidden_size=64, num_hidden_layers=2, num_experts=8, top_k=2, head_dim=16,
-             base_steps=80, base_lr=1e-2, kinds_train=400,
-             kinds_templates=["which_is", "which_is_not", "how_many"], kinds_validation=24, kinds_test=48, kind_fact_repeats=2,
-             world_repeats=1, num_speech_experts=2, align_steps=4, speech_steps=6, corpus_limit=12, workers=1,
-             lora_rank=2)
+             base_steps=80, base_lr=1e-2, kinds_train=400, kinds_templates=["which_is", "which_is_not", "how_many"],
+             kinds_validation=24, kinds_test=48, kind_fact_repeats=2, world_repeats=1, num_speech_experts=2,
+             align_steps=4, speech_steps=6, corpus_limit=12, workers=1, lora_rank=2)
 QUICK_SWEEP = [3, 6]
 DEFAULT_SWEEP = [20, 40, 80, 160, 320]
 SWEEP_SEEDS = [100, 101, 102, 103, 104]
@@ -192,8 +193,8 @@ def ablation_branches(settings: Settings) -> list[Branch]:
     return out
 
 
-ABLATION_LABELS = {"router_trained": "router trained in phase 2", "dense_layer_frozen": "dense first layer frozen in phase 2",
-                   "no_phase_2b": "without phase 2b"}
+ABLATION_LABELS = {"router_trained": "router trained in phase 2",
+                   "dense_layer_frozen": "dense first layer frozen in phase 2", "no_phase_2b": "without phase 2b"}
 
 
 def label(name: str) -> str:
@@ -347,7 +348,8 @@ def original_llm_dataset(world: World, settings: Settings):
 
     rows = [(r["question_text"], r["answer_text"], True) for r in world.kinds["train"]]
     rows += [(q, a, False) for q, a in kind_facts()] * settings.kind_fact_repeats
-    rows += [(r["question_text"], r["answer_text"], False) for r in world.data.records["text_qa"]["train"]] * settings.world_repeats
+    world_rows = [(r["question_text"], r["answer_text"], False) for r in world.data.records["text_qa"]["train"]]
+    rows += world_rows * settings.world_repeats
     encoded = world.processor.encode_batch([text_qa_conversation(q, a) for q, a, _ in rows])
     columns = {k: encoded[k] for k in ("input_ids", "labels", "audio_input_mask")}
     return datasets.Dataset.from_dict({**columns, "answer_only": [only for _, _, only in rows]})
@@ -432,7 +434,8 @@ def evaluate(model, world: World, settings: Settings, text_only: bool = False) -
     speech_rows = [row for s in settings.spoken_eval_splits for row in data.spoken_qa_speech[s]]
     out["spoken_qa_accuracy"] = spoken_qa_text_accuracy(model, world.processor, spoken, max_new_tokens=4, batch_size=36)
     out["audio_token_accuracy"] = dataset_audio_token_accuracy(model, world.processor, speech_rows, batch_size=36)
-    out["judge_s2s_accuracy"] = judge_spoken_answers(model, world, spoken, settings.judge_asr) if settings.judge_asr else None
+    out["judge_s2s_accuracy"] = (judge_spoken_answers(model, world, spoken, settings.judge_asr) if settings.judge_asr
+                                 else None)
     return out
 
 
@@ -469,7 +472,8 @@ def train_stage(trainer) -> dict:
     trainer.train()
     trainer.model.eval()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"trainer": type(trainer).__name__, "routing_mode": trainer.plan.routing_mode, "steps": trainer.state.global_step,
+    return {"trainer": type(trainer).__name__, "routing_mode": trainer.plan.routing_mode,
+            "steps": trainer.state.global_step,
             "learning_rate": trainer.args.learning_rate, "trainable_parameters": trainable,
             "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
             "seconds": round(time.perf_counter() - started, 1)}
@@ -515,7 +519,8 @@ class SeedRun:
         world, settings, seed = self.world, self.settings, self.seed
         torch.manual_seed(seed)
         model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, progress=False)
-        model.add_speech(audio_config=tiny_whisper_config(d_model=64, encoder_layers=2), **world.processor.model_speech_kwargs())
+        model.add_speech(audio_config=tiny_whisper_config(d_model=64, encoder_layers=2),
+                         **world.processor.model_speech_kwargs())
         make_random_encoder_audible(model.model.audio_encoder)  # a random encoder passes almost no sound otherwise
         # the paper's phase 1 keeps the LLM frozen; the random encoder has to learn to hear (no Whisper offline)
         args = DeepTalkAlignmentConfig(**{**stage_args("align", settings.align_steps, seed, settings,
@@ -542,7 +547,8 @@ class SeedRun:
         from deeptalk.recipes.demo_data import text_qa_conversation
 
         records = self.world.kinds["train"][:count]
-        encoded = self.world.processor.encode_batch([text_qa_conversation(r["question_text"], r["answer_text"]) for r in records])
+        encoded = self.world.processor.encode_batch(
+            [text_qa_conversation(r["question_text"], r["answer_text"]) for r in records])
         return [dict(zip(encoded, values)) for values in zip(*encoded.values())]
 
     # ---- one branch ----------------------------------------------------------------------------
@@ -579,12 +585,13 @@ class SeedRun:
                 config = DeepTalkExpertsConfig(**{**args, "modality": "speech" if stage == "speech" else "text",
                                                   "train_router": branch.train_router,
                                                   "train_dense_layers": branch.train_dense_layers})
-                trainer = DeepTalkExpertsTrainer(train_model, config, train_dataset=dataset, data_collator=collator(world))
+                trainer = DeepTalkExpertsTrainer(train_model, config, train_dataset=dataset,
+                                                 data_collator=collator(world))
             else:  # phase 3, and every stage of the baselines without a modality split: all LLM parameters
                 args = {k: v for k, v in args.items() if k not in ONLY_EXPERTS_OPTIONS}
                 config = DeepTalkJointConfig(**args, train_embeddings="all")
-                trainer = DeepTalkJointTrainer(train_model, config, train_dataset=dataset, data_collator=collator(world),
-                                               processing_class=world.processor)
+                trainer = DeepTalkJointTrainer(train_model, config, train_dataset=dataset,
+                                               data_collator=collator(world), processing_class=world.processor)
             if branch.routing:
                 trainer.plan.routing_mode = branch.routing
             if branch.training == "lora":
@@ -595,8 +602,9 @@ class SeedRun:
             if stage == "speech":  # forgetting before the text and joint stages can repair it
                 accuracy, _ = kinds_accuracy(merged_copy(train_model) if branch.training == "lora" else model, world,
                                              settings.eval_split)
-                after_speech = {"kinds_accuracy_after_speech_stage": accuracy,
-                                "text_relative_drop_after_speech_stage": relative_drop(original_kinds_accuracy, accuracy)}
+                after_speech = {
+                    "kinds_accuracy_after_speech_stage": accuracy,
+                    "text_relative_drop_after_speech_stage": relative_drop(original_kinds_accuracy, accuracy)}
         if branch.training == "lora":
             model = train_model.merge_and_unload()
         metrics = evaluate(model, world, settings)
@@ -610,8 +618,8 @@ class SeedRun:
 # LoRA
 # --------------------------------------------------------------------------------------------------
 # the language model's projections (the Whisper encoder's q_proj/... are left alone), both families
-LORA_TARGET_MODULES = (r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa"
-                       r"|kv_b_proj)|mlp\.(gate_proj|up_proj|down_proj)|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))")
+LORA_TARGET_MODULES = (r"model\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj"
+                       r"|kv_a_proj_with_mqa|kv_b_proj)|mlp\.(gate_proj|up_proj|down_proj)|mlp\.shared_experts\.(gate_proj|up_proj|down_proj))")
 
 
 def lora_model(model, settings: Settings):
@@ -715,7 +723,8 @@ def phase1_job(job: dict) -> dict:
             atomic_write_json(record_path, {"settings": wanted, "stages": metrics["stages"]})
     metrics["text_relative_drop"] = relative_drop(job["original_kinds_accuracy"], metrics["kinds_accuracy"])
     metrics.update(seconds=round(time.perf_counter() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
-    log(f"[{job['name']} seed {job['seed']}] phase 1: {line(metrics)} ({metrics['seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU)")
+    log(f"[{job['name']} seed {job['seed']}] phase 1: {line(metrics)} "
+        f"({metrics['seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU)")
     return {**job, "branch": "phase1", "result": metrics}
 
 
@@ -733,7 +742,8 @@ def branch_job(job: dict) -> dict:
         branch = Branch(**job["branch"])
         metrics = run.run_branch(branch, job["original_kinds_accuracy"])
     metrics.update(seconds=round(time.perf_counter() - wall, 1), cpu_seconds=round(time.process_time() - cpu, 1))
-    log(f"[{job['name']} seed {job['seed']}] {branch.name}: {line(metrics)} ({metrics['seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU)")
+    log(f"[{job['name']} seed {job['seed']}] {branch.name}: {line(metrics)} "
+        f"({metrics['seconds']:.0f}s wall, {metrics['cpu_seconds']:.0f}s CPU)")
     return {**job, "branch": branch.name, "result": metrics}
 
 
@@ -754,7 +764,8 @@ def run_jobs(function, jobs: list[dict], workers: int) -> list[dict]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
         return list(pool.map(function, jobs))
 
 
@@ -769,7 +780,8 @@ def run_all(groups: list[dict], original_dir: str, original: dict, workdir: str,
     for group in groups:
         for seed in group["seeds"]:
             phase1_jobs.append({"name": group["name"], "seed": seed, "settings": group["settings"],
-                                "original_llm": original_dir, "original_kinds_accuracy": original["kinds_accuracy"][group["split"]],
+                                "original_llm": original_dir,
+                                "original_kinds_accuracy": original["kinds_accuracy"][group["split"]],
                                 "phase1_dir": os.path.join(phase1_dir or workdir, f"phase1_{group['name']}_{seed}")})
     done = run_jobs(phase1_job, phase1_jobs, workers)
     branch_jobs = [{**job, "branch": asdict(branch)} for group in groups for branch in group["branches"]
@@ -823,12 +835,14 @@ def markdown_table(rows: dict, original: dict) -> str:
     lines = ["| strategy | text-skill accuracy | **relative text drop** (95 % CI) | drop after the speech stage | "
              "world text QA | spoken QA → text | audio-token acc | judge S2S | train steps |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| {label('original')} | {original['kinds_accuracy']:.3f} | 0 | — | {original['world_text_accuracy']:.3f} "
+             f"| {label('original')} | {original['kinds_accuracy']:.3f} | 0 | — | "
+             f"{original['world_text_accuracy']:.3f} "
              "| — | — | — | — |"]
     for name, a in rows.items():
         lines.append(f"| {label(name)} | {fmt(a['kinds_accuracy'])} | **{fmt(a['text_relative_drop'], True)}** | "
                      f"{fmt(a['text_relative_drop_after_speech_stage'], True)} | {fmt(a['world_text_accuracy'])} | "
-                     f"{fmt(a['spoken_qa_accuracy'])} | {fmt(a['audio_token_accuracy'])} | {fmt(a['judge_s2s_accuracy'])} | "
+                     f"{fmt(a['spoken_qa_accuracy'])} | {fmt(a['audio_token_accuracy'])} | "
+                     f"{fmt(a['judge_s2s_accuracy'])} | "
                      f"{a['train_steps'] if a['train_steps'] is not None else '—'} |")
     return "\n".join(lines)
 
@@ -923,8 +937,10 @@ def sweep_plot(sweep: dict, path: str, title: str):
         for key, style, what in (("text_relative_drop", "-o", "after all stages"),
                                  ("text_relative_drop_after_speech_stage", ":^", "right after the speech stage")):
             ys = [100 * p[key]["mean"] if p[key] else float("nan") for p in points]
-            lows = [100 * p[key]["ci_low"] if p[key] and p[key]["ci_low"] is not None else y for p, y in zip(points, ys)]
-            highs = [100 * p[key]["ci_high"] if p[key] and p[key]["ci_high"] is not None else y for p, y in zip(points, ys)]
+            lows = [100 * p[key]["ci_low"] if p[key] and p[key]["ci_low"] is not None else y
+                    for p, y in zip(points, ys)]
+            highs = [100 * p[key]["ci_high"] if p[key] and p[key]["ci_high"] is not None else y
+                     for p, y in zip(points, ys)]
             color = COLORS.get(strategy, f"C{i}")
             ax.plot(xs, ys, style, color=color, label=f"{label(strategy)}, {what}")
             ax.fill_between(xs, lows, highs, color=color, alpha=0.15 if key == "text_relative_drop" else 0.07)
@@ -943,9 +959,11 @@ def sweep_plot(sweep: dict, path: str, title: str):
 # main
 # --------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", default=None, help="comma-separated reported seeds (default 0,1,2,3,4)")
-    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"subset of {','.join(STRATEGIES)}, or 'none'")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES),
+                        help=f"subset of {','.join(STRATEGIES)}, or 'none'")
     parser.add_argument("--ablations", action="store_true", help="also run the ablations of the adaptive strategy")
     parser.add_argument("--control-sweep", action="store_true",
                         help="full fine-tuning's text drop against speech steps (validation split, sweep seeds)")
@@ -959,13 +977,18 @@ def parse_args(argv=None):
     parser.add_argument("--original-llm-dir", default=None,
                         help="reuse the original LLM saved here by an earlier run with the same settings (or save it)")
     parser.add_argument("--phase1-dir", default=None,
-                        help="reuse the phase-1 models saved here by an earlier run with the same settings (or save them)")
+                        help="reuse the phase-1 models saved here by an earlier run with the same settings "
+                             "(or save them)")
     parser.add_argument("--workers", type=int, default=None, help="seed worker processes (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default 1)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and steps: checks that the script runs (seconds)")
-    parser.add_argument("--json", default=None, help="write every figure here (default: benchmarks/results/retention*.json)")
-    parser.add_argument("--plot", default=None, help="the Pareto plot (other plots get suffixes; default next to the JSON)")
-    parser.add_argument("--replot", default=None, metavar="JSON", help="only redraw tables and plots from a --json file")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes and steps: checks that the script runs (about a minute)")
+    parser.add_argument("--json", default=None,
+                        help="write every figure here (default: benchmarks/results/retention*.json)")
+    parser.add_argument("--plot", default=None,
+                        help="the Pareto plot (other plots get suffixes; default next to the JSON)")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="only redraw tables and plots from a --json file")
     args = parser.parse_args(argv)
 
     def ints(text, what):
@@ -980,7 +1003,8 @@ def parse_args(argv=None):
     settings = Settings(**(QUICK if args.quick else {}))
     if args.seeds is not None:
         settings.seeds = ints(args.seeds, "--seeds")
-    strategies = [] if args.strategies.strip() == "none" else [s.strip() for s in args.strategies.split(",") if s.strip()]
+    strategies = ([] if args.strategies.strip() == "none" else
+                  [s.strip() for s in args.strategies.split(",") if s.strip()])
     sweep_strategies = [s.strip() for s in args.sweep_strategies.split(",") if s.strip()]
     for given, what in ((strategies, "--strategies"), (sweep_strategies, "--sweep-strategies")):
         unknown = sorted(set(given) - set(STRATEGIES))
@@ -998,7 +1022,8 @@ def parse_args(argv=None):
         parser.error("a 95 % interval needs at least two --seeds")
     if not (strategies or args.ablations or args.control_sweep or args.replot):
         parser.error("nothing to run: give --strategies, --ablations or --control-sweep")
-    args.sweep_steps = ints(args.sweep_steps, "--sweep-steps") if args.sweep_steps else (QUICK_SWEEP if args.quick else DEFAULT_SWEEP)
+    args.sweep_steps = (ints(args.sweep_steps, "--sweep-steps") if args.sweep_steps else
+                        QUICK_SWEEP if args.quick else DEFAULT_SWEEP)
     args.sweep_seeds = ints(args.sweep_seeds, "--sweep-seeds") if args.sweep_seeds else (
         settings.seeds if args.quick else SWEEP_SEEDS)
     args.sweep_strategies = sweep_strategies
@@ -1023,14 +1048,16 @@ def plot_paths(args) -> dict:
         base = os.path.splitext(args.json)[0]
     else:
         base = os.path.join(tempfile.mkdtemp(prefix="retention_plots_"), "retention")
-    return {"strategies": base + ".png", "control_sweep": base + "_control_sweep.png", "ablations": base + "_ablations.png"}
+    return {"strategies": base + ".png", "control_sweep": base + "_control_sweep.png",
+            "ablations": base + "_ablations.png"}
 
 
 def title(payload: dict, what: str) -> str:
     s = payload["settings"]
     steps = Settings(**s).stage_steps()
-    return (f"{what}: tiny {s['family']} MoE ({s['num_experts']} experts, top-{s['top_k']}, k = {s['num_speech_experts']}), "
-            f"{len(s['seeds'])} seeds, speech {steps['speech']} + text {steps['text']} + joint {steps['joint']} steps per "
+    return (f"{what}: tiny {s['family']} MoE ({s['num_experts']} experts, top-{s['top_k']}, "
+            f"k = {s['num_speech_experts']}), {len(s['seeds'])} seeds, speech {steps['speech']} + text {steps['text']} "
+            f"+ joint {steps['joint']} steps per "
             f"strategy;\n{s['kinds_test']} held-out text questions (original accuracy "
             f"{payload['original_llm']['kinds_accuracy']['test']:.3f}); bars: 95 % t-intervals over seeds")
 
@@ -1047,21 +1074,25 @@ def report(payload: dict, paths: dict):
                     reference=payload.get("phase1"))
         log(f"plot: {paths['strategies']}")
     if payload.get("ablations"):
-        rows = {**({"adaptive": payload["strategies"]["adaptive"]} if "adaptive" in payload.get("strategies", {}) else {}),
+        adaptive = payload.get("strategies", {}).get("adaptive")
+        rows = {**({"adaptive": adaptive} if adaptive else {}),
                 **payload["ablations"]}
         print("\n" + markdown_table(rows, original))
-        pareto_plot(rows, paths["ablations"], title(payload, "Ablations of adaptive assignment"), reference=payload.get("phase1"))
+        pareto_plot(rows, paths["ablations"], title(payload, "Ablations of adaptive assignment"),
+                    reference=payload.get("phase1"))
         log(f"plot: {paths['ablations']}")
     sweep = payload.get("control_sweep")
     if sweep:
         print(f"\nControl sweep ({sweep['split']} split, seeds {sweep['seeds']}):")
-        print("| strategy | speech steps | relative text drop (95 % CI) | drop after the speech stage | spoken QA → text |")
+        print("| strategy | speech steps | relative text drop (95 % CI) | drop after the speech stage "
+              "| spoken QA → text |")
         print("|---|---:|---:|---:|---:|")
         for strategy, points in sweep["curves"].items():
             for p in points:
                 print(f"| {label(strategy)} | {p['speech_steps']} | {fmt(p['text_relative_drop'], True)} | "
                       f"{fmt(p['text_relative_drop_after_speech_stage'], True)} | {fmt(p['spoken_qa_accuracy'])} |")
-        print(f"smallest speech steps whose full fine-tuning drop excludes 0: {sweep['smallest_steps_with_ci_excluding_zero']}")
+        print("smallest speech steps whose full fine-tuning drop excludes 0: "
+              f"{sweep['smallest_steps_with_ci_excluding_zero']}")
         sweep_plot(sweep, paths["control_sweep"], f"Control sweep: {sweep['split']} split, seeds {sweep['seeds']}")
         log(f"plot: {paths['control_sweep']}")
 
@@ -1091,7 +1122,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="deeptalk_retention_") as workdir:
         original_dir = args.original_llm_dir or os.path.join(workdir, "original_llm")
         source, base_record = load_or_train_original(world, settings, original_dir, workdir)
-        original = {"kinds_accuracy": {split: kinds_accuracy(source, world, split)[0] for split in ("test", "validation")},
+        original = {"kinds_accuracy": {split: kinds_accuracy(source, world, split)[0]
+                                       for split in ("test", "validation")},
                     "kinds_accuracy_per_template": kinds_accuracy(source, world, "test")[1],
                     "world_text_accuracy": evaluate(source, world, settings, text_only=True)["world_text_accuracy"],
                     **base_record}
@@ -1101,13 +1133,15 @@ def main(argv=None):
         del source
 
         groups = []
-        branches = [strategy_branch(s) for s in settings.strategies] + (ablation_branches(settings) if args.ablations else [])
+        branches = [strategy_branch(s) for s in settings.strategies]
+        branches += ablation_branches(settings) if args.ablations else []
         if branches:
             groups.append({"name": "main", "settings": asdict(settings), "seeds": settings.seeds, "branches": branches,
                            "split": settings.eval_split})
         if args.control_sweep:
             sweep_settings = replace(settings, eval_split="validation", spoken_eval_splits=["validation"])
-            groups.append({"name": "sweep", "settings": asdict(sweep_settings), "seeds": args.sweep_seeds, "split": "validation",
+            groups.append({"name": "sweep", "settings": asdict(sweep_settings), "seeds": args.sweep_seeds,
+                           "split": "validation",
                            "branches": [replace(strategy_branch(s), name=f"sweep_{s}_{steps}", speech_steps=steps)
                                         for s in args.sweep_strategies for steps in args.sweep_steps]})
         log(f"strategies {settings.strategies}, ablations {args.ablations}, "
@@ -1123,17 +1157,20 @@ def main(argv=None):
         payload["phase1"] = aggregate(main_runs, "phase1")
         payload["strategies"] = {s: aggregate(main_runs, s) for s in settings.strategies}
         if "adaptive" in settings.strategies:
-            payload["paired_vs_adaptive"] = {s: paired(main_runs, s, "adaptive") for s in settings.strategies if s != "adaptive"}
+            payload["paired_vs_adaptive"] = {s: paired(main_runs, s, "adaptive")
+                                             for s in settings.strategies if s != "adaptive"}
         if args.ablations:
             payload["ablations"] = {b.name: aggregate(main_runs, b.name) for b in ablation_branches(settings)}
-            payload["paired_ablations_vs_adaptive"] = {b.name: paired(main_runs, b.name, "adaptive")
-                                                       for b in ablation_branches(settings) if "adaptive" in settings.strategies}
+            payload["paired_ablations_vs_adaptive"] = {
+                b.name: paired(main_runs, b.name, "adaptive")
+                for b in ablation_branches(settings) if "adaptive" in settings.strategies}
     if args.control_sweep:
         curves = {s: [{"speech_steps": steps, "stage_steps": settings.stage_steps(steps),
                        **{k: v for k, v in aggregate(sweep_runs, f"sweep_{s}_{steps}").items() if k in METRICS}}
                       for steps in args.sweep_steps] for s in args.sweep_strategies}
-        visible = [p["speech_steps"] for p in curves.get("full_finetune", []) if
-                   p["text_relative_drop"] and p["text_relative_drop"]["ci_low"] is not None and p["text_relative_drop"]["ci_low"] > 0]
+        visible = [p["speech_steps"] for p in curves.get("full_finetune", [])
+                   if p["text_relative_drop"] and excludes_zero(p["text_relative_drop"])
+                   and p["text_relative_drop"]["ci_low"] > 0]
         payload["control_sweep"] = {"split": "validation", "seeds": args.sweep_seeds, "curves": curves,
                                     "phase1": aggregate(sweep_runs, "phase1"),
                                     "smallest_steps_with_ci_excluding_zero": min(visible) if visible else None}
@@ -1141,7 +1178,8 @@ def main(argv=None):
 
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     payload["cpu_seconds"] = round(sum(u.ru_utime + u.ru_stime for u in usage), 1)  # this process and its workers
-    payload["runs"] = {"main": {str(s): r for s, r in main_runs.items()}, "sweep": {str(s): r for s, r in sweep_runs.items()}}
+    payload["runs"] = {"main": {str(s): r for s, r in main_runs.items()},
+                       "sweep": {str(s): r for s, r in sweep_runs.items()}}
     payload["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     payload["wall_s"] = round(time.perf_counter() - _START, 1)
     report(payload, plot_paths(args))
@@ -1160,7 +1198,8 @@ def load_or_train_original(world: World, settings: Settings, directory: str, wor
     from transformers import AutoModelForCausalLM
 
     keys = ("family", "hidden_size", "num_hidden_layers", "num_experts", "top_k", "head_dim", "tokenizer_vocab_size",
-            "base_steps", "base_lr", "base_seed", "kinds_templates", "kinds_train", "kinds_validation", "kinds_test", "kind_fact_repeats",
+            "base_steps", "base_lr", "base_seed", "kinds_templates", "kinds_train", "kinds_validation", "kinds_test",
+            "kind_fact_repeats",
             "world_repeats", "batch_size", "corpus_limit")
     wanted = {k: getattr(settings, k) for k in keys}
     record_path = os.path.join(directory, "retention_original_llm.json")

@@ -32,7 +32,8 @@ def run(args, cwd):
 def quick(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("retention")
     out = tmp_path / "retention.json"
-    proc = run(["--quick", "--ablations", "--control-sweep", "--json", str(out)], tmp_path)
+    proc = run(["--quick", "--ablations", "--control-sweep", "--json", str(out), "--original-llm-dir",
+                str(tmp_path / "original"), "--phase1-dir", str(tmp_path / "phase1")], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
         return json.load(f), out, proc.stdout
@@ -133,6 +134,23 @@ def test_replot_redraws_from_the_json(quick, tmp_path):
     proc = run(["--replot", str(out), "--plot", str(plot)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "relative text drop" in proc.stdout and plot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_saved_original_and_phase1_models_are_reused(quick, tmp_path):
+    payload, out, _ = quick
+    again = tmp_path / "again.json"
+    proc = run(["--quick", "--strategies", "adaptive", "--json", str(again), "--original-llm-dir",
+                str(out.parent / "original"), "--phase1-dir", str(out.parent / "phase1")], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "original LLM: reusing" in proc.stdout and "teaching the original LLM" not in proc.stdout
+    second = json.loads(again.read_text())
+    assert second["original_llm"]["kinds_accuracy"] == payload["original_llm"]["kinds_accuracy"]
+    for seed in map(str, payload["settings"]["seeds"]):
+        reused, first = second["runs"]["main"][seed]["phase1"], payload["runs"]["main"][seed]["phase1"]
+        assert reused["reused"] == str(out.parent / "phase1" / f"phase1_main_{seed}") and "reused" not in first
+        assert reused["stages"] == first["stages"]  # the saved training record
+        for key in ("kinds_accuracy", "spoken_qa_accuracy", "audio_token_accuracy"):  # the same model
+            assert reused[key] == first[key]
 
 
 def test_bad_arguments_are_refused_before_any_work(tmp_path):
