@@ -187,3 +187,26 @@ def test_summarize_interval(retention):
     assert not retention.excludes_zero(summary)  # the interval reaches below 0
     assert retention.excludes_zero(retention.summarize([0.3, 0.4, 0.5]))
     assert retention.excludes_zero(retention.summarize([-0.3, -0.4, -0.5]))
+
+
+
+def test_kind_questions_are_distinct_disjoint_and_answered_right():
+    from deeptalk.data.demo_world import KIND_OF_THING, THING_KINDS, kind_questions, num
+
+    test = kind_questions(300, seed=1)
+    assert kind_questions(300, seed=1) == test  # deterministic
+    train = kind_questions(600, seed=3, exclude=[q.question for q in test])
+    assert len({q.question for q in test + train}) == 900  # distinct within and across splits
+    for item in test + train:
+        asked, listed = item.question.split(" in [")
+        things = listed.rstrip("]").split(",")
+        kind = next(k for k in THING_KINDS if k in asked)  # "a tool", "an instrument", "pieces of furniture"
+        of_kind = [t for t in things if KIND_OF_THING[t] == kind]
+        if item.template == "which_is":
+            assert of_kind == [item.answer]
+        elif item.template == "which_is_not":
+            assert [t for t in things if KIND_OF_THING[t] != kind] == [item.answer]
+        else:
+            assert item.template == "how_many" and item.answer == num(len(of_kind))
+    with pytest.raises(ValueError, match="unknown kind template"):
+        kind_questions(3, templates=["nope"])
