@@ -257,6 +257,23 @@ def test_batched_left_padded_generation_equals_unpadded_greedy_decoding(processo
         del speech_model.prepare_inputs_for_generation
 
 
+def test_spoken_prompts_route_their_audio_as_speech_under_by_token_modality(processor, speech_model):
+    """Prompt embeddings hide which positions hold user audio; by-token-modality routing must still send
+    them to the speech experts, as a forward from the multi-stream ids does."""
+    import copy
+
+    processor, _ = processor
+    records = read_demo_records("spoken_qa", "test")[:4]
+    conversations = [spoken_question_conversation(r["question_audio"]) for r in records]
+    model = copy.deepcopy(speech_model)
+    model.config.routing_mode = "by_token_modality"
+    with torch.no_grad():
+        for block in model.moe_blocks():  # loud speech experts: where audio positions go shows in the answers
+            block.speech_bank.down_proj.mul_(200.0)
+        expected = [reference_greedy(model, processor, c, 4) for c in conversations]
+    assert generate_text_answers(model, processor, conversations, max_new_tokens=4, batch_size=4) == expected
+
+
 # ---------------------------------------------------------------------------------------------- the evaluate metric
 def test_error_rates_go_through_the_shipped_evaluate_metric_offline():
     import os

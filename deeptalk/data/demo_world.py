@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 NUMBER_WORDS: Tuple[str, ...] = (
     "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -322,3 +322,88 @@ def world_tables() -> Dict[str, object]:
         "animal_legs": dict(ANIMAL_LEGS),
         "numbers": list(NUMBER_WORDS),
     }
+
+
+# --- things and their kinds: a text-only task family --------------------------------------------
+# Not part of the shipped corpus (nothing here is spoken): words that never occur in the corpus, so a
+# model's knowledge of them can only come from text. Six kinds of eight things each.
+THING_KINDS: Dict[str, Tuple[str, ...]] = {
+    "tool": ("hammer", "saw", "drill", "axe", "spade", "rake", "wrench", "chisel"),
+    "vehicle": ("car", "bus", "train", "boat", "bike", "plane", "truck", "ship"),
+    "instrument": ("drum", "flute", "piano", "harp", "violin", "guitar", "trumpet", "bell"),
+    "garment": ("hat", "coat", "shoe", "sock", "shirt", "scarf", "glove", "dress"),
+    "furniture": ("chair", "table", "bed", "sofa", "desk", "shelf", "stool", "bench"),
+    "drink": ("tea", "milk", "juice", "water", "coffee", "soda", "wine", "cocoa"),
+}
+KIND_OF_THING: Dict[str, str] = {thing: kind for kind, things in THING_KINDS.items() for thing in things}
+KIND_TEMPLATES: Tuple[str, ...] = ("which_is", "which_is_not", "how_many")
+"""Templates of :func:`kind_questions`: pick the one thing of a kind, the odd one out, count a kind."""
+
+
+def _one(kind: str) -> str:
+    return {"instrument": "an instrument", "furniture": "a piece of furniture"}.get(kind, f"a {kind}")
+
+
+def _plural(kind: str) -> str:
+    return "pieces of furniture" if kind == "furniture" else kind + "s"
+
+
+def kind_question(rng: random.Random, template: str) -> QAItem:
+    """One random question about things and their kinds (see :func:`kind_questions`)."""
+    kinds = sorted(THING_KINDS)
+    size = rng.randint(3, 5)
+    if template == "which_is":  # one thing of the asked kind among things of other kinds
+        kind, *others = rng.sample(kinds, size)
+        things = [rng.choice(THING_KINDS[kind])] + [rng.choice(THING_KINDS[k]) for k in others]
+        rng.shuffle(things)
+        answer = next(t for t in things if KIND_OF_THING[t] == kind)
+        question = f"which one is {_one(kind)} in [{','.join(things)}]"
+    elif template == "which_is_not":  # the odd one out: every thing but one is of the asked kind
+        kind, odd_kind = rng.sample(kinds, 2)
+        things = rng.sample(THING_KINDS[kind], size - 1) + [rng.choice(THING_KINDS[odd_kind])]
+        rng.shuffle(things)
+        answer = next(t for t in things if KIND_OF_THING[t] == odd_kind)
+        question = f"which one is not {_one(kind)} in [{','.join(things)}]"
+    elif template == "how_many":
+        kind = rng.choice(kinds)
+        count = rng.randint(0, min(size, 4))
+        things = rng.sample(THING_KINDS[kind], count) + [
+            rng.choice(THING_KINDS[k]) for k in rng.choices([k for k in kinds if k != kind], k=size - count)]
+        rng.shuffle(things)
+        answer = num(count)
+        question = f"how many {_plural(kind)} are in [{','.join(things)}]"
+    else:
+        raise ValueError(f"unknown kind template {template!r}; choose from {KIND_TEMPLATES}")
+    return QAItem(question, answer, "kinds", template)
+
+
+def kind_questions(count: int, seed: int = 0, templates: Sequence[str] = KIND_TEMPLATES,
+                   exclude: Iterable[str] = ()) -> List[QAItem]:
+    """`count` distinct random questions about things and their kinds, in equal shares per template.
+
+    Lists are written ``[a,b,c]`` (no spaces) so that a listed thing and the same word as an answer are
+    the same token for a byte-level BPE. Questions in `exclude` (e.g. a test split) are never drawn, so
+    splits built with different seeds and `exclude` are disjoint. Deterministic for a given seed.
+    """
+    templates = tuple(templates)
+    if count < 0 or not templates:
+        raise ValueError(f"kind_questions needs count >= 0 and at least one template, got {count}, {templates}")
+    rng = random.Random(seed)
+    seen = set(exclude)
+    items: List[QAItem] = []
+    attempts = 0
+    while len(items) < count:
+        attempts += 1
+        if attempts > 50 * count + 1000:
+            raise ValueError(f"could not draw {count} distinct kind questions (the templates' space is too small)")
+        item = kind_question(rng, templates[len(items) % len(templates)])
+        if item.question not in seen:
+            seen.add(item.question)
+            items.append(item)
+    return items
+
+
+def kind_facts() -> List[Tuple[str, str]]:
+    """``(question, answer)`` for "what kind of thing is a X": the facts behind :func:`kind_questions`."""
+    return [(f"what kind of thing is {'an' if thing[0] in 'aeiou' else 'a'} {thing}", kind)
+            for thing, kind in KIND_OF_THING.items()]

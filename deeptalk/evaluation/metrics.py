@@ -133,12 +133,13 @@ def _generate_accepts_inputs_embeds(model) -> bool:
     return "inputs_embeds" in inspect.signature(model.prepare_inputs_for_generation).parameters
 
 
-def _greedy_from_embeds(model, embeds, attention_mask, max_new_tokens, eot_id, pad_id, vocab_limit, pad_columns):
+def _greedy_from_embeds(model, embeds, attention_mask, max_new_tokens, eot_id, pad_id, vocab_limit, pad_columns,
+                        token_modality=None):
     """Greedy decoding with the KV cache from prompt embeddings (what `generate(inputs_embeds=...)`
     does), feeding each new text token as a `[tok, PAD_A x N]` column when `pad_columns` is given."""
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     out = model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
+                logits_to_keep=1, token_modality=token_modality)
     done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
     tokens = []
     for _ in range(max_new_tokens):
@@ -218,11 +219,14 @@ def generate_text_answers(model, processor, conversations: Sequence[list[dict]],
                     lengths = batch["audio_feature_lengths"].to(device)
                     mask = batch["audio_input_mask"].to(device)
                 embeds = model.model.embed_inputs(ids, features, lengths, mask)
+                if has_audio:  # embeddings hide where the audio is; by-token-modality routing needs it
+                    common["token_modality"] = model.model.token_modality_from_inputs(
+                        ids, None, attention_mask, None, mask).view(ids.shape[0], -1)
                 if _generate_accepts_inputs_embeds(model):
                     new = model.generate(inputs_embeds=embeds, **common)  # only the new tokens come back
                 else:
                     new = _greedy_from_embeds(model, embeds, attention_mask, max_new_tokens, eot_id, pad_id,
-                                              vocab_limit, pad_columns)
+                                              vocab_limit, pad_columns, common.get("token_modality"))
             else:
                 if has_audio:
                     raise ValueError("A plain text LM cannot read user audio: give text-only prompts.")
