@@ -496,7 +496,7 @@ def test_degenerate_speech_scores_are_flagged():
     same = {"text_answers": ["no", "No.", "no"], "asr": "own"}
     found = degenerate_answer_warnings(same, {"wer": 1.0, "cer": 0.9})
     assert "same answer ('no')" in found["spoken_qa_speech_accuracy"]
-    assert "WER on real speech is 1.00" in found["tts_wer"] and "--asr" in found["tts_wer"]
+    assert "WER on the ASR test clips is 1.00" in found["tts_wer"] and "--asr" in found["tts_wer"]
     varied = {"text_answers": ["no", "yes"], "asr": "own"}
     assert degenerate_answer_warnings(varied, {"wer": 0.1}) == {}
     assert degenerate_answer_warnings({"text_answers": ["no", "no"], "asr": "openai/whisper"}, {"wer": 1.0}).keys() == {
