@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import convert
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk import DeepTalkDataCollator
 from deeptalk.data import read_demo_records
 from deeptalk.data.demo_corpus import _read_audio
@@ -23,6 +22,7 @@ from deeptalk.recipes import (
     fit_demo_codec,
     single_thread,
 )
+from deeptalk.tiny import tiny_whisper_config
 
 COUNTS = {"text_qa": (929, 119, 119), "asr": (336, 42, 42), "spoken_qa": (288, 36, 36)}
 

@@ -12,7 +12,6 @@ import torch
 from conftest import convert
 from torch import nn
 
-from deeptalk.tiny import tiny_whisper_config
 from deeptalk.data import load_demo_corpus, read_demo_records
 from deeptalk.evaluation import (
     ERROR_RATE_METRIC_PATH,
@@ -46,6 +45,7 @@ from deeptalk.recipes import (
     spoken_question_conversation,
     text_qa_conversation,
 )
+from deeptalk.tiny import tiny_whisper_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -402,8 +402,13 @@ def tiny_ctc_checkpoint(folder):
     """A real (random) transformers CTC ASR checkpoint folder: what `asr="<folder>"` loads with `pipeline`."""
     import json
 
-    from transformers import (Wav2Vec2Config, Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2ForCTC,
-                              Wav2Vec2Processor)
+    from transformers import (
+        Wav2Vec2Config,
+        Wav2Vec2CTCTokenizer,
+        Wav2Vec2FeatureExtractor,
+        Wav2Vec2ForCTC,
+        Wav2Vec2Processor,
+    )
 
     folder.mkdir()
     vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}

@@ -140,7 +140,7 @@ def test_set_up_section_holds_the_main_job_and_ci_test_command():
     first = next(line[3:].strip() for line in README.read_text().splitlines() if line.startswith("## "))
     commands = [b.code.strip() for b in BLOCKS if b.section == first]
     assert commands == ['pip install -e ".[whisper]" && deeptalk quickstart',
-                        'pip install -e ".[test]" && python -m pytest -q'], commands
+                        'pip install -e ".[test]" && python -m pytest -q -n 2'], commands
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci, ".ci/run must run the README's test command, character for character"
 
