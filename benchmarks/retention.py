@@ -302,8 +302,13 @@ def speech_overlap(data, kinds: dict) -> dict:
 
 def build_world(settings: Settings) -> World:
     from deeptalk.data.demo_world import kind_facts
-    from deeptalk.recipes.demo_data import (build_demo_data, build_demo_processor, build_demo_tokenizer,
-                                            demo_corpus_texts, fit_demo_codec)
+    from deeptalk.recipes.demo_data import (
+        build_demo_data,
+        build_demo_processor,
+        build_demo_tokenizer,
+        demo_corpus_texts,
+        fit_demo_codec,
+    )
 
     kinds = kind_records(settings)
     skill_texts = [r["question_text"] + " " + r["answer_text"] for split in kinds.values() for r in split]
