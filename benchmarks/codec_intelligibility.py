@@ -60,7 +60,8 @@ def main(argv=None) -> int:
             codec = fit_demo_codec(**settings)
             with torch.no_grad():
                 if unquantised:
-                    mels = {p: codec.log_mel(codec.prepare_waveform(torch.from_numpy(w), rate)) for p, (w, rate) in originals.items()}
+                    mels = {p: codec.log_mel(codec.prepare_waveform(torch.from_numpy(w), rate))
+                            for p, (w, rate) in originals.items()}
                     clips = {p: (codec.synthesize(mel).numpy(), codec.sampling_rate) for p, mel in mels.items()}
                 else:
                     clips = {p: (codec.decode(codec.encode(torch.from_numpy(w), rate)).numpy(), codec.sampling_rate)

@@ -72,7 +72,8 @@ def run(model_dir: str, seeds: list[int], limit: int | None, max_steps: int) -> 
                 "steps_per_answer": steps / len(records),
                 "seconds_per_answer_with_asr": seconds / len(records),
             })
-        rows[strategy] = {key: sum(s[key] for s in per_seed if s[key] is not None) / max(1, sum(s[key] is not None for s in per_seed))
+        rows[strategy] = {key: sum(s[key] for s in per_seed if s[key] is not None)
+                          / max(1, sum(s[key] is not None for s in per_seed))
                           for key in per_seed[0]}
         rows[strategy]["per_seed"] = per_seed
     return {"machine": machine_info(1), "model": model_dir, "num_questions": len(records), "seeds": seeds,
@@ -94,8 +95,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(report, f, indent=2)
-    keys = ["text_stream_accuracy", "speech_to_speech_accuracy", "tts_wer", "decoder_rows_per_answer", "steps_per_answer",
-            "seconds_per_answer_with_asr"]
+    keys = ["text_stream_accuracy", "speech_to_speech_accuracy", "tts_wer", "decoder_rows_per_answer",
+            "steps_per_answer", "seconds_per_answer_with_asr"]
     print(f"{report['num_questions']} spoken test questions, seeds {args.seeds}, model {args.model}")
     print("strategy        " + "  ".join(f"{k:>28}" for k in keys))
     for strategy, row in report["strategies"].items():

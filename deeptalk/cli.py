@@ -272,8 +272,9 @@ def check_training_output(output: str, model_dir: str, resume: str | None, overw
             raise UsageError(f"--resume-from-checkpoint {resume}: no such folder (give a checkpoint-N folder, or "
                              "`latest` for the newest complete one in --output).")
         if not checkpoint_is_complete(resume):
-            raise UsageError(f"--resume-from-checkpoint {resume}: an incomplete checkpoint (no valid trainer_state.json:"
-                             " its save was interrupted); resume from an earlier one, or pass `latest`.")
+            raise UsageError(f"--resume-from-checkpoint {resume}: an incomplete checkpoint (no valid "
+                             "trainer_state.json: its save was interrupted); resume from an earlier one, "
+                             "or pass `latest`.")
     check_new_folder(output, "--output", overwrite or resume is not None, inputs={"--model": model_dir})
     return resume
 

@@ -338,16 +338,20 @@ class SpeechCodec(nn.Module, abc.ABC):
         if not isinstance(codes, torch.Tensor):
             raise ValueError(f"codes must be a torch.Tensor or numpy.ndarray, got {type(codes).__name__}.")
         if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise ValueError(f"codes must be an integer tensor (torch.long), got dtype {codes.dtype}; use `codes.long()`.")
+            raise ValueError(
+                f"codes must be an integer tensor (torch.long), got dtype {codes.dtype}; use `codes.long()`."
+            )
         if codes.ndim != 2:
             hint = " Drop the batch dimension (codes[0]); decode one utterance at a time." if codes.ndim == 3 else ""
             raise ValueError(
-                f"codes must have shape [num_streams, frames] = [{self.num_streams}, F], got shape {tuple(codes.shape)}.{hint}"
+                f"codes must have shape [num_streams, frames] = [{self.num_streams}, F], "
+                f"got shape {tuple(codes.shape)}.{hint}"
             )
         if codes.shape[0] != self.num_streams:
             raise ValueError(
                 f"wrong number of streams: {self.codec_name} expects {self.num_streams} streams, got {codes.shape[0]} "
-                f"(codes shape {tuple(codes.shape)}). Codes must be [num_streams, frames]; undelay the LLM output first."
+                f"(codes shape {tuple(codes.shape)}). Codes must be [num_streams, frames]; "
+                "undelay the LLM output first."
             )
         if codes.numel() > 0:
             lo, hi = int(codes.min()), int(codes.max())
@@ -376,7 +380,8 @@ class SpeechCodec(nn.Module, abc.ABC):
         return codes[:, :n_frames].contiguous()
 
     def decode(self, codes: torch.Tensor | np.ndarray) -> torch.FloatTensor:
-        """Decode ``[num_streams, frames]`` codes to a 1-D float32 waveform of ``frames * samples_per_frame`` samples."""
+        """Decode ``[num_streams, frames]`` codes to a 1-D float32 waveform of ``frames * samples_per_frame``
+        samples."""
         codes = self.check_codes(codes)
         n_out = codes.shape[1] * self.samples_per_frame
         if codes.shape[1] == 0:
@@ -648,7 +653,8 @@ class MelVQCodec(SpeechCodec):
 
     def layout(self) -> dict[str, Any]:
         out = super().layout()
-        out.update({k: self.settings[k] for k in ("n_mels", "n_fft", "hop_length", "frames_per_step", "num_quantizers")})
+        keys = ("n_mels", "n_fft", "hop_length", "frames_per_step", "num_quantizers")
+        out.update({k: self.settings[k] for k in keys})
         out["mel_frame_rate"] = self.sampling_rate / self.settings["hop_length"]
         return out
 
@@ -755,7 +761,8 @@ class MelVQCodec(SpeechCodec):
             num_samples = n_frames * hop
         if gl_hop != hop:  # linear interpolation of the log-mel onto the finer Griffin-Lim hop
             n_out = num_samples // gl_hop + 1
-            pos = (torch.arange(n_out, device=log_mel.device, dtype=torch.float32) * (gl_hop / hop)).clamp_max(n_frames - 1)
+            pos = torch.arange(n_out, device=log_mel.device, dtype=torch.float32) * (gl_hop / hop)
+            pos = pos.clamp_max(n_frames - 1)
             i0 = pos.floor().long()
             i1 = (i0 + 1).clamp_max(n_frames - 1)
             w = (pos - i0.to(pos.dtype))[None, :]
@@ -782,13 +789,17 @@ class MelVQCodec(SpeechCodec):
             for k in _STATE_KEYS:
                 buf = getattr(self, k)
                 if tuple(tensors[k].shape) != tuple(buf.shape):
-                    raise ValueError(f"MelVQ weight {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(buf.shape)}")
+                    raise ValueError(
+                        f"MelVQ weight {k!r} has shape {tuple(tensors[k].shape)}, expected {tuple(buf.shape)}"
+                    )
                 buf.copy_(tensors[k])
 
     @classmethod
     def _from_local_dir(cls, directory: str, codec_config: dict[str, Any] | None, **kwargs: Any) -> MelVQCodec:
         if codec_config is None:
-            raise FileNotFoundError(f"{directory!r} has no {CODEC_CONFIG_NAME}; save a MelVQCodec with save_pretrained().")
+            raise FileNotFoundError(
+                f"{directory!r} has no {CODEC_CONFIG_NAME}; save a MelVQCodec with save_pretrained()."
+            )
         opts = dict(codec_config.get("options", {}))
         opts.update(kwargs)
         codec = cls(codec_name=codec_config.get("codec_name"), **opts)
@@ -879,7 +890,8 @@ def snac_flatten(codes: Sequence[torch.Tensor], vq_strides: Sequence[int], order
         r = vq_strides[0] // vq_strides[level]
         if levels[level].numel() != n_frames * r:
             raise ValueError(
-                f"SNAC level {level} has {levels[level].numel()} codes, expected {n_frames * r} (= {n_frames} frames x {r})"
+                f"SNAC level {level} has {levels[level].numel()} codes, "
+                f"expected {n_frames * r} (= {n_frames} frames x {r})"
             )
         rows.append(levels[level].view(n_frames, r)[:, offset])
     return torch.stack(rows, dim=0)
@@ -940,7 +952,9 @@ class SNACCodec(SpeechCodec):
         self.eval()
 
     @classmethod
-    def from_config(cls, stream_order: str = "depth_first", decode_seed: int | None = 0, **snac_kwargs: Any) -> SNACCodec:
+    def from_config(
+        cls, stream_order: str = "depth_first", decode_seed: int | None = 0, **snac_kwargs: Any
+    ) -> SNACCodec:
         """Randomly initialised SNAC with ``snac.SNAC(**snac_kwargs)`` (tests, experiments)."""
         SNAC = _snac_class()
 
@@ -965,7 +979,12 @@ class SNACCodec(SpeechCodec):
 
     def stream_info(self):
         return [
-            {"stream": i, "level": lvl, "offset": off, "codes_per_frame_at_level": self.vq_strides[0] // self.vq_strides[lvl]}
+            {
+                "stream": i,
+                "level": lvl,
+                "offset": off,
+                "codes_per_frame_at_level": self.vq_strides[0] // self.vq_strides[lvl],
+            }
             for i, (lvl, off) in enumerate(self._table)
         ]
 
@@ -1265,7 +1284,9 @@ def load_codec(path_or_name: str | os.PathLike, **kwargs: Any) -> SpeechCodec:
             return cls.from_pretrained(path, **kwargs)
         native = os.path.join(path, "config.json")
         if not os.path.isfile(native):
-            raise FileNotFoundError(f"{path!r} has neither {CODEC_CONFIG_NAME} nor config.json; it is not a saved codec.")
+            raise FileNotFoundError(
+                f"{path!r} has neither {CODEC_CONFIG_NAME} nor config.json; it is not a saved codec."
+            )
         with open(native, encoding="utf-8") as f:
             return _codec_class_for_native_config(json.load(f), repr(path)).from_pretrained(path, **kwargs)
     if os.path.exists(path):

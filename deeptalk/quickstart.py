@@ -193,8 +193,9 @@ def _train_original_llm(source, processor, data, settings: QuickstartSettings, l
 
     args = TrainingArguments(
         output_dir=os.path.join(settings.output_dir, "original_llm_training"), max_steps=settings.text_pretrain_steps,
-        per_device_train_batch_size=settings.batch_size, learning_rate=settings.text_pretrain_lr, lr_scheduler_type="cosine",
-        warmup_steps=0.03, use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no",
+        per_device_train_batch_size=settings.batch_size, learning_rate=settings.text_pretrain_lr,
+        lr_scheduler_type="cosine", warmup_steps=0.03, use_cpu=not torch.cuda.is_available(), report_to="none",
+        save_strategy="no",
         logging_steps=50, seed=settings.seed, remove_unused_columns=False, disable_tqdm=False,
     )
     trainer = Trainer(model=source, args=args, train_dataset=data.text_qa["train"],
@@ -410,7 +411,9 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
         "original_text_qa_accuracy": original_text_accuracy,
         "converted_text_qa_accuracy": converted_text_accuracy,
         "final_text_qa_accuracy": final_text_accuracy,
-        "text_relative_drop": relative_drop(original_text_accuracy, final_text_accuracy) if original_text_accuracy else None,
+        "text_relative_drop": (
+            relative_drop(original_text_accuracy, final_text_accuracy) if original_text_accuracy else None
+        ),
         "spoken_qa_text_accuracy": spoken_accuracy,
         "majority_answer_share": majority_share,
         "asr": asr_rates,
@@ -420,7 +423,8 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
         "spoken_qa_speech": judged,
         "audio_token_accuracy": audio_accuracy,
         "spoken_answer": {"question": record["question_text"], "reference": record["answer_text"], "text": answer.text,
-                          "text_correct": answer_accuracy([answer.text], [record["answer_text"]]) == 1.0, "wav": wav_path},
+                          "text_correct": answer_accuracy([answer.text], [record["answer_text"]]) == 1.0,
+                          "wav": wav_path},
         "speech_experts": speech_experts,
         "files": {"model": os.path.join(out, "model"), "codec": os.path.join(out, "model", "codec"), **report},
         "timings_s": timings,
@@ -476,10 +480,11 @@ def print_summary(summary: dict, settings: QuickstartSettings):
     for target, met in summary["targets"].items():
         print(f"target {'met' if met else 'NOT met'}: {target}")
     spoken = summary["spoken_answer"]
-    print(f"\nspoken answer to \"{spoken['question']}\": text \"{spoken['text']}\" (reference \"{spoken['reference']}\"), "
-          f"audio {spoken['wav'] or '(no audio frames generated)'}")
+    print(f"\nspoken answer to \"{spoken['question']}\": text \"{spoken['text']}\" "
+          f"(reference \"{spoken['reference']}\"), audio {spoken['wav'] or '(no audio frames generated)'}")
     files = summary["files"]
-    print(f"model + processor: {files['model']}\ncodec: {files['codec']}\nmodality load: {files.get('json')} {files.get('png') or ''}")
+    print(f"model + processor: {files['model']}\ncodec: {files['codec']}\n"
+          f"modality load: {files.get('json')} {files.get('png') or ''}")
     print(f"summary: {os.path.join(settings.output_dir, 'summary.json')}  "
           f"(total {summary['total_s']} s, {summary['cpu_s']} s of CPU)")
     print("\nOn a GPU, the same pipeline on real checkpoints:\n"

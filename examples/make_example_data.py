@@ -46,7 +46,8 @@ def build(data_dir: Path, *, text_rows: int = 16, asr_rows: int = 12, speech_row
         rows["text"].append({"messages": [{"role": "user", "content": record["question_text"]},
                                           {"role": "assistant", "content": record["answer_text"]}]})
     for record in read_demo_records("asr", "train")[:asr_rows]:
-        user = [{"type": "text", "text": ASR_INSTRUCTION}, {"type": "audio", "audio": _audio(record["audio"], data_dir)}]
+        user = [{"type": "text", "text": ASR_INSTRUCTION},
+                {"type": "audio", "audio": _audio(record["audio"], data_dir)}]
         rows["asr"].append({"messages": [{"role": "user", "content": user},
                                          {"role": "assistant", "content": record["text"]}]})
     spoken = read_demo_records("spoken_qa", "train")
@@ -55,7 +56,8 @@ def build(data_dir: Path, *, text_rows: int = 16, asr_rows: int = 12, speech_row
         rows["speech"].append({"messages": [question, _spoken_answer(record, data_dir)]})
     # preference pairs: the right spoken answer against another answer of the same category
     for record in spoken[speech_rows: speech_rows + pair_rows]:
-        wrong = next(r for r in spoken if r["category"] == record["category"] and r["answer_text"] != record["answer_text"])
+        wrong = next(r for r in spoken
+                     if r["category"] == record["category"] and r["answer_text"] != record["answer_text"])
         question = {"role": "user", "content": [{"type": "audio", "audio": _audio(record["question_audio"], data_dir)}]}
         rows["pairs"].append({"prompt": [question], "chosen": _spoken_answer(record, data_dir),
                               "rejected": _spoken_answer(wrong, data_dir)})

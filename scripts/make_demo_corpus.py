@@ -301,7 +301,8 @@ def main(argv=None) -> int:
     ap.add_argument("--statements-test", type=int, default=6)
     ap.add_argument("--frac-validation", type=float, default=0.1)
     ap.add_argument("--frac-test", type=float, default=0.1)
-    ap.add_argument("--max-mb", type=float, default=MAX_MB, help="fail if the corpus folder uses more disk (MiB, du-style 4 KiB blocks)")
+    ap.add_argument("--max-mb", type=float, default=MAX_MB,
+                    help="fail if the corpus folder uses more disk (MiB, du-style 4 KiB blocks)")
     ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
     args = ap.parse_args(argv)
 
@@ -354,12 +355,14 @@ def main(argv=None) -> int:
             if it.answer not in answer_rel:
                 arel = f"audio/answers/{it.answer.replace(' ', '_')}.flac"
                 answer_rel[it.answer] = arel
-                jobs.append((arel, it.answer, ASSISTANT_VOICE["voice"], ASSISTANT_VOICE["rate"], ASSISTANT_VOICE["pitch"]))
+                jobs.append((arel, it.answer,
+                             ASSISTANT_VOICE["voice"], ASSISTANT_VOICE["rate"], ASSISTANT_VOICE["pitch"]))
             sentence = answer_sentence(it)
             if sentence not in sentence_rel:
                 srel = f"audio/answer_sentences/{sentence.replace(',', '').replace(' ', '_')}.flac"
                 sentence_rel[sentence] = srel
-                jobs.append((srel, sentence, ASSISTANT_VOICE["voice"], ASSISTANT_VOICE["rate"], ASSISTANT_VOICE["pitch"]))
+                jobs.append((srel, sentence,
+                             ASSISTANT_VOICE["voice"], ASSISTANT_VOICE["rate"], ASSISTANT_VOICE["pitch"]))
             spoken_records[s].append({
                 "id": rid, "task": "spoken_qa", "category": it.category, "template": it.template,
                 "question_text": it.question, "answer_text": it.answer, "answer_sentence": sentence,
@@ -437,7 +440,8 @@ def main(argv=None) -> int:
         "spoken_category_mix": SPOKEN_CATEGORY_MIX,
         "sample_rate": SAMPLE_RATE, "audio_format": "FLAC PCM_16 mono",
         "trim_threshold_db": TRIM_THRESHOLD_DB, "pad_start_s": PAD_START_S, "pad_end_s": PAD_END_S,
-        "peak_level": PEAK_LEVEL, "flac_compression_level": FLAC_COMPRESSION_LEVEL, "resampler": "torchaudio.functional.resample (default sinc)",
+        "peak_level": PEAK_LEVEL, "flac_compression_level": FLAC_COMPRESSION_LEVEL,
+        "resampler": "torchaudio.functional.resample (default sinc)",
     }
     versions = {"espeak_ng": version, "torch": torch.__version__, "soundfile": sf.__version__,
                 "libsndfile": sf.__libsndfile_version__, "numpy": np.__version__}
@@ -445,7 +449,8 @@ def main(argv=None) -> int:
                 "counts": counts, "total_speech_seconds": round(speech_s, 1),
                 "answer_speech_seconds": round(sum(durations[a] for a in answer_rel.values()), 1),
                 "answer_sentence_speech_seconds": round(sum(durations[a] for a in sentence_rel.values()), 1),
-                "vocabulary_size": len(set(W.vocabulary(args.world_seed)) | {w for t in sentence_rel for w in t.replace(",", "").split()})}
+                "vocabulary_size": len(set(W.vocabulary(args.world_seed))
+                                       | {w for t in sentence_rel for w in t.replace(",", "").split()})}
     # (generation time is printed, not stored, so regenerating is byte-for-byte reproducible)
     for _ in range(2):  # second pass makes the recorded size include the manifest/README themselves
         manifest["size_bytes"] = dir_size_bytes(out)
@@ -466,6 +471,8 @@ def main(argv=None) -> int:
 
 def render_readme(m: dict) -> str:
     s, c, v = m["settings"], m["counts"], m["versions"]
+    validation_pct, test_pct = int(s["frac_validation"] * 100), int(s["frac_test"] * 100)
+    answer_voice = s["assistant_voice"]
     rows = "\n".join(
         f"| {task} | {c[task]['train']} | {c[task]['validation']} | {c[task]['test']} |"
         for task in ("spoken_qa", "asr", "text_qa")
@@ -549,7 +556,7 @@ The rules live in `deeptalk/data/demo_world.py` (`solve()` answers any corpus qu
 ## Splits
 
 Each unique question *text* is assigned to exactly one split (stratified per
-template, {int(s['frac_validation'] * 100)}% validation / {int(s['frac_test'] * 100)}% test); that one assignment is used by
+template, {validation_pct}% validation / {test_pct}% test); that one assignment is used by
 `text_qa`, `spoken_qa` and the question part of `asr`, so **no test question
 appears verbatim in train**. The same *facts* do appear across splits through
 other templates (e.g. "what color is the apple" in train, "what is the color of
@@ -561,7 +568,7 @@ own disjoint split.
 * seed: `{s['seed']}`, world seed: `{s['world_seed']}`
 * spoken QA counts: {json.dumps(s['spoken_counts'])}; statements: {json.dumps(s['statement_counts'])}
 * question voices: {", ".join(f"`{x}`" for x in s['question_voices'])}
-* assistant (answer) voice: `{s['assistant_voice']['voice']}` rate {s['assistant_voice']['rate']} pitch {s['assistant_voice']['pitch']}
+* assistant (answer) voice: `{answer_voice['voice']}` rate {answer_voice['rate']} pitch {answer_voice['pitch']}
 * post-processing: resample to {s['sample_rate']} Hz with {s['resampler']}, trim edge
   silence below {s['trim_threshold_db']} dB of peak (keeping {s['pad_start_s']} s / {s['pad_end_s']} s),
   peak-normalise to {s['peak_level']}, write {s['audio_format']} with soundfile

@@ -55,7 +55,8 @@ def model_dir(tmp_path_factory):
     from deeptalk.processing.tokenizer import train_demo_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    processor = DeepTalkProcessor.from_codec_layout(train_demo_tokenizer(["what does the dog say woof"], vocab_size=120), 2, 8)
+    tokenizer = train_demo_tokenizer(["what does the dog say woof"], vocab_size=120)
+    processor = DeepTalkProcessor.from_codec_layout(tokenizer, 2, 8)
     convert(tiny_text_moe("qwen3_moe"), experts=(1, 5)).save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

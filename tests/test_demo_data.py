@@ -71,7 +71,8 @@ def test_everything_builds_fast_and_complete(built):
     assert {task: len(r) for task, r in data.test_records.items()} == {t: c[2] for t, c in COUNTS.items()}
     for name in DEMO_TASKS:
         assert data.dataset(name)["train"].column_names == [
-            "id", "task", "target_text", "input_ids", "labels", "audio_input_mask", "input_features", "audio_feature_lengths"]
+            "id", "task", "target_text", "input_ids", "labels", "audio_input_mask", "input_features",
+            "audio_feature_lengths"]
 
 
 def test_tokenizer_covers_the_corpus():
@@ -125,7 +126,8 @@ def test_asr_rows_carry_the_instruction_and_the_transcript(data):
     assert sum(row["audio_input_mask"]) == processor.num_audio_positions(row["audio_feature_lengths"][0])
     assert np.array(row["input_features"][0]).shape == (80, row["audio_feature_lengths"][0])
     text = processor.tokenizer.decode([t for t, m in zip(row["input_ids"][0], row["audio_input_mask"]) if not m])
-    assert text.startswith(f"<|user|>{ASR_INSTRUCTION}<|pad_t|><|pad_t|>")  # BOA / EOA columns: PAD_T in the text stream
+    # BOA / EOA columns: PAD_T in the text stream
+    assert text.startswith(f"<|user|>{ASR_INSTRUCTION}<|pad_t|><|pad_t|>")
     assert text_labels(processor, row) == record["text"] + "<|eot|>"
 
 

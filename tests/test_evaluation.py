@@ -187,17 +187,21 @@ def test_rigged_heads_give_predictable_answers(processor, speech_model):
         accuracy, predictions = text_qa_accuracy(speech_model, processor, text_records, max_new_tokens=1,
                                                  batch_size=64, return_predictions=True)
         assert predictions == ["yes"] * len(text_records) and accuracy == pytest.approx(yes_share)
-        assert generate_text_answers(speech_model, processor, [text_qa_conversation("is snow white")], max_new_tokens=3) == ["yesyesyes"]
+        assert generate_text_answers(speech_model, processor, [text_qa_conversation("is snow white")],
+                                     max_new_tokens=3) == ["yesyesyes"]
         rig(speech_model, token_id(processor, "no"))
         assert spoken_qa_text_accuracy(speech_model, processor, spoken_records[:12], max_new_tokens=1) == pytest.approx(
             Counter(r["answer_text"] for r in spoken_records[:12])["no"] / 12)
         decoded = load_demo_corpus("spoken_qa", splits=["test"])["test"].select(range(4))  # decoded-audio records
-        assert spoken_qa_text_accuracy(speech_model, processor, decoded, max_new_tokens=1, return_predictions=True)[1] == ["no"] * 4
+        assert spoken_qa_text_accuracy(speech_model, processor, decoded, max_new_tokens=1,
+                                       return_predictions=True)[1] == ["no"] * 4
         rig(speech_model, processor.layout.eot_id)  # answers end at once: empty strings, nothing right
         assert text_qa_accuracy(speech_model, processor, text_records[:8]) == 0.0
-        assert asr_error_rates(speech_model, processor, read_demo_records("asr", "test")[:3]) == {"wer": 1.0, "cer": 1.0}
+        asr_records = read_demo_records("asr", "test")[:3]
+        assert asr_error_rates(speech_model, processor, asr_records) == {"wer": 1.0, "cer": 1.0}
         rig(speech_model, len(processor.tokenizer) + 3, token_id(processor, "no"))  # an audio id wins: masked out
-        assert generate_text_answers(speech_model, processor, [text_qa_conversation("is snow white")], max_new_tokens=2) == ["nono"]
+        assert generate_text_answers(speech_model, processor, [text_qa_conversation("is snow white")],
+                                     max_new_tokens=2) == ["nono"]
     finally:
         speech_model.set_output_embeddings(head)
     assert no_share > 0
@@ -210,9 +214,11 @@ def test_plain_source_model_generates_from_the_text_stream(processor, tiny_sourc
     rig(source, token_id(processor, "seven"))
     expected = sum(r["answer_text"] == "seven" for r in records) / 10
     assert text_qa_accuracy(source, processor, records, max_new_tokens=1) == pytest.approx(expected)
-    assert generate_text_answers(source, processor, [text_qa_conversation("what is three plus four")], max_new_tokens=2) == ["sevenseven"]
+    sum_question = [text_qa_conversation("what is three plus four")]
+    assert generate_text_answers(source, processor, sum_question, max_new_tokens=2) == ["sevenseven"]
+    question_audio = read_demo_records("spoken_qa", "test")[0]["question_audio"]
     with pytest.raises(ValueError, match="cannot read user audio"):
-        generate_text_answers(source, processor, [spoken_question_conversation(read_demo_records("spoken_qa", "test")[0]["question_audio"])])
+        generate_text_answers(source, processor, [spoken_question_conversation(question_audio)])
 
 
 def reference_greedy(model, processor, conversation, steps):
@@ -248,7 +254,8 @@ def test_batched_left_padded_generation_equals_unpadded_greedy_decoding(processo
     original = speech_model.prepare_inputs_for_generation
 
     def forwarding(self, input_ids, inputs_embeds=None, cache=None, is_first_iteration=False, **kwargs):
-        return original(input_ids, inputs_embeds=inputs_embeds, cache=cache, is_first_iteration=is_first_iteration, **kwargs)
+        return original(input_ids, inputs_embeds=inputs_embeds, cache=cache, is_first_iteration=is_first_iteration,
+                        **kwargs)
 
     speech_model.prepare_inputs_for_generation = types.MethodType(forwarding, speech_model)
     try:
@@ -313,7 +320,8 @@ def test_speech_recognizer_specs_and_their_errors(processor, speech_model, tiny_
     recognizer = load_speech_recognizer(lambda waveform, rate: calls.append(rate) or f"{len(waveform)} at {rate}")
     loud = torch.full((160,), 0.5)
     assert recognizer(loud, 16000) == "160 at 16000"  # torch waveforms arrive as numpy
-    assert recognizer.transcribe([(numpy.zeros(80), 24000), (numpy.zeros(0), 16000), (2 * loud.numpy(), 8000)]) == ["", "", "160 at 8000"]
+    clips = [(numpy.zeros(80), 24000), (numpy.zeros(0), 16000), (2 * loud.numpy(), 8000)]
+    assert recognizer.transcribe(clips) == ["", "", "160 at 8000"]
     assert calls == [16000, 8000]  # silent / empty clips never reach the ASR
     assert load_speech_recognizer(recognizer) is recognizer
     own = load_speech_recognizer("own", model=speech_model, processor=processor)
@@ -321,14 +329,16 @@ def test_speech_recognizer_specs_and_their_errors(processor, speech_model, tiny_
     with pytest.raises(ValueError, match="not str"):
         load_speech_recognizer(lambda waveform, rate: 3)(loud, 16000)
     for bad in (3, ["openai/whisper-small"]):
-        with pytest.raises(ValueError, match=r"is not an ASR: pass asr=None .* or a callable \(waveform, sampling_rate\) -> str"):
+        with pytest.raises(ValueError,
+                           match=r"is not an ASR: pass asr=None .* or a callable \(waveform, sampling_rate\) -> str"):
             load_speech_recognizer(bad)
     with pytest.raises(ValueError, match="(?s)must be cached or reachable.*HF_HUB_OFFLINE=1.*callable"):
         load_speech_recognizer("nobody/no-such-asr-model")
     with pytest.raises(ValueError, match="No ASR checkpoint folder at '/no/such/folder'.*asr=None"):
         load_speech_recognizer("/no/such/folder")
     with pytest.raises(ValueError, match="no audio encoder.*add_speech.*or pass asr="):
-        load_speech_recognizer(None, model=tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer)), processor=processor)
+        load_speech_recognizer(None, model=tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer)),
+                               processor=processor)
     with pytest.raises(ValueError, match="is not an ASR"):  # fails before any metric is computed
         evaluate_on_demo_corpus(speech_model, processor, codec=codec, asr=12, limit=1)
 
@@ -337,8 +347,10 @@ def test_spoken_qa_speech_accuracy_is_one_when_the_asr_hears_the_reference(proce
     processor, codec = processor
     records = read_demo_records("spoken_qa", "test")[:3]
     hear, heard = reference_asr(records)
-    scores = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=hear, max_steps=12, return_predictions=True)
-    expected = [generate_speech_answer(speech_model, processor, spoken_question_conversation(r["question_audio"]), max_steps=12)
+    scores = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=hear, max_steps=12,
+                                     return_predictions=True)
+    expected = [generate_speech_answer(speech_model, processor, spoken_question_conversation(r["question_audio"]),
+                                       max_steps=12)
                 for r in records]
     assert scores["text_answers"] == [a.text for a in expected]
     for (waveform, rate), answer in zip(heard, expected):  # the ASR got the codec's decoding of the spoken answer
@@ -348,12 +360,14 @@ def test_spoken_qa_speech_accuracy_is_one_when_the_asr_hears_the_reference(proce
     said = [i for i, text in enumerate(scores["text_answers"]) if normalize_answer(text)]
     assert said, "the tiny model wrote no text: TTS WER is not exercised"
     assert scores["accuracy"] == 1.0 and scores["transcripts"] == references
-    assert scores["tts_wer"] == pytest.approx(word_error_rate([scores["text_answers"][i] for i in said], [references[i] for i in said]))
+    assert scores["tts_wer"] == pytest.approx(
+        word_error_rate([scores["text_answers"][i] for i in said], [references[i] for i in said]))
     assert scores["num_examples"] == 3 and scores["num_tts_wer_examples"] == len(said)
     assert scores["asr"].endswith("reference_asr.<locals>.hear")
     # an ASR that hears exactly the text answer: the speech says what the text says, TTS WER 0
     texts = iter(scores["text_answers"])
-    faithful = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=lambda w, r: next(texts), max_steps=12)
+    faithful = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=lambda w, r: next(texts),
+                                       max_steps=12)
     assert faithful["tts_wer"] == 0.0
     assert faithful["accuracy"] == answer_accuracy(scores["text_answers"], references)
     # a recognizer with its own normaliser compares through it: "12." is "twelve" for the Whisper judge's
@@ -430,19 +444,22 @@ def test_a_transformers_asr_checkpoint_folder_transcribes_the_spoken_answers(pro
     processor, codec = processor
     folder = tiny_ctc_checkpoint(tmp_path / "ctc")
     records = read_demo_records("spoken_qa", "test")[:2]
-    scores = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=folder, max_steps=10, return_predictions=True)
+    scores = spoken_qa_speech_scores(speech_model, processor, codec, records, asr=folder, max_steps=10,
+                                     return_predictions=True)
     assert scores["asr"] == folder
     _, waveforms = spoken_answers(speech_model, processor, codec, records, max_steps=10)
     asr = pipeline("automatic-speech-recognition", model=folder)
-    assert scores["transcripts"] == [asr({"raw": numpy.clip(w, -1, 1), "sampling_rate": codec.sampling_rate})["text"].strip()
-                                     for w in waveforms]
+    assert scores["transcripts"] == [
+        asr({"raw": numpy.clip(w, -1, 1), "sampling_rate": codec.sampling_rate})["text"].strip() for w in waveforms]
     assert any(scores["transcripts"])  # the random CTC head says something
     results = evaluate_on_demo_corpus(speech_model, processor, codec=codec, limit=1, asr=folder, max_speech_steps=5,
                                       max_new_tokens=1)
     assert results["speech_answer_asr"] == folder and results["num_examples"]["spoken_qa_speech_accuracy"] == 1
 
 
-def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(processor, speech_model, tiny_source, tmp_path):
+def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(
+    processor, speech_model, tiny_source, tmp_path
+):
     import json
 
     from huggingface_hub import ModelCard
@@ -469,8 +486,8 @@ def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(pro
     assert set(results["asr"]) == {"wer", "cer"} and 0.0 <= results["audio_token_accuracy"] <= 1.0
     assert results["speech_answer_asr"].endswith("hear") and results["max_speech_steps"] == 10
     assert results["skipped"] == {}
-    assert set(results["num_examples"]) == {"text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy", "asr",
-                                            "audio_token_accuracy", "spoken_qa_speech_accuracy", "tts_wer"}
+    assert set(results["num_examples"]) == {"text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy",
+                                            "asr", "audio_token_accuracy", "spoken_qa_speech_accuracy", "tts_wer"}
     assert all(0 < n <= 3 for n in results["num_examples"].values())
     write_results(results, str(tmp_path / "eval.json"))
     assert json.loads((tmp_path / "eval.json").read_text()) == results
@@ -489,9 +506,11 @@ def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(pro
     assert "no base model" in no_codec["skipped"]["text_relative_drop"]
     assert set(no_codec["asr"]) == {"wer", "cer"} and "speech_answer_asr" not in no_codec
     card = ModelCard(str(render_model_card(speech_model, eval_results=no_codec)))
-    assert {r.metric_name for r in card.data.eval_results} == {"text_qa_accuracy", "spoken_qa_text_accuracy", "asr_wer", "asr_cer"}
+    assert {r.metric_name for r in card.data.eval_results} == {
+        "text_qa_accuracy", "spoken_qa_text_accuracy", "asr_wer", "asr_cer"}
     assert "(no codec: pass codec=" in card.text
-    quiet = evaluate_on_demo_corpus(speech_model, processor, codec=codec, limit=2, speech_answers=False, max_new_tokens=1)
+    quiet = evaluate_on_demo_corpus(speech_model, processor, codec=codec, limit=2, speech_answers=False,
+                                    max_new_tokens=1)
     assert "audio_token_accuracy" in quiet and quiet["skipped"]["tts_wer"] == "speech_answers=False"
 
 

@@ -134,7 +134,8 @@ def test_judge_ceilings_on_reference_answers_and_their_codec_round_trip(judge):
     assert set(found) == {"reference_audio", "codec_round_trip"}
     assert found["reference_audio"] == {"accuracy": 1.0, "wer": 0.0, "num_examples": 3}  # all three are heard (above)
     assert 0.0 <= found["codec_round_trip"]["accuracy"] <= 1.0 and found["codec_round_trip"]["num_examples"] == 3
-    sentences = judge_reference_audio(judge, records[:1], audio_column="answer_sentence_audio", text_column="answer_sentence")
+    sentences = judge_reference_audio(judge, records[:1], audio_column="answer_sentence_audio",
+                                      text_column="answer_sentence")
     assert set(sentences) == {"reference_audio"} and 0.0 <= sentences["reference_audio"]["wer"] <= 1.0
 
 

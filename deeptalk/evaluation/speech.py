@@ -31,7 +31,8 @@ OWN_ASR = "own"
 """The name results record for the DeepTalk model's own ASR path (also accepted as `asr="own"`)."""
 
 JUDGE_ASR = "judge"
-"""`asr="judge"`: the pretrained Whisper judge (:func:`~deeptalk.evaluation.judge.default_judge`, the `whisper` extra)."""
+"""`asr="judge"`: the pretrained Whisper judge (:func:`~deeptalk.evaluation.judge.default_judge`, the `whisper`
+extra)."""
 
 AUTO_ASR = "auto"
 """`asr="auto"`: the Whisper judge when the `whisper` extra is installed, else the model's own ASR path."""
@@ -51,7 +52,9 @@ def _as_mono_float(waveform) -> np.ndarray:
         waveform = waveform.detach().to("cpu", torch.float32).numpy()
     waveform = np.asarray(waveform, dtype=np.float32)
     if waveform.ndim != 1:
-        raise ValueError(f"A spoken answer must be a 1-D waveform, got shape {waveform.shape}: decode one answer at a time.")
+        raise ValueError(
+            f"A spoken answer must be a 1-D waveform, got shape {waveform.shape}: decode one answer at a time."
+        )
     if not np.isfinite(waveform).all():
         raise ValueError("A spoken answer holds NaN or inf samples: check the codec's decoder.")
     return np.clip(waveform, -1.0, 1.0)
@@ -84,10 +87,13 @@ class SpeechRecognizer:
     def transcribe(self, clips: Sequence[tuple]) -> list[str]:
         """One transcript per `(waveform, sampling_rate)` pair, stripped; "" for silent or empty clips."""
         clips = [(_as_mono_float(waveform), int(sampling_rate)) for waveform, sampling_rate in clips]
-        audible = [i for i, (waveform, _) in enumerate(clips) if waveform.size and np.abs(waveform).max() >= SILENCE_PEAK]
+        audible = [
+            i for i, (waveform, _) in enumerate(clips) if waveform.size and np.abs(waveform).max() >= SILENCE_PEAK
+        ]
         transcripts = [""] * len(clips)
         if audible:
-            with warnings.catch_warnings():  # clipped by us (see _as_mono_float): "lower the recording gain" does not apply
+            # clipped by us (see _as_mono_float): "lower the recording gain" does not apply
+            with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r".* is clipped: ")
                 texts = list(self.transcribe_batch([clips[i] for i in audible]))
             if len(texts) != len(audible):
@@ -129,7 +135,8 @@ def _pipeline_recognizer(name: str, device) -> SpeechRecognizer:
         reason = str(error).strip().rstrip(".")
         raise ValueError(
             f"Could not load {name!r} as a transformers ASR model ({type(error).__name__}: {reason}). A Hub id must be "
-            f"cached or reachable (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); otherwise {ASR_SPEC_HELP}."
+            f"cached or reachable (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); "
+            f"otherwise {ASR_SPEC_HELP}."
         ) from error
     rate = asr.feature_extractor.sampling_rate
 
@@ -228,7 +235,9 @@ def spoken_qa_speech_scores(model, processor, codec, records, *, asr=None, max_s
     heard = [normalize(t) for t in transcripts]
     scores = {
         "accuracy": answer_accuracy(heard, references),
-        "tts_wer": word_error_rate([normalize(text_answers[i]) for i in said], [heard[i] for i in said]) if said else None,
+        "tts_wer": (
+            word_error_rate([normalize(text_answers[i]) for i in said], [heard[i] for i in said]) if said else None
+        ),
         "asr": recognizer.name,
         "num_examples": len(records),
         "num_tts_wer_examples": len(said),

@@ -200,7 +200,9 @@ def rank_by_wer(reference_text: str, candidates: list, transcribe=None, sampling
 
         transcribe = default_judge()
     normalize = getattr(transcribe, "normalize", None) or normalize_answer
-    errors = [word_error_rate([normalize(reference_text)], [normalize(transcribe(c, sampling_rate))]) for c in candidates]
+    errors = [
+        word_error_rate([normalize(reference_text)], [normalize(transcribe(c, sampling_rate))]) for c in candidates
+    ]
     return sorted(range(len(candidates)), key=lambda i: (errors[i], i))
 
 

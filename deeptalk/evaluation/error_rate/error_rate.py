@@ -48,12 +48,16 @@ class ErrorRate(evaluate.Metric):
 
     def _info(self):
         if self.rate not in RATES:
-            raise ValueError(f"Unknown error rate {self.config_name!r}: load this metric with config_name='wer' or 'cer'.")
+            raise ValueError(
+                f"Unknown error rate {self.config_name!r}: load this metric with config_name='wer' or 'cer'."
+            )
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
             codebase_urls=["https://github.com/jitsi/jiwer/"],
             reference_urls=["https://en.wikipedia.org/wiki/Word_error_rate"],
         )
