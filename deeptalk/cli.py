@@ -816,7 +816,7 @@ def _evaluate_datasets(args) -> int:
     columns = parse_columns(args.columns)
     _check_format_options([args.data_format], columns, None, None)
     asr = args.asr
-    if asr is not None and asr != "own" and not asr.startswith("whisper"):
+    if asr is not None and asr not in ("auto", "judge", "own") and not asr.startswith("whisper"):
         asr = check_source(asr, "--asr")
 
     from transformers import AutoModelForCausalLM, AutoProcessor
