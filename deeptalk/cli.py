@@ -90,6 +90,7 @@ def _offline_mode() -> bool:
 def _go_offline() -> None:
     """Switch this process to offline mode, so that cached Hub files load without minutes of retries."""
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
     constants = sys.modules.get("huggingface_hub.constants")
     if constants is not None:
         constants.HF_HUB_OFFLINE = True
@@ -161,18 +162,24 @@ def check_source(value: str, option: str, *, default: str | None = None, need_co
     except HFValidationError:
         raise UsageError(f"{option} {value}: no such folder, and not a Hub repo id (user/name).") from None
     local_hint = f"pass {option} DIR with a local copy (`hf download {value} --local-dir DIR` where there is network)"
+    return _reachable_hub_id(value, option, "no such folder", f"the Hub repo {value!r}", _in_hub_cache, local_hint)
+
+
+def _reachable_hub_id(value: str, option: str, missing: str, what: str, in_cache, local_hint: str) -> str:
+    """A Hub id usable now: with network, or cached when offline (set, or switched to without network);
+    else a one-line error saying how to point at local files."""
     if _offline_mode():
-        if _in_hub_cache(value):
+        if in_cache(value):
             return value
-        raise UsageError(f"{option} {value}: no such folder, and offline mode (HF_HUB_OFFLINE=1) with no cached copy "
-                         f"of the Hub repo {value!r}: {local_hint}.")
+        raise UsageError(f"{option} {value}: {missing}, and offline mode (HF_HUB_OFFLINE=1) with no cached copy of "
+                         f"{what}: {local_hint}.")
     if not hub_reachable():
         _go_offline()
-        if _in_hub_cache(value):
+        if in_cache(value):
             print(f"deeptalk: no network to reach {hub_endpoint()}: using the cached copy of {value}.", file=sys.stderr)
             return value
-        raise UsageError(f"{option} {value}: no such folder, and no network to reach {hub_endpoint()} "
-                         f"for the Hub repo {value!r}: {local_hint}.")
+        raise UsageError(f"{option} {value}: {missing}, and no network to reach {hub_endpoint()} for {what}: "
+                         f"{local_hint}.")
     return value
 
 
@@ -363,20 +370,8 @@ def check_data_source(value: str, option: str = "--data") -> str:
         raise UsageError(f"{option} {value}: no such file or folder.")
     local_hint = (f"download it where there is network (`hf download {value} --repo-type dataset --local-dir DIR`) "
                   f"and pass its files, e.g. {option} 'DIR/data/train-*.parquet'")
-    if _offline_mode():
-        if _dataset_in_cache(value):
-            return value
-        raise UsageError(f"{option} {value}: no such file or folder, and offline mode (HF_HUB_OFFLINE=1) with no "
-                         f"cached copy of the Hub dataset {value!r}: {local_hint}.")
-    if not hub_reachable():
-        _go_offline()
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-        if _dataset_in_cache(value):
-            print(f"deeptalk: no network to reach {hub_endpoint()}: using the cached copy of {value}.", file=sys.stderr)
-            return value
-        raise UsageError(f"{option} {value}: no such file or folder, and no network to reach {hub_endpoint()} for the "
-                         f"Hub dataset {value!r}: {local_hint}.")
-    return value
+    return _reachable_hub_id(value, option, "no such file or folder", f"the Hub dataset {value!r}",
+                             _dataset_in_cache, local_hint)
 
 
 def parse_data_specs(values: list[str], option: str = "--data") -> list[tuple[str, float | None]]:
