@@ -23,8 +23,11 @@ What gets written (``--out``, default ``deeptalk/data/demo_corpus``)::
     README.md       human-readable description (generated from the same data)
 
 Every unique question text is assigned to exactly one split (stratified per
-template), and the same assignment is used for ``text_qa``, ``spoken_qa`` and
-the question part of ``asr``; so no test question is ever verbatim in train.
+template), and the same assignment is used for ``spoken_qa`` and the question
+part of ``asr``; so no speech test question is ever heard in training. The
+text LLM is taught, in text, every question it is later asked by voice:
+``text_qa``'s train split also holds the text of the spoken validation and test
+questions, and its held-out splits hold text-only questions.
 Facts are shared between splits on purpose (paraphrases / other templates).
 
 Generation is deterministic for a given ``--seed`` and espeak-ng version
@@ -326,7 +329,12 @@ def main(argv=None) -> int:
     # ---- spoken QA: a subset of each split's pool ----
     spoken_n = {"train": args.spoken_train, "validation": args.spoken_validation, "test": args.spoken_test}
     spoken_items = {s: sample_spoken(q_split[s], spoken_n[s], rng) for s in SPLITS}
-    spoken_texts = {s: {it.question for it in spoken_items[s]} for s in SPLITS}
+    spoken_split = {it.question: s for s in SPLITS for it in spoken_items[s]}
+    # The text LLM is taught, in text, every question it is later asked by voice (its "knowledge"): the
+    # spoken validation/test questions move to text_qa's train split, so text_qa's held-out splits are
+    # text-only questions and a spoken test question is new to the ears, not to the LLM.
+    text_split = {"train": list(q_split["train"]) + [it for s in ("validation", "test") for it in spoken_items[s]],
+                  **{s: [it for it in q_split[s] if it.question not in spoken_split] for s in ("validation", "test")}}
 
     # ---- statements (ASR only) ----
     statements = [(t, tmpl) for t, tmpl in W.all_statements()]
@@ -409,10 +417,11 @@ def main(argv=None) -> int:
                         "rate": rec["rate"], "pitch": rec["pitch"], "duration_s": durations[rec["audio"]]})
         write_jsonl(out / "asr" / f"{s}.jsonl", asr)
 
-        text_items = sorted(q_split[s], key=lambda it: (it.category, it.template, it.question))
+        text_items = sorted(text_split[s], key=lambda it: (it.category, it.template, it.question))
         write_jsonl(out / "text_qa" / f"{s}.jsonl", [
             {"id": f"tqa-{s}-{i:05d}", "task": "text_qa", "category": it.category, "template": it.template,
-             "question_text": it.question, "answer_text": it.answer, "in_spoken_qa": it.question in spoken_texts[s]}
+             "question_text": it.question, "answer_text": it.answer, "in_spoken_qa": it.question in spoken_split,
+             "spoken_split": spoken_split.get(it.question)}
             for i, it in enumerate(text_items)
         ])
 
@@ -422,10 +431,11 @@ def main(argv=None) -> int:
     counts = {
         "spoken_qa": {s: len(spoken_records[s]) for s in SPLITS},
         "asr": {s: len(spoken_records[s]) + len(statement_records[s]) for s in SPLITS},
-        "text_qa": {s: len(q_split[s]) for s in SPLITS},
+        "text_qa": {s: len(text_split[s]) for s in SPLITS},
         "spoken_qa_by_category": {s: dict(sorted(Counter(r["category"] for r in spoken_records[s]).items()))
                                   for s in SPLITS},
-        "text_qa_by_category": {s: dict(sorted(Counter(it.category for it in q_split[s]).items())) for s in SPLITS},
+        "text_qa_by_category": {s: dict(sorted(Counter(it.category for it in text_split[s]).items()))
+                                for s in SPLITS},
         "answer_audio_files": len(answer_rel),
         "answer_sentence_audio_files": len(sentence_rel),
         "audio_files": len(durations),
@@ -522,8 +532,9 @@ load_demo_corpus("spoken_qa", decode_audio=False)  # absolute paths only
   same split plus plain statements ("anna lives in paris", "three plus four is
   seven"). Fields: `id, task, source, text, audio, voice, rate, pitch, duration_s`.
 * `text_qa/*.jsonl` - **every** question of the world as text (a superset of the
-  spoken questions), for measuring text ability on the same world.
-  Fields: `id, task, category, template, question_text, answer_text, in_spoken_qa`.
+  spoken questions; all of those are in its train split, see Splits), for
+  teaching a text LLM the world and measuring its held-out text skill.
+  Fields: `id, task, category, template, question_text, answer_text, in_spoken_qa, spoken_split`.
   Category mix per split: {json.dumps(c['text_qa_by_category'])}.
 * `audio/questions/`, `audio/statements/`: 16 kHz mono FLAC (PCM 16-bit),
   questions/statements spoken by {len(s['question_voices'])} espeak-ng voices with
@@ -557,11 +568,17 @@ The rules live in `deeptalk/data/demo_world.py` (`solve()` answers any corpus qu
 
 Each unique question *text* is assigned to exactly one split (stratified per
 template, {validation_pct}% validation / {test_pct}% test); that one assignment is used by
-`text_qa`, `spoken_qa` and the question part of `asr`, so **no test question
-appears verbatim in train**. The same *facts* do appear across splits through
-other templates (e.g. "what color is the apple" in train, "what is the color of
-the apple" in test), which is what makes test answerable. Statements have their
-own disjoint split.
+`spoken_qa` and the question part of `asr`, so **no spoken test question is
+heard in training**. `text_qa` is the text LLM's knowledge: its train split
+also holds the text of every spoken validation and test question
+(`spoken_split` names where it is spoken), so a spoken test question is new to
+the ears, not to the LLM, as in the paper's spoken QA benchmarks of facts an LLM
+learned from text. `text_qa`'s validation and test splits hold only text
+questions that are never spoken (mostly arithmetic and comparisons, which a
+model can work out rather than recall): the held-out text skill whose loss
+measures forgetting. The same *facts* also appear across splits through other
+templates (e.g. "what color is the apple" in train, "what is the color of the
+apple" in test). Statements have their own disjoint split.
 
 ## Generator settings
 

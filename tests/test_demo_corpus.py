@@ -137,12 +137,19 @@ def test_test_questions_not_in_train(records):
         for s in ("validation", "test"):
             held = {r[key] for r in records[t][s]}
             assert not held & train, (t, s, sorted(held & train)[:5])
-    # and across tasks: one global assignment of question texts to splits
-    all_train_q = {r["question_text"] for t in ("spoken_qa", "text_qa") for r in records[t]["train"]}
-    all_train_q |= {r["text"] for r in records["asr"]["train"]}
+    # and across tasks: nothing held out is heard in speech training or seen in text training, except on
+    # purpose: the text of every spoken question is in text_qa's train split (the LLM's knowledge)
+    speech_train = {r["question_text"] for r in records["spoken_qa"]["train"]}
+    speech_train |= {r["text"] for r in records["asr"]["train"]}
+    text_train = {r["question_text"]: r for r in records["text_qa"]["train"]}
     for s in ("validation", "test"):
-        held = {r["question_text"] for t in ("spoken_qa", "text_qa") for r in records[t][s]}
-        assert not held & all_train_q
+        spoken = {r["question_text"] for r in records["spoken_qa"][s]}
+        text_held = {r["question_text"] for r in records["text_qa"][s]}
+        assert not (spoken | text_held) & speech_train
+        assert not text_held & set(text_train) and not text_held & spoken
+        assert all(text_train[q]["spoken_split"] == s for q in spoken)
+    for s in SPLITS:
+        assert all(not r["in_spoken_qa"] and r["spoken_split"] is None for r in records["text_qa"][s] if s != "train")
         assert not {r["question_text"] for r in records["text_qa"]["test"]} & {
             r["question_text"] for r in records["text_qa"]["validation"]}
 
@@ -159,12 +166,12 @@ def test_answers_consistent_with_world(records):
     assert set(text_answers) == set(world)  # text_qa covers the whole world
     spoken_answers = set()
     for s in SPLITS:
-        text_q = {r["question_text"]: r for r in records["text_qa"][s]}
+        text_q = {r["question_text"]: r for r in records["text_qa"]["train"]}
         asr_by_audio = {r["audio"]: r["text"] for r in records["asr"][s]}
         for r in records["spoken_qa"][s]:
             q, a = r["question_text"], r["answer_text"]
             assert text_answers[q] == a and W.solve(q) == a, r
-            assert q in text_q and text_q[q]["in_spoken_qa"], r  # same split in text_qa
+            assert q in text_q and text_q[q]["in_spoken_qa"] and text_q[q]["spoken_split"] == s, r  # the LLM knows it
             assert asr_by_audio[r["question_audio"]] == q  # question audio reused for ASR
             assert Path(r["answer_audio"]).stem.replace("_", " ") == a
             sentence = r["answer_sentence"]

@@ -16,10 +16,10 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
                                   text_steps=3, joint_steps=3, assignment_batches=2, judge_spoken_answers=False)
     summary = run_quickstart(settings)
     for key in ("original_text_qa_accuracy", "final_text_qa_accuracy", "spoken_qa_text_accuracy",
-                "audio_token_accuracy"):
+                "spoken_test_as_text_accuracy", "audio_token_accuracy"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["num_threads"] == 1 and summary["majority_answer_share"] == 8 / 36 and summary["asr"]["wer"] >= 0
-    assert len(summary["targets"]) == 3 and summary["spoken_qa_speech"] == {"skipped": "judge_spoken_answers=False"}
+    assert len(summary["targets"]) == 4 and summary["spoken_qa_speech"] == {"skipped": "judge_spoken_answers=False"}
     assert json.loads((tmp_path / "summary.json").read_text())["speech_experts"] == summary["speech_experts"]
     assert all(len(layer) == settings.num_speech_experts for layer in summary["speech_experts"])
     assert (tmp_path / "modality_load.png").read_bytes()[:4] == b"\x89PNG"
