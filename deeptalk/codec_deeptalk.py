@@ -541,13 +541,15 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> torch.Ten
     first = int(torch.randint(n, (1,), generator=g))
     centroids = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
     centroids[0] = x[first]
-    d2 = (x - x[first]).pow(2).sum(1)
+    # distance to each new centroid as |x|^2 - 2 x.c + |c|^2: one matrix-vector product a pick, no [n, d] temporary
+    x_sq = x.pow(2).sum(1)
+    d2 = (x_sq - 2.0 * (x @ x[first]) + x_sq[first]).clamp_min_(0.0)
     for j in range(1, k):
         total = float(d2.sum())
         probs = (d2 / total) if total > 0 else torch.full_like(d2, 1.0 / n)
         pick = int(torch.multinomial(probs.cpu(), 1, generator=g))
         centroids[j] = x[pick]
-        d2 = torch.minimum(d2, (x - x[pick]).pow(2).sum(1))
+        d2 = torch.minimum(d2, (x_sq - 2.0 * (x @ x[pick]) + x_sq[pick]).clamp_min_(0.0))
     for _ in range(iters):
         assign = nearest_centroid(x, centroids)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
