@@ -46,18 +46,16 @@ class QuickstartSettings:
     intermediate_size: int = 192  # the dense first layer's MLP width
     top_k: int = 4
     num_speech_experts: int = 4
-    text_pretrain_steps: int = 1000
+    text_pretrain_steps: int = 900
     text_pretrain_lr: float = 3e-3
-    # Phase 1 trains the adapter and the embeddings on ASR + spoken questions. A pretrained (frozen) encoder
-    # needs the recipe's steps; a random one has to learn to hear and trains for `random_encoder_align_steps`
-    # (with 300 it answered "no" to every spoken question). ASR rehearsal in phase 3 keeps the skill.
-    align_steps: int | None = None  # None = the tiny_cpu recipe's max_steps (or random_encoder_align_steps)
-    random_encoder_align_steps: int = 900
+    # Phase 1 trains the adapter and the embeddings on ASR + spoken questions; a random encoder has to learn
+    # to hear and needs three times the steps (with 300 it answered "no" to every spoken question).
+    align_steps: int | None = None  # None: 280 with a pretrained (frozen) encoder, 900 with a random one
     align_tasks: tuple[str, ...] = ("asr", "spoken_qa_text")
     train_audio_encoder: bool | None = None  # None: train it when it is random, keep a pretrained one frozen
-    speech_steps: int | None = 150
-    text_steps: int | None = 150
-    joint_steps: int | None = 200
+    speech_steps: int | None = 120
+    text_steps: int | None = 100
+    joint_steps: int | None = 160
     joint_tasks: tuple[str, ...] = ("spoken_qa_speech", "text_qa", "asr")
     batch_size: int = 16
     assignment_batches: int = 8  # batches of each modality for measuring the modality load
@@ -71,7 +69,7 @@ class QuickstartSettings:
     # transformers folder, a Hub id such as openai/whisper-medium)
     audio_encoder: str | None = "auto"
     judge_spoken_answers: bool = True  # score the test split's spoken answers with the Whisper judge (when installed)
-    judge_max_steps: int = 60  # decode steps per spoken answer scored by the judge
+    judge_max_steps: int = 40  # decode steps per spoken answer scored by the judge (the answers are one word)
     num_threads: int | None = 1  # torch threads for the whole run, whatever OMP_NUM_THREADS says (None: torch's)
     extra: dict = field(default_factory=dict)
 
@@ -350,8 +348,8 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
     train_encoder = encoder_name is None if settings.train_audio_encoder is None else settings.train_audio_encoder
     align_overrides = {"train_audio_encoder": train_encoder, "train_embeddings": "all"}
     align_steps = settings.align_steps
-    if align_steps is None and encoder_name is None:
-        align_steps = settings.random_encoder_align_steps
+    if align_steps is None:
+        align_steps = 900 if encoder_name is None else 280
     phase_records = [train(DeepTalkAlignmentTrainer, DeepTalkAlignmentConfig, "align", align_steps,
                            data.tasks_dataset(settings.align_tasks, "train", seed=settings.seed), "phase1_align",
                            **align_overrides)]
