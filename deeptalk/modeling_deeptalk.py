@@ -473,8 +473,11 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         if torch.compiler.is_compiling():  # data_ptr cannot be traced: use what eager mode prepared
             return cached
         text_bank, speech_bank = self._modules["text_bank"], self._modules["speech_bank"]
-        if cached is not None and cached.source_ptrs == (
-            text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr()
+        if (
+            cached is not None
+            and cached.source_banks[0] is text_bank  # a bank wrapped since (e.g. by PEFT) is not what was packed
+            and cached.source_banks[1] is speech_bank
+            and cached.source_ptrs == (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr())
         ):
             return cached  # the hot path: one check per layer and step
         banks = (text_bank, speech_bank)
@@ -493,6 +496,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         packed._parameters = {"gate_up_proj": gate_up, "down_proj": down}
         packed.num_experts = gate_up.shape[0]
         packed._is_expert_parallel = False  # no sentinels here: the source's exact kernel path
+        packed.source_banks = banks
         packed.source_ptrs = (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr())
         self.__dict__["_packed_module"] = packed
         return packed

@@ -83,6 +83,27 @@ def test_free_mode_inference_runs_one_experts_call_per_layer_without_copying_wei
         assert block.speech_bank.gate_up_proj.untyped_storage().data_ptr() == storages[id(block)]
 
 
+def test_a_bank_wrapped_after_inference_is_run_through_its_wrapper(tiny_source):
+    """The packed module is cached by the first no-grad call; a bank that PEFT wraps afterwards must be run
+    through its adapter (the packed raw weights would skip it), with or without gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    model = convert(tiny_source("qwen3_moe"), experts=(1, 5))
+    ids = random_ids()
+    with torch.no_grad():
+        base = model(ids).logits  # caches the packed module of every block
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=[], target_parameters=["text_bank.gate_up_proj"])
+    adapted = get_peft_model(model, lora)
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:  # a zero-initialised adapter would change nothing
+            torch.nn.init.normal_(param, std=0.5)
+    with torch.no_grad():
+        no_grad = adapted(ids).logits
+    with_grad = adapted(ids).logits.detach()
+    assert (with_grad - base).abs().max() > 1e-3
+    torch.testing.assert_close(no_grad, with_grad)
+
+
 @pytest.mark.parametrize("family", ["deepseek_v2", "qwen3_moe"])
 def test_the_decode_step_traces_as_one_graph(family, tiny_source):
     """`fullgraph=True` with dynamo's eager backend: the whole step traces without a graph break (what
