@@ -157,7 +157,8 @@ def route_tokens(router_logits: torch.Tensor, allowed: torch.Tensor | None, spec
     if spec.group_limited and allowed is None:
         num_tokens, num_experts = probs.shape
         grouped = spec.grouped_experts or num_experts  # experts added later (MoExtend) are in no group
-        group_scores = probs[:, :grouped].reshape(num_tokens, spec.num_groups, -1).max(dim=-1).values
+        group_probs = probs if grouped == num_experts else probs[:, :grouped]
+        group_scores = group_probs.reshape(num_tokens, spec.num_groups, -1).max(dim=-1).values
         group_index = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_index, 1.0)
         expert_mask = group_mask.unsqueeze(-1).expand(-1, -1, grouped // spec.num_groups).reshape(num_tokens, -1)
@@ -442,10 +443,11 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         allowed, bank = allowed_experts(routing_mode, token_modality, self.is_speech_expert)
         decision = route_tokens(router_logits, allowed, self.spec)
         output = self._run_experts(flat, decision.expert_index, decision.expert_weight, bank)
-        if hasattr(self, "shared_experts"):  # DeepSeek: always-on shared experts
-            output = output + self.shared_experts(flat)
-        if hasattr(self, "shared_expert"):  # Qwen2-MoE: sigmoid-gated shared expert
-            output = output + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        modules = self._modules  # looked up, not `hasattr`: a missing module costs an AttributeError per call
+        if (shared := modules.get("shared_experts")) is not None:  # DeepSeek: always-on shared experts
+            output = output + shared(flat)
+        if (shared := modules.get("shared_expert")) is not None:  # Qwen2-MoE: sigmoid-gated shared expert
+            output = output + torch.sigmoid(modules["shared_expert_gate"](flat)) * shared(flat)
         return output.view(batch_size, seq_len, hidden_dim)
 
     def _run_experts(self, hidden_states, index, weight, bank: int | None) -> torch.Tensor:
@@ -457,7 +459,7 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         if not torch.is_grad_enabled():
             packed = self._packed_experts()
             if packed is not None:  # both banks as one experts call, like the source's block (no empty slots here)
-                return packed(hidden_states, self.packed_index[index], weight)
+                return packed(hidden_states, torch.take(self.packed_index, index), weight)
         # Training (or partitioned weights): each bank runs its own slots; the other bank's are sentinels.
         source = index.clamp(min=0)
         speech_slot = self.is_speech_expert[source]
