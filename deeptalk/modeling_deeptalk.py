@@ -62,6 +62,7 @@ from .configuration_deeptalk import (
 # into the DeepTalk block as they are, so their weights keep their names.
 SHARED_EXPERT_MODULES = ("shared_experts", "shared_expert", "shared_expert_gate")
 IGNORE_INDEX = -100
+MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -809,6 +810,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         )
         self.norm = family_model.norm
         self.rotary_emb = family_model.rotary_emb
+        # each layer's mask kind, as its attention module was built (read per step: kept off the config)
+        self.layer_mask_kinds = tuple(config.decoder_layer_types)
         self.register_buffer("stream_offsets", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("stream_pad_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         if config.speech_layout is not None:
@@ -981,13 +984,16 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         return modality.reshape(-1)
 
     def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> list:
+        kinds = self.layer_mask_kinds
         if isinstance(attention_mask, dict):  # already built, e.g. by generate()
-            return [attention_mask[kind] for kind in self.config.decoder_layer_types]
-        kwargs = dict(config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                      cache=cache, position_ids=position_ids)
-        makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-        built = {kind: makers[kind](**kwargs) for kind in set(self.config.decoder_layer_types)}
-        return [built[kind] for kind in self.config.decoder_layer_types]
+            return [attention_mask[kind] for kind in kinds]
+        config = self.config.text_config
+        built = {
+            kind: MASK_MAKERS[kind](config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                    cache=cache, position_ids=position_ids)
+            for kind in dict.fromkeys(kinds)
+        }
+        return [built[kind] for kind in kinds]
 
     @capture_outputs
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
@@ -1024,14 +1030,19 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Give exactly one of input_ids or inputs_embeds.")
-        mode = RoutingMode.parse(routing_mode or self.config.routing_mode)
+        mode = routing_mode if isinstance(routing_mode, RoutingMode) else RoutingMode.parse(
+            routing_mode or self.config.routing_mode
+        )
         if mode.needs_speech_experts and not self.config.speech_experts:
             raise ValueError(
                 f"routing_mode={mode.value!r} needs speech experts; none are assigned. Pass speech_experts when "
                 "converting, or run the assignment step first."
             )
         modality = None
-        wants_records = kwargs.get("output_router_logits", self.config.output_router_logits)
+        if "output_router_logits" in kwargs:  # DeepTalkForCausalLM always says
+            wants_records = kwargs["output_router_logits"]
+        else:
+            wants_records = self.config.output_router_logits
         if token_modality is not None or mode is RoutingMode.BY_TOKEN_MODALITY or wants_records:
             modality = self.token_modality_from_inputs(
                 input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
