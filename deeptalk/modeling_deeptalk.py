@@ -27,6 +27,7 @@ checkpointed forward and its backward.
 Invariant (tested for every family): in ``free`` mode a converted model computes its source's logits.
 """
 
+import inspect
 import os
 import re
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ from .configuration_deeptalk import (
 SHARED_EXPERT_MODULES = ("shared_experts", "shared_expert", "shared_expert_gate")
 IGNORE_INDEX = -100
 MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+AUDIO_INPUT_NAMES = ("input_features", "audio_feature_lengths", "audio_input_mask")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1344,9 +1346,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
-        if cache is not None and cache.get_seq_length() > 0:  # audio is encoded once, at prefill
-            for name in ("input_features", "audio_feature_lengths", "audio_input_mask"):
-                model_inputs.pop(name, None)
+        audio_inputs = [name for name in AUDIO_INPUT_NAMES if name in model_inputs]
+        if audio_inputs and cache is not None and cache.get_seq_length() > 0:  # audio is encoded once, at prefill
+            for name in audio_inputs:
+                del model_inputs[name]
         return model_inputs
 
     # ---- speech ------------------------------------------------------------------------------
@@ -1505,6 +1508,15 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
 
                 path = os.path.join(snapshot_download(self.name_or_path, allow_patterns=["codec/*"]), "codec")
         return load_codec(path, **kwargs)
+
+
+# generate() reads `inspect.signature(model.forward)` at every step of a model registered for remote code
+# (transformers' `cache_position` check): store the signature on the undecorated function, where `inspect`
+# stops unwrapping, instead of rebuilding it from the code object each time. Wrappers keep no copy of it.
+for _model_class in (DeepTalkModel, DeepTalkForCausalLM):
+    _forward = inspect.unwrap(_model_class.forward)
+    _forward.__signature__ = inspect.signature(_forward)
+del _model_class, _forward
 
 
 class TextIdsOnly(LogitsProcessor):
