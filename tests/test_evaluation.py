@@ -469,7 +469,7 @@ def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(
 
     processor, codec = processor
     base = tiny_source("qwen3_moe", vocab_size=len(processor.tokenizer))
-    rig(base, token_id(processor, "four"))  # text_qa test answers: twenty, fourteen, four
+    rig(base, token_id(processor, "seven"))  # text_qa test answers: eleven, seven, fourteen
     # the ASR hears the reference answer words, in order: for the 3 spoken answers, then for the ceilings (the
     # one-word recordings, their codec round trips, the sentence recordings, theirs)
     hear, _ = reference_asr(read_demo_records("spoken_qa", "test")[:3] * 5)
