@@ -1041,8 +1041,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 "converting, or run the assignment step first."
             )
         modality = None
-        if "output_router_logits" in kwargs:  # DeepTalkForCausalLM always says
-            wants_records = kwargs["output_router_logits"]
+        if "output_router_logits" in kwargs:  # DeepTalkForCausalLM always says; the layers need not carry it
+            wants_records = kwargs.pop("output_router_logits")
         else:
             wants_records = self.config.output_router_logits
         if token_modality is not None or mode is RoutingMode.BY_TOKEN_MODALITY or wants_records:
