@@ -143,9 +143,9 @@ def whisper_config(shape: str):
                          eos_token_id=2, decoder_start_token_id=1)
 
 
-def step_timer():
+def step_timer(clock=time.perf_counter):
     """A no-op transformers LogitsProcessor that time-stamps every generate() step (it runs right
-    after each forward): `timer.stamps` are the per-step times."""
+    after each forward) with `clock`: `timer.stamps` are the per-step times."""
     from transformers import LogitsProcessor
 
     class StepTimer(LogitsProcessor):
@@ -153,7 +153,7 @@ def step_timer():
             self.stamps: list[float] = []
 
         def __call__(self, input_ids, scores):
-            self.stamps.append(time.perf_counter())
+            self.stamps.append(clock())
             return scores
 
     return StepTimer()
