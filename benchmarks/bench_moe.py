@@ -410,7 +410,12 @@ def main(argv=None) -> int:
                    help="also profile free-mode prefill (torch.profiler) per family/size")
     p.add_argument("--profile-iters", type=int, default=10)
     p.add_argument("--json", help="write raw numbers here")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="run the whole benchmark in N fresh processes, one after another, and report the median "
+                        "over processes of each ratio (a process's memory layout moves its ratios by a few %%)")
     args = p.parse_args(argv)
+    if args.processes > 1:
+        return run_processes(argv if argv is not None else sys.argv[1:], args)
 
     families = parse_list(args.families, TINY_FAMILIES, "families")
     sizes = parse_list(args.sizes, ("tiny", "small"), "sizes")
@@ -479,6 +484,51 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "args": vars(args), "results": results}, f, indent=1)
+        print(f"raw numbers written to {args.json}")
+    return 0
+
+
+def run_processes(argv: list[str], args) -> int:
+    """`--processes N`: this script N times in fresh processes (sequentially, so they do not compete), then each
+    ratio's median over the processes, next to every process's value."""
+    import subprocess
+    import tempfile
+
+    child_argv, skip_value = [], False
+    for arg in argv:  # everything but --processes and --json (and their values)
+        if not skip_value and not arg.startswith(("--processes", "--json")):
+            child_argv.append(arg)
+        skip_value = arg in ("--processes", "--json")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            path = os.path.join(tmp, f"run{i}.json")
+            print(f"## process {i + 1}/{args.processes}", flush=True)
+            subprocess.run([sys.executable, os.path.abspath(__file__), *child_argv, "--json", path], check=True)
+            with open(path) as f:
+                runs.append(json.load(f))
+    print(f"\n## Median over {args.processes} processes (ratio of medians [median of per-round ratios]; "
+          "each process's ratio of medians after it)\n")
+    print("| family | size | phase | mode | ratio | per process |")
+    print("|---|---|---|---|---:|---|")
+    summary = []
+    for index, entry in enumerate(runs[0]["results"]):
+        for phase in ("prefill", "decode"):
+            if phase not in entry:
+                continue
+            for variant in [v for v in entry[phase] if v.startswith("converted:")]:
+                cells = [run["results"][index][phase][variant] for run in runs]
+                of_medians = statistics.median(c["ratio_of_medians"] for c in cells)
+                paired = statistics.median(c["median_paired_ratio"] for c in cells)
+                summary.append({"family": entry["family"], "size": entry["size"], "phase": phase, "mode": variant,
+                                "ratio_of_medians": of_medians, "median_paired_ratio": paired,
+                                "per_process": [c["ratio_of_medians"] for c in cells]})
+                per_process = ", ".join(f"{c['ratio_of_medians']:.3f}" for c in cells)
+                print(f"| {entry['family']} | {entry['size']} | {phase} | {variant.split(':')[1]} | "
+                      f"{of_medians:.3f} [{paired:.3f}] | {per_process} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "median_over_processes": summary, "runs": runs}, f, indent=1)
         print(f"raw numbers written to {args.json}")
     return 0
 

@@ -314,7 +314,9 @@ def build_world(settings: Settings) -> World:
     skill_texts = [r["question_text"] + " " + r["answer_text"] for split in kinds.values() for r in split]
     skill_texts += [q + " " + a for q, a in kind_facts()]
     tokenizer = build_demo_tokenizer(demo_corpus_texts() + skill_texts, vocab_size=settings.tokenizer_vocab_size)
-    codec = fit_demo_codec(seed=0)  # data infrastructure, the same for every seed
+    # data infrastructure, the same for every seed: the demo codec of the recorded results (80 mels, fitted on
+    # the one-word answers), so that they reproduce; the demo default has since moved to 128 mels + sentences
+    codec = fit_demo_codec(seed=0, n_mels=80, columns=("answer_audio",))
     processor = build_demo_processor(tokenizer, codec)
     data = build_demo_data(processor, codec, limit=settings.corpus_limit)
     overlap = speech_overlap(data, kinds)

@@ -927,7 +927,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         else:
             inputs_embeds = text_embeds = self.embed_tokens(input_ids)
         if input_features is None:
-            if self.training and hasattr(self, "audio_encoder") or _distributed() and hasattr(self, "audio_encoder"):
+            if "audio_encoder" in self._modules and (self.training or _distributed()):
                 # every rank runs the same modules each step, whatever its batch holds, or collectives desync
                 features = self.encode_audio(inputs_embeds.new_zeros(1, self.config.audio_config.num_mel_bins, 2))
                 inputs_embeds = inputs_embeds + 0.0 * features.sum().to(inputs_embeds.dtype)
@@ -1510,13 +1510,30 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         return load_codec(path, **kwargs)
 
 
+class _ForwardSignature(inspect.Signature):
+    """A forward's signature that keeps its bound-method form: `inspect.signature(model.forward)` drops
+    `self` with `replace(parameters=...)`, which validates every parameter again on each call."""
+
+    __slots__ = ("_bound",)
+
+    def replace(self, **changes):
+        if not hasattr(self, "_bound"):
+            self._bound = super().replace(parameters=tuple(self.parameters.values())[1:])
+        if changes.keys() == {"parameters"} and tuple(changes["parameters"]) == tuple(self._bound.parameters.values()):
+            return self._bound
+        return super().replace(**changes)
+
+
 # generate() reads `inspect.signature(model.forward)` at every step of a model registered for remote code
-# (transformers' `cache_position` check): store the signature on the undecorated function, where `inspect`
-# stops unwrapping, instead of rebuilding it from the code object each time. Wrappers keep no copy of it.
+# (transformers' `cache_position` check): store the signature on the decorated forward, where `inspect`
+# stops at once, instead of unwrapping the decorators and rebuilding it from the code object each time.
 for _model_class in (DeepTalkModel, DeepTalkForCausalLM):
-    _forward = inspect.unwrap(_model_class.forward)
-    _forward.__signature__ = inspect.signature(_forward)
-del _model_class, _forward
+    _forward = _model_class.forward
+    _signature = inspect.signature(_forward)
+    _forward.__signature__ = _ForwardSignature(
+        _signature.parameters.values(), return_annotation=_signature.return_annotation
+    )
+del _model_class, _forward, _signature
 
 
 class TextIdsOnly(LogitsProcessor):

@@ -12,6 +12,7 @@ from deeptalk import DeepTalkDataCollator
 from deeptalk.data import read_demo_records
 from deeptalk.data.demo_corpus import _read_audio
 from deeptalk.recipes import (
+    ANSWER_AUDIO_COLUMNS,
     ASR_INSTRUCTION,
     DEMO_TASKS,
     build_demo_data,
@@ -98,6 +99,14 @@ def test_codec_is_seeded_and_keeps_answers_short(data):
         codes = data.answer_codes[path]
         assert codes.shape == (4, -(-len(wave) // codec.samples_per_frame)) and codes.shape[1] <= 25
         assert torch.equal(codes, codec.encode(torch.from_numpy(wave.copy()), 16000))
+
+
+def test_the_codec_is_fitted_on_the_train_splits_sentence_answers_too():
+    words = demo_answer_audio_paths(("train",))
+    both = demo_answer_audio_paths(("train",), ANSWER_AUDIO_COLUMNS)
+    assert set(words) < set(both) and len(both) - len(words) > 200  # every train sentence answer
+    with pytest.raises(ValueError, match=r"columns=\['question_audio'\] are not answer-audio columns"):
+        demo_answer_audio_paths(("train",), ("question_audio",))
 
 
 def test_processor_matches_the_codec(data):

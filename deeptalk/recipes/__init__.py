@@ -1,6 +1,7 @@
 """Recipes: ready-made data and pipelines for the offline quickstart and demos."""
 
 from .demo_data import (
+    ANSWER_AUDIO_COLUMNS,
     ASR_INSTRUCTION,
     DEFAULT_CODEC_OPTIONS,
     DEMO_TASKS,
@@ -21,6 +22,7 @@ from .demo_data import (
 )
 
 __all__ = [
+    "ANSWER_AUDIO_COLUMNS",
     "ASR_INSTRUCTION",
     "DEFAULT_CODEC_OPTIONS",
     "DEMO_TASKS",

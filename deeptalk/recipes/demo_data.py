@@ -69,8 +69,9 @@ PHASES: dict[str, tuple[str, ...]] = {
 PHASE_ALIASES = {"align": "1", "experts_speech": "2a", "experts_text": "2b", "joint": "3"}
 """The shipped recipes' names (`deeptalk/recipes/tiny_cpu/*.yaml`) for the phases."""
 
-DEFAULT_CODEC_OPTIONS = {"codebook_size": 128, "num_quantizers": 2, "frames_per_step": 2}
-"""MelVQCodec options of the demo codec: 4 streams x 128 codes at 25 steps/s (640 samples a step)."""
+DEFAULT_CODEC_OPTIONS = {"n_mels": 128, "codebook_size": 128, "num_quantizers": 2, "frames_per_step": 2}
+"""MelVQCodec options of the demo codec: 4 streams x 128 codes at 25 steps/s (640 samples a step), 128 mel
+bands (80 lose words: docs/quickstart_results.md, "Codec intelligibility")."""
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -162,24 +163,38 @@ def build_demo_tokenizer(corpus_texts: Sequence[str] | None = None, vocab_size: 
     return train_demo_tokenizer(texts, vocab_size=vocab_size)
 
 
-def demo_answer_audio_paths(splits: Iterable[str] = ("train",)) -> list[str]:
-    """Sorted distinct answer-audio files (one per answer word, all in the assistant voice)."""
-    return sorted({r["answer_audio"] for s in splits for r in read_demo_records("spoken_qa", s, absolute_paths=True)})
+ANSWER_AUDIO_COLUMNS = ("answer_audio", "answer_sentence_audio")
+"""The spoken_qa columns of assistant-voice answers: the one-word answer and the sentence answer."""
 
 
-def fit_demo_codec(*, splits: Iterable[str] = ("train",), iters: int = 8, seed: int = 0, **codec_options):
-    """A :class:`MelVQCodec` fitted on the distinct assistant-voice answer files of `splits`.
+def demo_answer_audio_paths(
+    splits: Iterable[str] = ("train",), columns: Iterable[str] = ("answer_audio",)
+) -> list[str]:
+    """Sorted distinct answer-audio files of `columns` (all in the assistant voice): by default one per answer
+    word; `ANSWER_AUDIO_COLUMNS` adds the sentence answers."""
+    columns = tuple(columns)
+    if unknown := [c for c in columns if c not in ANSWER_AUDIO_COLUMNS]:
+        raise ValueError(f"columns={unknown} are not answer-audio columns; use {ANSWER_AUDIO_COLUMNS}.")
+    records = [r for s in splits for r in read_demo_records("spoken_qa", s, absolute_paths=True)]
+    return sorted({r[column] for r in records for column in columns})
 
-    The default fits on the train answers only (62 words, ~40 s of audio) so nothing is learned from
-    held-out audio; the codec still encodes any other word of the same voice. `codec_options` override
-    :data:`DEFAULT_CODEC_OPTIONS` (e.g. `codebook_size=64`, `frames_per_step=4` for 12.5 steps/s with
-    8 streams). Seeded and deterministic; ~0.15 s on 2 CPU cores.
+
+def fit_demo_codec(*, splits: Iterable[str] = ("train",), columns: Iterable[str] = ANSWER_AUDIO_COLUMNS, iters: int = 8,
+                   seed: int = 0, **codec_options):
+    """A :class:`MelVQCodec` fitted on the distinct assistant-voice answer files of `splits` and `columns`
+    (see :func:`demo_answer_audio_paths`).
+
+    The default fits on the train split's one-word and sentence answers (~8 minutes of audio) so nothing
+    is learned from held-out audio; the codec still encodes anything else the same voice says. Fitted
+    on the one-word answers alone (`columns=("answer_audio",)`), it cannot say a sentence. `codec_options`
+    override :data:`DEFAULT_CODEC_OPTIONS` (e.g. `codebook_size=64`, `frames_per_step=4` for 12.5 steps/s
+    with 8 streams). Seeded and deterministic; ~5 s on one CPU core (~1.5 s with `iters=3`).
     """
     from ..data.demo_corpus import DEMO_SAMPLING_RATE, load_demo_audio
     from ..processing.codecs import MelVQCodec
 
     options = {**DEFAULT_CODEC_OPTIONS, **codec_options}
-    waveforms = [load_demo_audio(path)["array"] for path in demo_answer_audio_paths(splits)]
+    waveforms = [load_demo_audio(path)["array"] for path in demo_answer_audio_paths(splits, columns)]
     with single_thread():
         return MelVQCodec(**options).fit(waveforms, DEMO_SAMPLING_RATE, iters=iters, seed=seed)
 
