@@ -184,8 +184,9 @@ def fit_demo_codec(*, splits: Iterable[str] = ("train",), columns: Iterable[str]
     """A :class:`MelVQCodec` fitted on the distinct assistant-voice answer files of `splits` and `columns`
     (see :func:`demo_answer_audio_paths`).
 
-    The default fits on the train split's one-word and sentence answers (~8 minutes of audio) so nothing
-    is learned from held-out audio; the codec still encodes anything else the same voice says. Fitted
+    The default fits on the train split's one-word and sentence answers (~8 minutes of audio; held-out
+    records share a recording with a train record only where their answers are the same words); the codec
+    still encodes anything else the same voice says. Fitted
     on the one-word answers alone (`columns=("answer_audio",)`), it cannot say a sentence. `codec_options`
     override :data:`DEFAULT_CODEC_OPTIONS` (e.g. `codebook_size=64`, `frames_per_step=4` for 12.5 steps/s
     with 8 streams). Seeded and deterministic; ~5 s on one CPU core (~1.5 s with `iters=3`).
