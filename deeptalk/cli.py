@@ -773,8 +773,18 @@ def cmd_chat(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    if args.data:  # spoken QA datasets: the paper's benchmark table
-        return _evaluate_datasets(args)
+    return _evaluate_datasets(args) if args.data else _evaluate_demo_corpus(args)
+
+
+def _fixed_threads(args):
+    """`--threads` torch threads for the evaluation (after the inputs are checked: this imports torch). Greedy
+    Whisper judging flips on borderline clips with the thread count (docs/quickstart_results.md)."""
+    from .quickstart import torch_threads
+
+    return torch_threads(args.threads)
+
+
+def _evaluate_demo_corpus(args) -> int:
     check_output_file(args.output, "--output")
     model_dir, codec_dir = _check_model_and_codec(args)
     base_dir = check_source(args.base_model, "--base-model") if args.base_model else None
@@ -782,16 +792,19 @@ def cmd_evaluate(args) -> int:
     if asr not in ("auto", "judge", "own"):
         asr = check_source(asr, "--asr")
 
+    import torch
     from transformers import AutoModelForCausalLM
 
     from .evaluation.evaluate import evaluate_on_demo_corpus, write_results
 
-    model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
-    base = AutoModelForCausalLM.from_pretrained(base_dir).eval() if base_dir else None
-    results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit, asr=asr,
-                                      speech_answers=not args.no_speech_answers, max_speech_steps=args.max_speech_steps,
-                                      max_new_tokens=args.max_new_tokens,
-                                      decoding={"strategy": args.strategy, "voice": args.voice})
+    with _fixed_threads(args):
+        model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
+        base = AutoModelForCausalLM.from_pretrained(base_dir).eval() if base_dir else None
+        results = evaluate_on_demo_corpus(model, processor, base_model=base, codec=codec, limit=args.limit, asr=asr,
+                                          speech_answers=not args.no_speech_answers,
+                                          max_speech_steps=args.max_speech_steps, max_new_tokens=args.max_new_tokens,
+                                          decoding={"strategy": args.strategy, "voice": args.voice})
+        results = {**results, "num_threads": torch.get_num_threads()}
     results = write_results(results, args.output)
     print(json.dumps(results, indent=2, allow_nan=False))
     for metric, warning in results.get("warnings", {}).items():
@@ -818,17 +831,18 @@ def _evaluate_datasets(args) -> int:
 
     from .evaluation.benchmarks import evaluate_spoken_qa_datasets, write_benchmark_table
 
-    if args.no_speech_answers:  # no codec needed (nor loaded: a recorded codec may have no weights here)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        processor, codec = AutoProcessor.from_pretrained(model_dir), None
-    else:
-        model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
-    row = evaluate_spoken_qa_datasets(model, processor, sources, codec=codec, splits=splits, columns=columns,
-                                      limit=args.limit, asr=asr, match=args.match,
-                                      speech_answers=not args.no_speech_answers, max_speech_steps=args.max_speech_steps,
-                                      max_new_tokens=args.max_new_tokens,
-                                      decoding={"strategy": args.strategy, "voice": args.voice},
-                                      model_name=args.model)
+    with _fixed_threads(args):
+        if args.no_speech_answers:  # no codec needed (nor loaded: a recorded codec may have no weights here)
+            model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+            processor, codec = AutoProcessor.from_pretrained(model_dir), None
+        else:
+            model, processor, codec = _load_model_processor_codec(model_dir, codec_dir)
+        row = evaluate_spoken_qa_datasets(model, processor, sources, codec=codec, splits=splits, columns=columns,
+                                          limit=args.limit, asr=asr, match=args.match,
+                                          speech_answers=not args.no_speech_answers,
+                                          max_speech_steps=args.max_speech_steps, max_new_tokens=args.max_new_tokens,
+                                          decoding={"strategy": args.strategy, "voice": args.voice},
+                                          model_name=args.model)
     table = write_benchmark_table(row, args.output)
     print(table["markdown"])
     for name, reason in row.get("skipped", {}).items():
@@ -976,6 +990,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-speech-steps", type=_positive_int, default=200, help="decode steps per spoken answer")
     evaluate.add_argument("--max-new-tokens", type=_positive_int, default=8, help="tokens per greedy text answer")
     evaluate.add_argument("--no-speech-answers", action="store_true", help="skip speech->speech accuracy and TTS WER")
+    evaluate.add_argument("--threads", type=_positive_int, default=1,
+                          help="torch threads, whatever OMP_NUM_THREADS says: the figures depend on it (the "
+                               "quickstart's are at 1)")
     evaluate.add_argument("--strategy", default="single_pass", choices=strategies,
                           help="decoding of the spoken answers")
     evaluate.add_argument("--voice",

@@ -1,6 +1,7 @@
 """The main job, `deeptalk quickstart`, end to end with a few steps per phase."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -49,7 +50,7 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
     evaluation = subprocess.run([sys.executable, "-m", "deeptalk", "evaluate", "--model", str(tmp_path / "model"),
                                  "--base-model", str(tmp_path / "original_llm"),
                                  "--output", str(tmp_path / "eval.json"), "--limit", "8", "--max-speech-steps", "30"],
-                                capture_output=True, text=True, timeout=900)
+                                capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert evaluation.returncode == 0, evaluation.stderr[-2000:]
     results = json.loads((tmp_path / "eval.json").read_text())
     for key in ("text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy", "audio_token_accuracy"):
@@ -65,6 +66,7 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
     else:
         assert results["speech_answer_asr"] == "own"
     assert results["max_speech_steps"] == 30
+    assert results["num_threads"] == 1  # --threads' default, whatever OMP_NUM_THREADS says
 
     # the Space for this model (the browser test is tests/test_space.py)
     space = subprocess.run([sys.executable, "-m", "deeptalk", "space", str(tmp_path / "space"), "--model",
