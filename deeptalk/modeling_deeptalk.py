@@ -1516,9 +1516,11 @@ class _ForwardSignature(inspect.Signature):
 
     __slots__ = ("_bound",)
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._bound = inspect.Signature(tuple(self.parameters.values())[1:], return_annotation=self.return_annotation)
+
     def replace(self, **changes):
-        if not hasattr(self, "_bound"):
-            self._bound = super().replace(parameters=tuple(self.parameters.values())[1:])
         if changes.keys() == {"parameters"} and tuple(changes["parameters"]) == tuple(self._bound.parameters.values()):
             return self._bound
         return super().replace(**changes)
