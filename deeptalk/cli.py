@@ -183,14 +183,15 @@ def _reachable_hub_id(value: str, option: str, missing: str, what: str, in_cache
     return value
 
 
-def check_model(value: str, option: str = "--model", *, default: str | None = None) -> str:
+def check_model(value: str, option: str = "--model", *, default: str | None = None, as_saved: bool = False) -> str:
     """`check_source` for a saved DeepTalk model; a local folder is also checked file by file (config, format,
-    weights complete, processor present) so a damaged folder fails here with the file named."""
+    weights complete, processor present) so a damaged folder fails here with the file named. `as_saved`: the model
+    runs as it is (chat, evaluate), so its processor must fit it (the same speech layout)."""
     from .folder_checks import check_model_folder
 
     path = check_source(value, option, default=default)
     if os.path.isdir(path):
-        check_model_folder(path, need_processor=True, option=option)
+        check_model_folder(path, need_processor="fitting" if as_saved else True, option=option)
     return path
 
 
@@ -219,8 +220,12 @@ def _check_parent_writable(path: Path, option: str, shown: str, *, create: bool)
     if not parent.is_dir():
         raise UsageError(f"{option} {shown}: the folder {path.parent} does not exist." if not create
                          else f"{option} {shown}: {parent} is not a folder.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {shown}: cannot write into {parent} (permission denied).")
+    from deeptalk.saving import probe_write
+
+    try:  # a real probe: os.access says yes to root even where the filesystem refuses
+        probe_write(str(parent))
+    except OSError as err:
+        raise UsageError(f"{option} {shown}: cannot write into {parent} ({err.strerror}).") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {shown}: the file exists and is not writable.")
 
@@ -712,7 +717,7 @@ def cmd_quickstart(args) -> int:
 
 
 def _check_model_and_codec(args) -> tuple[str, str | None]:
-    model_dir = check_model(args.model, default=default_model())
+    model_dir = check_model(args.model, default=default_model(), as_saved=True)
     codec_dir = check_source(args.codec, "--codec", need_config=False) if args.codec else None
     return model_dir, codec_dir
 

@@ -52,11 +52,29 @@ def check_safetensors_file(path: str | os.PathLike) -> None:
         raise ValueError(f"{path} holds {size} bytes but its tensors need {needed}: {fix}")
 
 
-def check_model_folder(folder: str | os.PathLike, *, need_processor: bool = False, need_codec: bool = False,
+def _describe_layout(layout: dict | None) -> str:
+    return "none" if layout is None else f"{layout['num_audio_streams']} streams x {layout['codebook_size']}"
+
+
+def _check_processor_fits(folder: Path, config: dict, processor_config: dict, option: str) -> None:
+    """The saved processor must speak the model's vocabulary: the same speech layout (which fixes the text block's
+    size too); otherwise the first forward fails deep inside an embedding lookup."""
+    model_layout, processor_layout = config.get("speech_layout"), processor_config.get("speech_layout")
+    if model_layout != processor_layout:
+        raise ValueError(
+            f"{option} {folder}: the processor's speech layout ({_describe_layout(processor_layout)}) is not the "
+            f"model's ({_describe_layout(model_layout)}): save the processor the model was trained with next to it "
+            "(or give the model that layout with model.add_speech(processor.layout))."
+        )
+
+
+def check_model_folder(folder: str | os.PathLike, *, need_processor: bool | str = False, need_codec: bool = False,
                        option: str = "--model") -> Path:
     """Validate a saved DeepTalk model folder; returns it as a Path. ValueError / FileNotFoundError name the
     file at fault and the fix: missing folder, missing or invalid config.json, a format this release cannot
-    read, missing / truncated / empty weights, no processor (when needed), no codec (when needed)."""
+    read, missing / truncated / empty weights, no processor (when needed), no codec (when needed). With
+    ``need_processor="fitting"`` (a model about to run as saved) the processor must also fit the model: same speech
+    layout (and so the same text vocabulary)."""
     folder = Path(os.path.expanduser(folder))
     if not folder.exists():
         raise FileNotFoundError(f"{option} {folder}: no such folder.")
@@ -97,7 +115,9 @@ def check_model_folder(folder: str | os.PathLike, *, need_processor: bool = Fals
         raise FileNotFoundError(f"{folder} has no processor (processor_config.json): save it next to the model "
                                 "with processor.save_pretrained(folder).")
     if need_processor:
-        _json(folder / PROCESSOR_FILES[0], "processor config")
+        processor_config = _json(folder / PROCESSOR_FILES[0], "processor config")
+        if need_processor == "fitting":
+            _check_processor_fits(folder, config, processor_config, option)
     if need_codec and not (folder / CODEC_FOLDER).is_dir():
         raise FileNotFoundError(f"{folder} has no codec/ folder: pass --codec DIR, or save the codec next to the "
                                 "model (codec.save_pretrained(folder / 'codec')).")

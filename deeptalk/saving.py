@@ -57,7 +57,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text", "check_output_path", "clear_staging",
-           "latest_complete_checkpoint", "publish_staged", "staging_folder"]
+           "latest_complete_checkpoint", "probe_write", "publish_staged", "staging_folder"]
 
 _PARTIAL, _PREVIOUS = "partial", "previous"
 _NAME_KEEP = 100  # sibling names must stay under NAME_MAX: longer target names are cut and hashed
@@ -113,7 +113,7 @@ def _check_writable(parent: str, what: str, shown: str) -> None:
             f"{_describe(what, shown)} cannot be created: {anchor!r} is a file, not a folder. Choose another path."
         )
     try:  # a real probe: os.access says yes to root even on a read-only filesystem
-        _probe_write(anchor)
+        probe_write(anchor)
     except OSError as err:
         raise ValueError(
             f"{_describe(what, shown)} cannot be written: {anchor!r} is not writable ({err.strerror}). Choose a "
@@ -121,7 +121,7 @@ def _check_writable(parent: str, what: str, shown: str) -> None:
         ) from None
 
 
-def _probe_write(folder: str) -> None:
+def probe_write(folder: str) -> None:
     """Create a file in ``folder`` and let it vanish; raises ``OSError`` where that is not allowed."""
     if hasattr(os, "O_TMPFILE"):  # a file without a name: a kill at any instant leaves nothing behind
         try:

@@ -57,8 +57,23 @@ def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "model"
     tokenizer = train_demo_tokenizer(["what does the dog say woof"], vocab_size=120)
     processor = DeepTalkProcessor.from_codec_layout(tokenizer, 2, 8)
-    convert(tiny_text_moe("qwen3_moe"), experts=(1, 5)).save_pretrained(folder)
+    model = convert(tiny_text_moe("qwen3_moe"), experts=(1, 5))
+    model.add_speech(processor.layout)
+    model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_model_with_speech_processor(tmp_path_factory):
+    """A text-only model saved next to a processor with two audio streams: fine to train, not to run."""
+    from deeptalk import DeepTalkProcessor
+    from deeptalk.processing.tokenizer import train_demo_tokenizer
+
+    folder = tmp_path_factory.mktemp("text") / "model"
+    tokenizer = train_demo_tokenizer(["what does the dog say woof"], vocab_size=120)
+    convert(tiny_text_moe("qwen3_moe"), experts=(1, 5)).save_pretrained(folder)
+    DeepTalkProcessor.from_codec_layout(tokenizer, 2, 8).save_pretrained(folder)
     return folder
 
 
@@ -259,12 +274,24 @@ def test_evaluate_refuses_an_unwritable_output_before_evaluating(tmp_path, model
         assert "deeptalk evaluate: error: --output " in result.stderr and expected in result.stderr, result.stderr
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs POSIX modes, and sysfs when run as root")
 def test_evaluate_refuses_a_read_only_folder(tmp_path, model_dir):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
+    if os.geteuid() == 0:  # root writes into any folder mode 0o500 allows; sysfs refuses new entries even to root
+        locked = Path("/sys/kernel")
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
     result = _cli("evaluate", "--model", str(model_dir), "--output", str(locked / "r.json"), cwd=tmp_path)
     _one_line_error(result, "evaluate", "cannot write into")
+
+
+def test_evaluate_and_chat_refuse_a_processor_that_does_not_fit_the_model(tmp_path, text_model_with_speech_processor):
+    model = str(text_model_with_speech_processor)
+    result = _cli("evaluate", "--model", model, "--output", str(tmp_path / "r.json"), cwd=tmp_path)
+    _one_line_error(result, "evaluate", "the processor's speech layout (2 streams x 8) is not the model's (none)")
+    assert not (tmp_path / "r.json").exists()
+    result = _cli("chat", "--model", model, "--text", "hi", "--out", str(tmp_path / "a.wav"), cwd=tmp_path)
+    _one_line_error(result, "chat", "the processor's speech layout (2 streams x 8) is not the model's (none)")
 
 
 def test_convert_refuses_to_write_over_its_source_or_a_file(tmp_path, model_dir):
