@@ -708,7 +708,7 @@ def cmd_quickstart(args) -> int:
         audio_encoder = check_source(audio_encoder, "--audio-encoder")
     settings = QuickstartSettings(output_dir=args.output, seed=args.seed, base_model=base_model, codec=codec,
                                   audio_encoder=audio_encoder, audio_adapter_stride=args.audio_adapter_stride,
-                                  num_threads=args.threads)
+                                  audio_adapter=args.audio_adapter, num_threads=args.threads)
     if args.fast:  # a smoke run: a few steps per phase
         settings.text_pretrain_steps, settings.align_steps, settings.speech_steps = 20, 4, 4
         settings.text_steps, settings.joint_steps, settings.judge_spoken_answers = 4, 4, False
@@ -952,6 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--fast", action="store_true", help="a few steps per phase (smoke test)")
     quick.add_argument("--audio-adapter-stride", type=_positive_int, default=4,
                        help="Whisper frames per LLM position (authors: 1)")
+    quick.add_argument("--audio-adapter", choices=("stack", "ctc"), default="stack",
+                       help="stack: the paper's MLP adapter; ctc: the adapter types the words it hears into the LLM's "
+                            "text embeddings (a CTC head trained on the transcripts)")
     quick.add_argument("--base-model", help="a transformers MoE LLM (Hub id or folder) instead of the tiny one (GPU)")
     quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
     quick.add_argument("--audio-encoder", default="auto",

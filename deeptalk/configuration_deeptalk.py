@@ -110,6 +110,7 @@ PAD_A fills a stream before it starts and after it ends, BOA opens a user audio 
 marks the positions where the audio encoder's features are spliced in."""
 VOICE_PREFIX = "<|voice:"
 
+AUDIO_ADAPTERS = ("stack", "ctc")  # see DeepTalkConfig.audio_adapter
 DEFAULT_NUM_SPEECH_EXPERTS = 6  # the paper: 6 of DeepSeek-V2-Lite's 64 routed experts per layer
 DEFAULT_ROUTER_AUX_LOSS_COEF = 0.001  # transformers' Mixtral/Qwen-MoE default; the family's own value wins
 WHISPER_MEL_FRAMES = 3000  # Whisper's 30 s window of 100 Hz log-mel frames
@@ -355,6 +356,20 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_pad_to_30s (`bool`, *optional*, defaults to `False`):
             Pad every clip to Whisper's 30 s window as Whisper was trained; `False` encodes only the
             real length (much cheaper on short questions).
+        audio_adapter (`str`, *optional*, defaults to `"stack"`):
+            What a clip's LLM positions carry. `"stack"`: every position the adapter's projection of its
+            stacked frames (the paper's MLP adapter). `"ctc"`: the adapter also has a CTC head over the text
+            vocabulary (plus a blank); a position where CTC emits a token carries that token's embedding,
+            weighted by the head's posterior, as if it had been typed, and the emitted positions move to the
+            end of the clip's span, the ones before keeping the placeholder (CTC compression, as in
+            LLaMA-Omni-2 / FastAdapter). A frozen LLM reads the question as text from the first step; the
+            span keeps the processor's fixed length, so prompts and caches are unchanged.
+        audio_adapter_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout on the adapter's stacked frames while training (a few hours of speech are memorised
+            quickly: the CTC head learns the training clips, not the words).
+        audio_ctc_loss_weight (`float`, *optional*, defaults to 1.0):
+            With `audio_adapter="ctc"`, weight of the CTC loss on the clips' transcripts
+            (`audio_transcript_ids`) added to the language-modelling loss.
         stream_embedding_mean (`str`, *optional*, defaults to `"non_pad"`):
             `"all"`: a position embeds as the mean of all 1 + N stream embeddings (the authors' code).
             `"non_pad"`: audio streams holding PAD_A are left out, so a text-only position embeds exactly
@@ -380,6 +395,9 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_config: dict | PreTrainedConfig | None = None,
         audio_adapter_stride: int = 4,
         audio_pad_to_30s: bool = False,
+        audio_adapter: str = "stack",
+        audio_adapter_dropout: float = 0.0,
+        audio_ctc_loss_weight: float = 1.0,
         stream_embedding_mean: str = "non_pad",
         num_added_experts: int = 0,
         output_router_logits: bool | None = None,
@@ -432,6 +450,9 @@ class DeepTalkConfig(PreTrainedConfig):
         self.audio_config = audio_config
         self.audio_adapter_stride = int(audio_adapter_stride)
         self.audio_pad_to_30s = bool(audio_pad_to_30s)
+        self.audio_adapter = audio_adapter
+        self.audio_adapter_dropout = float(audio_adapter_dropout)
+        self.audio_ctc_loss_weight = float(audio_ctc_loss_weight)
         self.stream_embedding_mean = stream_embedding_mean
         self.num_added_experts = int(num_added_experts)
         self.deeptalk_format_version = FORMAT_VERSION
@@ -557,6 +578,10 @@ class DeepTalkConfig(PreTrainedConfig):
             raise ValueError(f"stream_embedding_mean={self.stream_embedding_mean!r}: choose 'all' or 'non_pad'.")
         if self.audio_adapter_stride < 1:
             raise ValueError(f"audio_adapter_stride={self.audio_adapter_stride} must be >= 1.")
+        if not 0.0 <= self.audio_adapter_dropout < 1.0:
+            raise ValueError(f"audio_adapter_dropout={self.audio_adapter_dropout} must be in [0, 1).")
+        if self.audio_adapter not in AUDIO_ADAPTERS:
+            raise ValueError(f"audio_adapter={self.audio_adapter!r}: choose one of {AUDIO_ADAPTERS}.")
         if self.speech_layout is not None:
             layout = self.layout
             if layout.vocab_size != self.text_config.vocab_size:

@@ -64,7 +64,7 @@ from .configuration_deeptalk import (
 SHARED_EXPERT_MODULES = ("shared_experts", "shared_expert", "shared_expert_gate")
 IGNORE_INDEX = -100
 MASK_MAKERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
-AUDIO_INPUT_NAMES = ("input_features", "audio_feature_lengths", "audio_input_mask")
+AUDIO_INPUT_NAMES = ("input_features", "audio_feature_lengths", "audio_input_mask", "audio_transcript_ids")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -670,14 +670,24 @@ class DeepTalkAudioEncoder(WhisperEncoder):
 
 class DeepTalkAudioAdapter(nn.Module):
     """Stacks `stride` consecutive 50 Hz Whisper frames into one LLM position and projects them into
-    the LLM's hidden size with a two-layer MLP (the paper calls its adapter an MLP that downsamples)."""
+    the LLM's hidden size with a two-layer MLP (the paper calls its adapter an MLP that downsamples).
+    With `ctc_vocab_size` it also has `ctc_head`, a CTC classifier over the text vocabulary whose last
+    class is the blank (`config.audio_adapter == "ctc"`)."""
 
-    def __init__(self, audio_hidden_size: int, hidden_size: int, stride: int):
+    def __init__(self, audio_hidden_size: int, hidden_size: int, stride: int, ctc_vocab_size: int | None = None,
+                 dropout: float = 0.0):
         super().__init__()
         self.stride = stride
+        self.dropout = nn.Dropout(dropout)
         self.proj_in = nn.Linear(stride * audio_hidden_size, hidden_size)
         self.act = nn.GELU()
         self.proj_out = nn.Linear(hidden_size, hidden_size)
+        if ctc_vocab_size is not None:
+            self.ctc_head = nn.Linear(hidden_size, ctc_vocab_size + 1)
+
+    def num_positions(self, lengths: torch.Tensor) -> torch.Tensor:
+        """LLM positions of clips with `lengths` encoder frames."""
+        return -(-lengths // self.stride)
 
     def forward(self, frames: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """`[clips, steps, audio_hidden]` encoder frames (clip b's first `lengths[b]` are real) -> the
@@ -687,8 +697,47 @@ class DeepTalkAudioAdapter(nn.Module):
         real = torch.arange(steps, device=frames.device)[None, :] < lengths[:, None]
         frames = F.pad(frames * real.unsqueeze(-1).to(frames.dtype), (0, 0, 0, (-steps) % self.stride))
         grouped = frames.reshape(clips, -1, self.stride * width)
-        positions = torch.arange(grouped.shape[1], device=frames.device)[None, :] < -(-lengths[:, None] // self.stride)
-        return self.proj_out(self.act(self.proj_in(grouped[positions])))
+        positions = torch.arange(grouped.shape[1], device=frames.device)[None, :] < self.num_positions(lengths)[:, None]
+        return self.proj_out(self.act(self.proj_in(self.dropout(grouped[positions]))))
+
+
+def greedy_ctc_emissions(ctc_logits: torch.Tensor, clip_positions: torch.Tensor) -> torch.Tensor:
+    """`[positions, classes]` CTC logits of clips laid end to end (blank = last class) -> which positions
+    emit a token under greedy decoding: the best class is not the blank and not the previous position's
+    best in the same clip."""
+    best = ctc_logits.argmax(dim=-1)
+    first = torch.zeros_like(best, dtype=torch.bool)
+    first[clip_positions.cumsum(0) - clip_positions] = True
+    return (best != ctc_logits.shape[-1] - 1) & (first | (best != best.roll(1)))
+
+
+def right_aligned_destinations(emitted: torch.Tensor, clip_positions: torch.Tensor) -> torch.Tensor:
+    """Where each position goes when every clip's emitted positions move, in order, to the end of the
+    clip's span (indices into the clips' concatenated positions; meaningful where `emitted`)."""
+    clip = torch.repeat_interleave(torch.arange(len(clip_positions), device=emitted.device), clip_positions,
+                                   output_size=emitted.shape[0])
+    counts = torch.zeros_like(clip_positions).index_add_(0, clip, emitted.long())
+    rank = emitted.long().cumsum(0) - 1 - (counts.cumsum(0) - counts)[clip]
+    return (clip_positions.cumsum(0) - counts)[clip] + rank
+
+
+def audio_ctc_loss(ctc_logits: torch.Tensor, clip_positions: torch.Tensor, transcript_ids: torch.Tensor):
+    """CTC loss per transcript token over the clips that have a transcript (`transcript_ids` rows, padded
+    with -100; an all -100 row has none). `ctc_logits`: `[positions, classes]` of the clips laid end to end."""
+    if transcript_ids.dim() != 2 or transcript_ids.shape[0] != clip_positions.shape[0]:
+        raise ValueError(
+            f"audio_transcript_ids has shape {tuple(transcript_ids.shape)}; give one row per audio clip "
+            f"({clip_positions.shape[0]} clips), padded with {IGNORE_INDEX}."
+        )
+    target_lengths = (transcript_ids != IGNORE_INDEX).sum(dim=-1)
+    has = target_lengths > 0
+    if not bool(has.any()):
+        return ctc_logits.sum() * 0.0
+    per_clip = ctc_logits.log_softmax(dim=-1).split(clip_positions.tolist())
+    log_probs = nn.utils.rnn.pad_sequence(per_clip)  # [positions, clips, classes]
+    loss = F.ctc_loss(log_probs[:, has], transcript_ids[has].clamp_min(0), clip_positions[has], target_lengths[has],
+                      blank=ctc_logits.shape[-1] - 1, reduction="sum", zero_infinity=True)
+    return loss / target_lengths[has].sum()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,9 +749,12 @@ class DeepTalkModelOutputWithPast(MoeModelOutputWithPast):
 
     token_modality (`torch.LongTensor` of shape `(batch_size * sequence_length,)`, *optional*):
         0 text, 1 speech, -1 padding; returned when router logits are recorded or routing needed it.
+    audio_ctc_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        The CTC adapter's loss on `audio_transcript_ids` (`config.audio_adapter == "ctc"`).
     """
 
     token_modality: torch.LongTensor | None = None
+    audio_ctc_loss: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -715,10 +767,13 @@ class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     stream_losses (`torch.FloatTensor` of shape `(1 + N,)`, *optional*):
         With multi-stream labels: this batch's mean cross-entropy of each stream (text, then each audio
         stream), NaN for a stream without labels; detached, for logging.
+    audio_ctc_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        The CTC adapter's loss on `audio_transcript_ids`, added to `loss` times `config.audio_ctc_loss_weight`.
     """
 
     expert_load: torch.FloatTensor | None = None
     stream_losses: torch.FloatTensor | None = None
+    audio_ctc_loss: torch.FloatTensor | None = None
 
 
 class DeepTalkPreTrainedModel(PreTrainedModel):
@@ -863,7 +918,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         if self.config.audio_config is not None and not hasattr(self, "audio_encoder"):
             self.audio_encoder = DeepTalkAudioEncoder(self.config.audio_config)
             self.audio_adapter = DeepTalkAudioAdapter(
-                self.config.audio_config.d_model, self.config.text_config.hidden_size, self.config.audio_adapter_stride
+                self.config.audio_config.d_model, self.config.text_config.hidden_size, self.config.audio_adapter_stride,
+                ctc_vocab_size=layout.text_vocab_size if self.config.audio_adapter == "ctc" else None,
+                dropout=self.config.audio_adapter_dropout,
             )
 
     @torch.no_grad()
@@ -889,6 +946,10 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
     def encode_audio(self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Log-mel `[batch, mel_bins, frames]` -> adapter outputs of every clip, concatenated in batch
         order: `[sum of config.num_audio_positions(length), hidden]`."""
+        return self.encode_audio_clips(input_features, feature_lengths)[0]
+
+    def encode_audio_clips(self, input_features: torch.Tensor, feature_lengths: torch.Tensor | None = None):
+        """`encode_audio`, plus each clip's number of positions `[batch]`."""
         if not hasattr(self, "audio_encoder"):
             raise ValueError("This model has no audio encoder: build it with an audio_config (see add_speech).")
         batch, _, frames = input_features.shape
@@ -896,7 +957,21 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             feature_lengths = torch.full((batch,), frames, dtype=torch.long)
         feature_lengths = feature_lengths.to(input_features.device).long()
         hidden, lengths = self.audio_encoder.encode(input_features, feature_lengths, self.config.audio_pad_to_30s)
-        return self.audio_adapter(hidden, lengths)
+        return self.audio_adapter(hidden, lengths), self.audio_adapter.num_positions(lengths)
+
+    def ctc_typed_positions(self, ctc_logits: torch.Tensor, clip_positions: torch.Tensor, placeholders: torch.Tensor):
+        """The CTC adapter's LLM positions: each token greedy CTC emits becomes its posterior-weighted text
+        embedding, embedded as a typed text column would be; a clip's emitted tokens fill the end of its span
+        and the positions before keep their `placeholders` embedding."""
+        emitted = greedy_ctc_emissions(ctc_logits, clip_positions)
+        destinations = right_aligned_destinations(emitted, clip_positions)
+        posterior = ctc_logits[:, :-1].softmax(dim=-1).to(placeholders.dtype)
+        typed = posterior @ self.embed_tokens.weight  # the text rows
+        num_audio = self.config.num_audio_streams
+        if num_audio and self.config.stream_embedding_mean == "all":  # a typed column carries PAD_A on every stream
+            pad_a = self.embed_tokens.audio_weight[self.stream_pad_ids[1:] - self.config.text_vocab_size]
+            typed = (typed + pad_a.sum(dim=0)) / (num_audio + 1)
+        return placeholders.index_put((destinations[emitted],), typed[emitted])
 
     def mean_stream_embedding(
         self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None
@@ -917,7 +992,13 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
 
         At an audio-input position the N audio slots take the adapter output while the text slot keeps
         its placeholder embedding, as in the authors' code: `(text_embedding + N * feature) / (1 + N)`.
+        The CTC adapter (`config.audio_adapter == "ctc"`) fills the positions with `ctc_typed_positions`.
         """
+        return self.embed_inputs_and_ctc_loss(input_ids, input_features, audio_feature_lengths, audio_input_mask)[0]
+
+    def embed_inputs_and_ctc_loss(self, input_ids, input_features=None, audio_feature_lengths=None,
+                                  audio_input_mask=None, audio_transcript_ids=None):
+        """`(embed_inputs(...), the CTC adapter's loss on audio_transcript_ids or None)`."""
         # the table is looked up once per call: under FSDP each lookup of a sharded table is a collective,
         # so a second lookup for the audio positions would desync ranks whose batches hold no audio
         if input_ids.dim() == 3:
@@ -926,15 +1007,18 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             text_embeds = stream_embeddings[:, 0]
         else:
             inputs_embeds = text_embeds = self.embed_tokens(input_ids)
+        ctc = self.config.audio_adapter == "ctc"
         if input_features is None:
             if "audio_encoder" in self._modules and (self.training or _distributed()):
                 # every rank runs the same modules each step, whatever its batch holds, or collectives desync
                 features = self.encode_audio(inputs_embeds.new_zeros(1, self.config.audio_config.num_mel_bins, 2))
-                inputs_embeds = inputs_embeds + 0.0 * features.sum().to(inputs_embeds.dtype)
-            return inputs_embeds
+                unused = features.sum() + (self.audio_adapter.ctc_head(features).sum() if ctc else 0.0)
+                inputs_embeds = inputs_embeds + 0.0 * unused.to(inputs_embeds.dtype)
+            return inputs_embeds, None
         if audio_input_mask is None:
             raise ValueError("input_features need audio_input_mask: which positions receive the audio features.")
-        features = self.encode_audio(input_features, audio_feature_lengths).to(inputs_embeds.dtype)
+        features, clip_positions = self.encode_audio_clips(input_features, audio_feature_lengths)
+        features = features.to(inputs_embeds.dtype)
         positions = int(audio_input_mask.sum())  # audio prefill only: the decode steps carry no features
         if features.shape[0] != positions:
             raise ValueError(
@@ -942,12 +1026,19 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 "Build inputs with DeepTalkProcessor, or mark config.num_audio_positions(mel_frames) positions "
                 "per clip."
             )
+        mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
+        if ctc:
+            ctc_logits = self.audio_adapter.ctc_head(features).float()
+            ctc_loss = None
+            if audio_transcript_ids is not None:
+                ctc_loss = audio_ctc_loss(ctc_logits, clip_positions, audio_transcript_ids.to(ctc_logits.device))
+            typed = self.ctc_typed_positions(ctc_logits, clip_positions, inputs_embeds[audio_input_mask])
+            return inputs_embeds.masked_scatter(mask, typed), ctc_loss
         num_audio = self.config.num_audio_streams
         if num_audio:
             text_slot = text_embeds[audio_input_mask]
             features = (text_slot + num_audio * features) / (num_audio + 1)
-        mask = audio_input_mask.unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, features)
+        return inputs_embeds.masked_scatter(mask, features), None
 
     def token_modality_from_inputs(
         self, input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask=None
@@ -1012,6 +1103,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         input_features: torch.FloatTensor | None = None,
         audio_feature_lengths: torch.LongTensor | None = None,
         audio_input_mask: torch.BoolTensor | None = None,
+        audio_transcript_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> DeepTalkModelOutputWithPast:
         r"""
@@ -1024,6 +1116,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             Real mel frames of each clip (the rest is padding).
         audio_input_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Positions that receive the audio features, in order.
+        audio_transcript_ids (`torch.LongTensor` of shape `(num_clips, max_transcript_tokens)`, *optional*):
+            Each clip's transcript in text ids, padded with -100 (a row of -100: no transcript); the CTC
+            adapter's training targets (`audio_ctc_loss`). Other adapters ignore it.
         token_modality (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             0 text, 1 speech, -1 padding. Used by `by_token_modality` routing and to split the expert
             load by modality. Defaults to what the inputs say (audio input and codec codes are speech).
@@ -1049,8 +1144,11 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             modality = self.token_modality_from_inputs(
                 input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
             )
+        ctc_loss = None
         if inputs_embeds is None:
-            inputs_embeds = self.embed_inputs(input_ids, input_features, audio_feature_lengths, audio_input_mask)
+            inputs_embeds, ctc_loss = self.embed_inputs_and_ctc_loss(
+                input_ids, input_features, audio_feature_lengths, audio_input_mask, audio_transcript_ids
+            )
         elif input_features is not None:
             raise ValueError(
                 "input_features are spliced into input_ids' embeddings: pass input_ids, not inputs_embeds."
@@ -1081,7 +1179,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        return DeepTalkModelOutputWithPast(last_hidden_state=hidden_states, cache=cache, token_modality=modality)
+        return DeepTalkModelOutputWithPast(
+            last_hidden_state=hidden_states, cache=cache, token_modality=modality, audio_ctc_loss=ctc_loss
+        )
 
     def routing_statistics(self, router_logits, mode: RoutingMode, token_modality, want_aux: bool, want_load: bool):
         """`(aux_loss, expert_load)` from recorded router logits: the balance loss averaged over MoE
@@ -1205,6 +1305,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         input_features: torch.FloatTensor | None = None,
         audio_feature_lengths: torch.LongTensor | None = None,
         audio_input_mask: torch.BoolTensor | None = None,
+        audio_transcript_ids: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> DeepTalkCausalLMOutputWithPast:
@@ -1218,8 +1319,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             `config.router_aux_loss_coef`).
         output_expert_load (`bool`, *optional*):
             Return `expert_load`, the per-layer count of selections per expert by token modality.
-        input_ids, input_features, audio_feature_lengths, audio_input_mask, token_modality, routing_mode:
-            See [`DeepTalkModel.forward`].
+        input_ids, input_features, audio_feature_lengths, audio_input_mask, audio_transcript_ids, token_modality,
+        routing_mode:
+            See [`DeepTalkModel.forward`]. With labels, the CTC adapter's `audio_ctc_loss` is added to the loss
+            times `config.audio_ctc_loss_weight`.
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -1238,6 +1341,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             input_features=input_features,
             audio_feature_lengths=audio_feature_lengths,
             audio_input_mask=audio_input_mask,
+            audio_transcript_ids=audio_transcript_ids,
             output_router_logits=record,
             **kwargs,
         )
@@ -1258,6 +1362,10 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         if loss is not None and aux_loss is not None:
             share = self._batch_share(labels, loss_kwargs)
             loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device) * share
+        ctc_loss = outputs.audio_ctc_loss
+        if loss is not None and ctc_loss is not None:
+            share = self._batch_share(labels, loss_kwargs)
+            loss = loss + self.config.audio_ctc_loss_weight * ctc_loss.to(loss.device, loss.dtype) * share
         return DeepTalkCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
@@ -1268,6 +1376,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             router_logits=outputs.router_logits if output_router_logits else None,
             expert_load=expert_load,
             stream_losses=stream_losses,
+            audio_ctc_loss=ctc_loss,
         )
 
     def language_modeling_loss(self, logits, labels, num_items_in_batch=None, ignore_index: int = IGNORE_INDEX,
@@ -1360,10 +1469,13 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         audio_config=None,
         audio_adapter_stride: int | None = None,
         audio_pad_to_30s: bool | None = None,
+        audio_adapter: str | None = None,
+        audio_adapter_dropout: float | None = None,
         mean_resizing: bool = True,
     ):
         """Give a converted text model its speech vocabulary (`layout`, e.g. `processor.layout`) and,
-        with `audio_config`, its ears (a Whisper encoder and the adapter).
+        with `audio_config`, its ears (a Whisper encoder and the adapter: `audio_adapter` "stack" or "ctc",
+        `audio_adapter_dropout`; see `DeepTalkConfig`).
 
         The text block first grows to `layout.text_vocab_size` if the tokenizer gained tokens (new
         rows as transformers' `resize_token_embeddings` makes them); then one block of
@@ -1390,10 +1502,16 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
             updates["audio_adapter_stride"] = audio_adapter_stride
         if audio_pad_to_30s is not None:
             updates["audio_pad_to_30s"] = audio_pad_to_30s
+        if audio_adapter is not None:
+            updates["audio_adapter"] = audio_adapter
+        if audio_adapter_dropout is not None:
+            updates["audio_adapter_dropout"] = audio_adapter_dropout
         text_config = {**self.config.text_config.to_dict(), "vocab_size": layout.vocab_size}
         checked = DeepTalkConfig(**{**self.config.to_dict(), **updates, "text_config": text_config})  # validates first
         self.config.text_config.vocab_size = layout.vocab_size
-        for name in ("speech_layout", "audio_config", "audio_adapter_stride", "audio_pad_to_30s"):
+        speech_settings = ("speech_layout", "audio_config", "audio_adapter_stride", "audio_pad_to_30s", "audio_adapter",
+                           "audio_adapter_dropout")
+        for name in speech_settings:
             setattr(self.config, name, getattr(checked, name))
         self.vocab_size = layout.vocab_size
 

@@ -181,7 +181,8 @@ class DeepTalkProcessor(ProcessorMixin):
 
         `audio` fills, in order, audio parts given without data (`{"type": "audio"}`), e.g. from a
         `datasets.Audio` column. Assistant speech comes as `audio_codes` ([N, frames]) or as a
-        waveform encoded with `codec`.
+        waveform encoded with `codec`. A user audio part may carry its `"transcript"`: its text ids
+        become the clip's row of `audio_transcript_ids` (the CTC adapter's training target; empty without).
         """
         messages = [_without_unset_fields(message) for message in messages]
         self._check_turns(messages, add_generation_prompt)
@@ -204,13 +205,16 @@ class DeepTalkProcessor(ProcessorMixin):
             else:
                 for part in message["content"]:
                     if part["type"] == "audio":
-                        user_clips.append(self._user_clip(part, pending_audio))
+                        user_clips.append((self._user_clip(part, pending_audio), part.get("transcript")))
         if pending_audio:
             raise ValueError(
                 f"{len(pending_audio)} audio input(s) left over: the conversation has fewer empty audio parts."
             )
 
         features, lengths = [], []
+        transcripts = [self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+                       for _, text in user_clips]
+        user_clips = [clip for clip, _ in user_clips]
         for clip in user_clips:
             mel = self.feature_extractor(clip, sampling_rate=self.feature_extractor.sampling_rate, padding="longest",
                                          return_attention_mask=True, return_tensors="np")
@@ -223,6 +227,7 @@ class DeepTalkProcessor(ProcessorMixin):
         return self._lay_out(ids, lengths, speech_turns, learn_last_turn=not add_generation_prompt) | {
             "input_features": features,
             "audio_feature_lengths": lengths,
+            "audio_transcript_ids": transcripts,
         }
 
     def _lay_out(self, ids, clip_lengths, speech_turns, learn_last_turn: bool) -> dict:
@@ -422,7 +427,7 @@ class DeepTalkProcessor(ProcessorMixin):
         labels = torch.full_like(input_ids, IGNORE_INDEX)
         attention_mask = torch.zeros(len(examples), length, dtype=torch.long)
         audio_input_mask = torch.zeros(len(examples), length, dtype=torch.bool)
-        features, lengths = [], []
+        features, lengths, transcripts = [], [], []
         for b, example in enumerate(examples):
             n = len(example["audio_input_mask"])
             span = slice(0, n) if padding_side == "right" else slice(length - n, length)
@@ -435,6 +440,8 @@ class DeepTalkProcessor(ProcessorMixin):
             if clips is not None and len(clips):
                 features.extend(torch.as_tensor(np.asarray(f), dtype=torch.float32) for f in clips)
                 lengths.extend(int(n) for n in example["audio_feature_lengths"])
+                rows = example.get("audio_transcript_ids")
+                transcripts.extend([list(r) for r in rows] if rows is not None else [[]] * len(clips))
         batch = {
             "input_ids": input_ids,
             "labels": labels,
@@ -447,6 +454,10 @@ class DeepTalkProcessor(ProcessorMixin):
                 [torch.nn.functional.pad(f, (0, frames - f.shape[-1])) for f in features]
             )
             batch["audio_feature_lengths"] = torch.tensor(lengths, dtype=torch.long)
+            if any(transcripts):
+                longest = max(len(t) for t in transcripts)
+                batch["audio_transcript_ids"] = torch.tensor(
+                    [[int(i) for i in t] + [IGNORE_INDEX] * (longest - len(t)) for t in transcripts], dtype=torch.long)
         return BatchFeature(batch, tensor_type=return_tensors)
 
     # ---- outputs --------------------------------------------------------------------------------

@@ -60,6 +60,11 @@ class QuickstartSettings:
     batch_size: int = 16
     assignment_batches: int = 8  # batches of each modality for measuring the modality load
     audio_adapter_stride: int = 4  # Whisper frames per LLM position (the authors' code: 1)
+    # "stack": the paper's MLP adapter; "ctc": its CTC head types the words it hears into the LLM's own text
+    # embeddings, trained on the clips' transcripts (docs/quickstart_results.md compares the two)
+    audio_adapter: str = "stack"
+    audio_adapter_dropout: float | None = None  # None: 0.3 for "ctc" (else its head memorises the clips), 0 for "stack"
+    audio_ctc_loss_weight: float = 4.0
     seed: int = 0
     data_limit: int | None = None  # the first N records of each corpus task and split (smoke tests); None: all
     base_model: str | None = None  # a transformers MoE LLM (Hub id or folder) instead of the tiny one
@@ -316,17 +321,23 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
     # ---- conversion ------------------------------------------------------------------------------
     model = deeptalk.DeepTalkForCausalLM.from_text_moe(source, num_speech_experts=settings.num_speech_experts)
     encoder_name, encoder_description = resolve_audio_encoder(settings.audio_encoder)
+    dropout = settings.audio_adapter_dropout
+    if dropout is None:
+        dropout = 0.3 if settings.audio_adapter == "ctc" else 0.0
     if encoder_name is None:
         random_encoder = tiny_whisper_config(d_model=64, encoder_layers=2)
-        model.add_speech(audio_config=random_encoder, **processor.model_speech_kwargs())
+        model.add_speech(audio_config=random_encoder, audio_adapter=settings.audio_adapter,
+                         audio_adapter_dropout=dropout, **processor.model_speech_kwargs())
         make_random_encoder_audible(model.model.audio_encoder)
     else:
         from .conversion.whisper_ct2 import load_pretrained_whisper
 
         whisper, _ = load_pretrained_whisper(encoder_name)
-        model.add_speech(audio_config=whisper.config, **processor.model_speech_kwargs())
+        model.add_speech(audio_config=whisper.config, audio_adapter=settings.audio_adapter,
+                         audio_adapter_dropout=dropout, **processor.model_speech_kwargs())
         model.model.audio_encoder.load_state_dict(whisper.get_encoder().state_dict())
         del whisper
+    model.config.audio_ctc_loss_weight = settings.audio_ctc_loss_weight
     stack.enter_context(cached_encoder_outputs(model.model.audio_encoder))
     converted_text_accuracy = text_qa_accuracy(model, processor, text_test)
     log(f"converted to DeepTalk with {encoder_description} (text QA accuracy {converted_text_accuracy:.3f}, same LLM)")

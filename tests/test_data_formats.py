@@ -216,10 +216,12 @@ def check_conversations(data_format, rows, data):
         if data_format == "asr":
             (instruction, audio), (answer,) = user["content"], assistant["content"]
             assert instruction["text"] == "transcribe" and answer["text"] == record["text"]
+            assert audio["transcript"] == record["text"]  # the CTC adapter's target
             assert np.array_equal(decoded(audio["audio"]), sf.read(record["audio"], dtype="float32")[0])
         elif data_format in ("voiceassistant", "spoken_qa"):
             (audio,) = user["content"]
             assert audio["type"] == "audio" and assistant["content"][0]["text"] == record["answer_text"]
+            assert audio["transcript"] == record["question_text"]
             assert np.array_equal(decoded(audio["audio"]), sf.read(record["question_audio"], dtype="float32")[0])
         else:
             assert user["content"][0]["text"] == record["question_text"]

@@ -73,7 +73,11 @@ def test_everything_builds_fast_and_complete(built):
     for name in DEMO_TASKS:
         assert data.dataset(name)["train"].column_names == [
             "id", "task", "target_text", "input_ids", "labels", "audio_input_mask", "input_features",
-            "audio_feature_lengths"]
+            "audio_feature_lengths", "audio_transcript_ids"]
+    asr = data.dataset("asr")["train"][0]
+    assert asr["audio_transcript_ids"] == [data.processor.tokenizer(asr["target_text"], add_special_tokens=False)[
+        "input_ids"]]
+    assert data.dataset("text_qa")["train"][0]["audio_transcript_ids"] == []
 
 
 def test_tokenizer_covers_the_corpus():

@@ -150,7 +150,7 @@ def test_the_same_seed_gives_the_same_model_whatever_omp_num_threads_says(tmp_pa
     script = ("import sys\nfrom deeptalk.quickstart import QuickstartSettings, run_quickstart\n"
               "run_quickstart(QuickstartSettings(output_dir=sys.argv[1], data_limit=24, text_pretrain_steps=6, "
               "align_steps=2, speech_steps=2, text_steps=2, joint_steps=2, assignment_batches=1, "
-              "judge_spoken_answers=False, audio_encoder='random'))\n")
+              "judge_spoken_answers=False, audio_encoder='random', audio_adapter='ctc'))\n")
     runs = {}
     for threads in ("1", "2"):
         out = tmp_path / f"omp{threads}"
@@ -161,6 +161,8 @@ def test_the_same_seed_gives_the_same_model_whatever_omp_num_threads_says(tmp_pa
         runs[threads] = out
     weights = [(runs[t] / "model" / "model.safetensors").read_bytes() for t in ("1", "2")]
     assert weights[0] == weights[1]
+    config = json.loads((runs["1"] / "model" / "config.json").read_text())
+    assert (config["audio_adapter"], config["audio_adapter_dropout"]) == ("ctc", 0.3)
     figures = [json.loads((runs[t] / "summary.json").read_text()) for t in ("1", "2")]
     for summary in figures:
         for key in ("timings_s", "total_s", "cpu_s", "files"):

@@ -24,7 +24,7 @@ format of :class:`~deeptalk.processing.processing_deeptalk.DeepTalkProcessor`:
 ================== ============================================================ ===================================
 
 Every output row has the same Arrow schema (:data:`CONVERSATION_FEATURES`): ``content`` is always a list
-of parts ``{"type", "text", "audio": {"path", "bytes"}, "audio_codes", "voice"}`` (a text-only turn
+of parts ``{"type", "text", "audio": {"path", "bytes"}, "audio_codes", "voice", "transcript"}`` (a text-only turn
 renders exactly as a string ``content``), so datasets of any format can be mixed
 (:func:`mix_datasets`). Parts carry ``None`` in unused fields; :func:`processor_messages` drops them
 before the processor sees a conversation.
@@ -94,6 +94,7 @@ def conversation_features():
         "audio": {"path": Value("string"), "bytes": Value("binary")},
         "audio_codes": List(List(Value("int32"))),
         "voice": Value("string"),
+        "transcript": Value("string"),
     }
     return Features({"messages": List({"role": Value("string"), "content": List(part), "voice": Value("string")})})
 
@@ -192,8 +193,9 @@ def _wav_bytes(array: np.ndarray, sampling_rate) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- conversations
-def _part(type_: str, *, text=None, audio=None, audio_codes=None, voice=None) -> dict:
-    return {"type": type_, "text": text, "audio": audio, "audio_codes": audio_codes, "voice": voice}
+def _part(type_: str, *, text=None, audio=None, audio_codes=None, voice=None, transcript=None) -> dict:
+    return {"type": type_, "text": text, "audio": audio, "audio_codes": audio_codes, "voice": voice,
+            "transcript": transcript}
 
 
 def normalize_messages(messages: Sequence[Mapping], base_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -231,6 +233,7 @@ def normalize_messages(messages: Sequence[Mapping], base_dir: str | os.PathLike 
                         audio=None if source is None else audio_reference(source, base_dir),
                         audio_codes=None if codes is None else np.asarray(codes, dtype=np.int32).tolist(),
                         voice=part.get("voice"),
+                        transcript=part.get("transcript"),
                     ))
                 else:
                     raise ValueError(f"Message {i} has a part of type {kind!r}: use 'text' or 'audio'.")
@@ -261,14 +264,16 @@ def processor_messages(messages: Sequence[Mapping]) -> list[dict]:
 
 
 def _asr_conversation(audio: dict, transcript: str, instruction: str) -> list[dict]:
-    user = ([_part("text", text=instruction)] if instruction else []) + [_part("audio", audio=audio)]
+    user = ([_part("text", text=instruction)] if instruction else []) + [_part("audio", audio=audio,
+                                                                               transcript=transcript)]
     return [{"role": "user", "content": user, "voice": None},
             {"role": "assistant", "content": [_part("text", text=transcript)], "voice": None}]
 
 
 def _qa_conversation(question_text: str | None, question_audio: dict | None, answer: str,
                      answer_codes: list | None = None) -> list[dict]:
-    user = [_part("audio", audio=question_audio)] if question_audio is not None else [_part("text", text=question_text)]
+    user = ([_part("audio", audio=question_audio, transcript=question_text)] if question_audio is not None
+            else [_part("text", text=question_text)])
     assistant = [_part("text", text=answer)]
     if answer_codes is not None:
         assistant.append(_part("audio", audio_codes=answer_codes))
@@ -340,7 +345,7 @@ def conversation_mapper(data_format: str, *, columns: Mapping[str, str] | None =
                                      asr_instruction)
         audio_column = "question_audio" if data_format == "voiceassistant" else "audio"
         audio = audio_reference(batch[col[audio_column]][i], base_dir) if question_modality == "audio" else None
-        question = batch[col["question"]][i] if question_modality == "text" else None
+        question = batch[col["question"]][i]  # a spoken question's transcript (the CTC adapter's target)
         if data_format == "voiceassistant":
             codes = parse_answer_snac(batch[col["answer_snac"]][i]).tolist() if answer_modality == "speech" else None
             return _qa_conversation(question, audio, batch[col["answer"]][i], codes)

@@ -48,8 +48,9 @@ import numpy as np
 MANIFEST_NAME = "prepare_manifest.json"
 SHARD_INFO_NAME = "shard_info.json"
 CODEC_DIR = "codec"
-MANIFEST_VERSION = 1
-PREPARED_COLUMNS = ("input_ids", "labels", "audio_input_mask", "input_features", "audio_feature_lengths", "length")
+MANIFEST_VERSION = 2  # 2: audio_transcript_ids
+PREPARED_COLUMNS = ("input_ids", "labels", "audio_input_mask", "input_features", "audio_feature_lengths",
+                    "audio_transcript_ids", "length")
 
 SNAC_24KHZ_NAME = "hubertsiuzdak/snac_24khz"
 SNAC_24KHZ_CONFIG = {
@@ -70,6 +71,7 @@ def prepared_features(extra=None):
         "audio_input_mask": List(Value("bool")),
         "input_features": List(List(List(Value("float32")))),
         "audio_feature_lengths": List(Value("int32")),
+        "audio_transcript_ids": List(List(Value("int32"))),
         "length": Value("int32"),
     }
     return Features({**features, **dict(extra or {})})

@@ -161,6 +161,10 @@ def load_training_data(sources: Sequence, processor, *, data_format: str | Seque
             dataset = encode_conversations(conversations, processor, codec=codec, max_length=max_length,
                                            num_proc=num_proc)
             entry = {"kind": "conversations", "data_format": fmt, "codec_dir": None}
+        missing = [c for c in PREPARED_COLUMNS if dataset.column_names is not None and c not in dataset.column_names]
+        if missing:
+            raise ValueError(f"{_describe(source)} has no {', '.join(missing)} column: it was prepared by an older "
+                             "deeptalk. Run `deeptalk prepare` on its source again.")
         dataset = dataset.select_columns(list(PREPARED_COLUMNS))
         rows = None if isinstance(dataset, datasets.IterableDataset) else len(dataset)
         if rows == 0:

@@ -132,10 +132,16 @@ def text_qa_conversation(question: str, answer: str | None = None) -> list[dict]
     return messages
 
 
-def spoken_question_conversation(audio, answer: str | None = None, answer_codes=None) -> list[dict]:
+def _audio_part(audio, transcript: str | None) -> dict:
+    return {"type": "audio", "audio": audio} | ({"transcript": transcript} if transcript else {})
+
+
+def spoken_question_conversation(audio, answer: str | None = None, answer_codes=None,
+                                 question: str | None = None) -> list[dict]:
     """Spoken question (path, array dict, ...) -> text answer, or text + speech answer when
-    `answer_codes` (`[N, frames]`) is given. Without `answer`, a prompt for generation."""
-    messages = [{"role": "user", "content": [{"type": "audio", "audio": audio}]}]
+    `answer_codes` (`[N, frames]`) is given. Without `answer`, a prompt for generation. `question`: the
+    clip's transcript (the CTC adapter's training target)."""
+    messages = [{"role": "user", "content": [_audio_part(audio, question)]}]
     if answer is not None:
         content = [{"type": "text", "text": answer}]
         if answer_codes is not None:
@@ -146,7 +152,7 @@ def spoken_question_conversation(audio, answer: str | None = None, answer_codes=
 
 def asr_conversation(audio, transcript: str | None = None, instruction: str = ASR_INSTRUCTION) -> list[dict]:
     """ASR instruction + audio -> transcript. Without `transcript`, a prompt for generation."""
-    content = ([{"type": "text", "text": instruction}] if instruction else []) + [{"type": "audio", "audio": audio}]
+    content = ([{"type": "text", "text": instruction}] if instruction else []) + [_audio_part(audio, transcript)]
     messages = [{"role": "user", "content": content}]
     if transcript is not None:
         messages.append({"role": "assistant", "content": transcript})
@@ -236,6 +242,7 @@ def _features():
         "audio_input_mask": datasets.Sequence(datasets.Value("bool")),
         "input_features": datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("float32")))),
         "audio_feature_lengths": datasets.Sequence(datasets.Value("int64")),
+        "audio_transcript_ids": ids,
     })
 
 
@@ -397,15 +404,17 @@ def build_demo_data(
         "spoken_qa_speech": (
             "spoken_qa",
             lambda r: {"id": r["id"], "task": "spoken_qa_speech", "target_text": r["answer_text"],
-                       "audio": r["question_audio"], "answer_audio": r["answer_audio"]},
-            lambda e: spoken_question_conversation(e["audio"], e["target_text"], cache[e["answer_audio"]]),
+                       "audio": r["question_audio"], "answer_audio": r["answer_audio"], "question": r["question_text"]},
+            lambda e: spoken_question_conversation(e["audio"], e["target_text"], cache[e["answer_audio"]],
+                                                   e["question"]),
         ),
         "spoken_qa_text": (
             "spoken_qa",
             lambda r: {
-                "id": r["id"], "task": "spoken_qa_text", "target_text": r["answer_text"], "audio": r["question_audio"]
+                "id": r["id"], "task": "spoken_qa_text", "target_text": r["answer_text"], "audio": r["question_audio"],
+                "question": r["question_text"],
             },
-            lambda e: spoken_question_conversation(e["audio"], e["target_text"]),
+            lambda e: spoken_question_conversation(e["audio"], e["target_text"], question=e["question"]),
         ),
     }
     built = {}

@@ -105,6 +105,8 @@ class DeepTalkTrainerMixin:
                     metrics["loss_text" if stream == 0 else f"loss_audio_{stream}"].append(value)
         if outputs.aux_loss is not None:
             metrics["aux_loss"].append(float(outputs.aux_loss.detach()))
+        if getattr(outputs, "audio_ctc_loss", None) is not None:
+            metrics["loss_audio_ctc"].append(float(outputs.audio_ctc_loss.detach()))
         if outputs.expert_load is not None:
             is_speech = self._speech_expert_mask(outputs.expert_load.device)
             for modality, name in ((0, "text"), (1, "speech")):
