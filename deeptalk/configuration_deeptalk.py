@@ -359,11 +359,16 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_adapter (`str`, *optional*, defaults to `"stack"`):
             What a clip's LLM positions carry. `"stack"`: every position the adapter's projection of its
             stacked frames (the paper's MLP adapter). `"ctc"`: the adapter also has a CTC head over the text
-            vocabulary (plus a blank); a position where CTC emits a token carries that token's embedding,
-            weighted by the head's posterior, as if it had been typed, and the emitted positions move to the
-            end of the clip's span, the ones before keeping the placeholder (CTC compression, as in
-            LLaMA-Omni-2 / FastAdapter). A frozen LLM reads the question as text from the first step; the
-            span keeps the processor's fixed length, so prompts and caches are unchanged.
+            vocabulary (plus a blank); a position where greedy CTC emits a token carries that token's text
+            embedding, as if it had been typed (gradient straight-through the head's posterior), and the
+            emitted positions move to the end of the clip's span, the ones before keeping the placeholder
+            (CTC compression). A frozen LLM reads the question as text; the span keeps the processor's fixed
+            length, so prompts are unchanged.
+        audio_ctc_hide_placeholders (`bool`, *optional*, defaults to `True`):
+            With `audio_adapter="ctc"`, the span's positions no emitted token landed on are left out of
+            attention and of the position count, so the LLM reads the heard words as it reads a typed
+            prompt. The hidden positions are kept on the KV cache object, so later steps skip them too;
+            callers embedding prompts themselves use `model.model.embed_prompt` for the matching mask.
         audio_adapter_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the adapter's stacked frames while training (a few hours of speech are memorised
             quickly: the CTC head learns the training clips, not the words).
@@ -396,6 +401,7 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_adapter_stride: int = 4,
         audio_pad_to_30s: bool = False,
         audio_adapter: str = "stack",
+        audio_ctc_hide_placeholders: bool = True,
         audio_adapter_dropout: float = 0.0,
         audio_ctc_loss_weight: float = 1.0,
         stream_embedding_mean: str = "non_pad",
@@ -451,6 +457,7 @@ class DeepTalkConfig(PreTrainedConfig):
         self.audio_adapter_stride = int(audio_adapter_stride)
         self.audio_pad_to_30s = bool(audio_pad_to_30s)
         self.audio_adapter = audio_adapter
+        self.audio_ctc_hide_placeholders = bool(audio_ctc_hide_placeholders)
         self.audio_adapter_dropout = float(audio_adapter_dropout)
         self.audio_ctc_loss_weight = float(audio_ctc_loss_weight)
         self.stream_embedding_mean = stream_embedding_mean

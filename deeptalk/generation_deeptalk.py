@@ -229,6 +229,9 @@ def _two_row_static_cache(model, prefilled, max_length: int):
     static = _new_cache(model, "static", max_length)
     for layer_index, layer in enumerate(prefilled.layers):
         static.update(layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1), layer_index)
+    hidden = getattr(prefilled, "deeptalk_hidden_placeholders", None)  # set by a CTC adapter's prefill
+    if hidden is not None:
+        static.deeptalk_hidden_placeholders = hidden
     return static
 
 

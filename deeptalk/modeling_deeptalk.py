@@ -960,18 +960,22 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         return self.audio_adapter(hidden, lengths), self.audio_adapter.num_positions(lengths)
 
     def ctc_typed_positions(self, ctc_logits: torch.Tensor, clip_positions: torch.Tensor, placeholders: torch.Tensor):
-        """The CTC adapter's LLM positions: each token greedy CTC emits becomes its posterior-weighted text
-        embedding, embedded as a typed text column would be; a clip's emitted tokens fill the end of its span
-        and the positions before keep their `placeholders` embedding."""
+        """The CTC adapter's LLM positions: each token greedy CTC emits becomes that token's text embedding,
+        embedded as a typed text column would be (the gradient flows through its posterior, straight-through);
+        a clip's emitted tokens fill the end of its span and the positions before keep their `placeholders`
+        embedding. Returns `(embeddings, unused)`, `unused` marking the positions no emitted token landed on."""
         emitted = greedy_ctc_emissions(ctc_logits, clip_positions)
         destinations = right_aligned_destinations(emitted, clip_positions)
-        posterior = ctc_logits[:, :-1].softmax(dim=-1).to(placeholders.dtype)
-        typed = posterior @ self.embed_tokens.weight  # the text rows
+        unused = torch.ones_like(emitted).index_fill(0, destinations[emitted], False)
+        posterior = ctc_logits[:, :-1].softmax(dim=-1)
+        chosen = F.one_hot(posterior.argmax(dim=-1), posterior.shape[-1]).to(posterior.dtype)
+        # exactly the token's row forward (a frozen LLM reads its own embedding), the posterior's gradient back
+        typed = (chosen + posterior - posterior.detach()).to(placeholders.dtype) @ self.embed_tokens.weight
         num_audio = self.config.num_audio_streams
         if num_audio and self.config.stream_embedding_mean == "all":  # a typed column carries PAD_A on every stream
             pad_a = self.embed_tokens.audio_weight[self.stream_pad_ids[1:] - self.config.text_vocab_size]
             typed = (typed + pad_a.sum(dim=0)) / (num_audio + 1)
-        return placeholders.index_put((destinations[emitted],), typed[emitted])
+        return placeholders.index_put((destinations[emitted],), typed[emitted]), unused
 
     def mean_stream_embedding(
         self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None
@@ -996,9 +1000,23 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         """
         return self.embed_inputs_and_ctc_loss(input_ids, input_features, audio_feature_lengths, audio_input_mask)[0]
 
+    def embed_prompt(self, input_ids, attention_mask=None, input_features=None, audio_feature_lengths=None,
+                     audio_input_mask=None):
+        """`(inputs_embeds, attention_mask)` for `generate(inputs_embeds=...)`: `embed_inputs`, and the attention
+        mask with the placeholders the CTC adapter hides set to 0 (generate then skips them in the positions)."""
+        embeds, _, hidden = self.embed_inputs_and_ctc_loss(input_ids, input_features, audio_feature_lengths,
+                                                           audio_input_mask)
+        if attention_mask is None:
+            attention_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        if hidden is not None:
+            attention_mask = attention_mask.masked_fill(hidden, 0)
+        return embeds, attention_mask
+
     def embed_inputs_and_ctc_loss(self, input_ids, input_features=None, audio_feature_lengths=None,
                                   audio_input_mask=None, audio_transcript_ids=None):
-        """`(embed_inputs(...), the CTC adapter's loss on audio_transcript_ids or None)`."""
+        """`(embed_inputs(...), the CTC adapter's loss on audio_transcript_ids or None, hidden)`: `hidden`
+        `[B, T]` marks the audio placeholders the CTC adapter leaves empty when
+        `config.audio_ctc_hide_placeholders` (attention and positions skip them), else None."""
         # the table is looked up once per call: under FSDP each lookup of a sharded table is a collective,
         # so a second lookup for the audio positions would desync ranks whose batches hold no audio
         if input_ids.dim() == 3:
@@ -1014,7 +1032,7 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                 features = self.encode_audio(inputs_embeds.new_zeros(1, self.config.audio_config.num_mel_bins, 2))
                 unused = features.sum() + (self.audio_adapter.ctc_head(features).sum() if ctc else 0.0)
                 inputs_embeds = inputs_embeds + 0.0 * unused.to(inputs_embeds.dtype)
-            return inputs_embeds, None
+            return inputs_embeds, None, None
         if audio_input_mask is None:
             raise ValueError("input_features need audio_input_mask: which positions receive the audio features.")
         features, clip_positions = self.encode_audio_clips(input_features, audio_feature_lengths)
@@ -1032,13 +1050,16 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             ctc_loss = None
             if audio_transcript_ids is not None:
                 ctc_loss = audio_ctc_loss(ctc_logits, clip_positions, audio_transcript_ids.to(ctc_logits.device))
-            typed = self.ctc_typed_positions(ctc_logits, clip_positions, inputs_embeds[audio_input_mask])
-            return inputs_embeds.masked_scatter(mask, typed), ctc_loss
+            typed, unused = self.ctc_typed_positions(ctc_logits, clip_positions, inputs_embeds[audio_input_mask])
+            hidden = None
+            if self.config.audio_ctc_hide_placeholders:
+                hidden = torch.zeros_like(audio_input_mask, dtype=torch.bool).masked_scatter(audio_input_mask, unused)
+            return inputs_embeds.masked_scatter(mask, typed), ctc_loss, hidden
         num_audio = self.config.num_audio_streams
         if num_audio:
             text_slot = text_embeds[audio_input_mask]
             features = (text_slot + num_audio * features) / (num_audio + 1)
-        return inputs_embeds.masked_scatter(mask, features), None
+        return inputs_embeds.masked_scatter(mask, features), None, None
 
     def token_modality_from_inputs(
         self, input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask=None
@@ -1075,6 +1096,37 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape == reference.shape:
             modality = modality.masked_fill(attention_mask == 0, IGNORED_TOKEN)
         return modality.reshape(-1)
+
+    @staticmethod
+    def _hidden_placeholders(hidden, stored, cache, past_seen_tokens: int, new_tokens: int):
+        """`[B, past + new]` hidden CTC placeholders of the whole sequence so far, from this call's (`hidden`)
+        and those `stored` on the cache. A prompt's are kept on its cache, so the decode steps after it skip
+        them too, whoever drives the loop."""
+        parts = []
+        if stored is not None:
+            parts.append(F.pad(stored, (0, max(0, past_seen_tokens - stored.shape[1])))[:, :past_seen_tokens])
+        elif past_seen_tokens:
+            parts.append(hidden.new_zeros(hidden.shape[0], past_seen_tokens))
+        parts.append(hidden if hidden is not None else stored.new_zeros(stored.shape[0], new_tokens))
+        full = torch.cat(parts, dim=1)
+        if hidden is not None and cache is not None:
+            cache.deeptalk_hidden_placeholders = full
+        return full
+
+    @staticmethod
+    def _skip_hidden(hidden, attention_mask, position_ids, past_seen_tokens: int):
+        """The attention mask without the hidden placeholders, and positions that do not count them."""
+        batch, total = hidden.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, total, dtype=torch.long, device=hidden.device)
+        elif not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2):
+            raise ValueError("The CTC adapter hides placeholders through a 2D attention mask: pass a 2D mask or none.")
+        if attention_mask.shape[1] == total:
+            attention_mask = attention_mask.masked_fill(hidden.expand_as(attention_mask), 0)
+        shift = hidden.long().cumsum(dim=-1)[:, past_seen_tokens:]
+        if position_ids is None:
+            position_ids = torch.arange(past_seen_tokens, total, device=hidden.device).unsqueeze(0)
+        return attention_mask, position_ids - shift
 
     def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> list:
         kinds = self.layer_mask_kinds
@@ -1140,13 +1192,9 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             wants_records = kwargs.pop("output_router_logits")
         else:
             wants_records = self.config.output_router_logits
-        if token_modality is not None or mode is RoutingMode.BY_TOKEN_MODALITY or wants_records:
-            modality = self.token_modality_from_inputs(
-                input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
-            )
-        ctc_loss = None
+        ctc_loss = hidden = None
         if inputs_embeds is None:
-            inputs_embeds, ctc_loss = self.embed_inputs_and_ctc_loss(
+            inputs_embeds, ctc_loss, hidden = self.embed_inputs_and_ctc_loss(
                 input_ids, input_features, audio_feature_lengths, audio_input_mask, audio_transcript_ids
             )
         elif input_features is not None:
@@ -1158,10 +1206,20 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             use_cache = getattr(self.config.text_config, "use_cache", True)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
+        # a dict lookup, not getattr: the decode hot path pays nothing for models without the CTC adapter
+        stored = getattr(cache, "__dict__", {}).get("deeptalk_hidden_placeholders") if cache is not None else None
+        if hidden is not None or stored is not None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            hidden = self._hidden_placeholders(hidden, stored, cache, past_seen_tokens, inputs_embeds.shape[1])
+            attention_mask, position_ids = self._skip_hidden(hidden, attention_mask, position_ids, past_seen_tokens)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
             position_ids = (positions + past_seen_tokens).unsqueeze(0)
+        if token_modality is not None or mode is RoutingMode.BY_TOKEN_MODALITY or wants_records:
+            modality = self.token_modality_from_inputs(
+                input_ids, inputs_embeds, attention_mask, token_modality, audio_input_mask
+            )
         masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
 
         hidden_states = inputs_embeds

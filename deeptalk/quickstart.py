@@ -355,9 +355,11 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
 
     # ---- phase 1 ---------------------------------------------------------------------------------
     # The paper freezes a pre-trained Whisper and trains the adapter; a random encoder has to learn to hear,
-    # so it trains too. All embeddings train in both cases, on ASR and on spoken questions answered in text.
+    # so it trains too. With the stack adapter all embeddings train, on ASR and on spoken questions answered in
+    # text; the CTC adapter types into the text rows, which stay the original LLM's (as the paper's phase 1).
     train_encoder = encoder_name is None if settings.train_audio_encoder is None else settings.train_audio_encoder
-    align_overrides = {"train_audio_encoder": train_encoder, "train_embeddings": "all"}
+    align_overrides = {"train_audio_encoder": train_encoder,
+                       "train_embeddings": "audio_rows" if settings.audio_adapter == "ctc" else "all"}
     align_steps = settings.align_steps
     if align_steps is None:
         align_steps = 900 if encoder_name is None else 280

@@ -147,3 +147,43 @@ def test_processor_turns_audio_transcripts_into_padded_ctc_targets():
     longest = max(map(len, expected))
     assert batch["audio_transcript_ids"].tolist() == [row + [-100] * (longest - len(row)) for row in expected]
     assert "audio_transcript_ids" not in processor.pad([examples[1]])
+
+
+def test_hidden_placeholders_make_the_spoken_prompt_read_as_the_typed_one(ctc_model):
+    """A clip whose CTC head emits token 7 once reads, for the LLM, exactly as a prompt with token 7 typed in
+    its place: same logits at every visible position, and the same next step from the cache (the hidden
+    positions are kept on it, and the positions after them do not count them)."""
+    lay = layout()
+    head = ctc_model.model.audio_adapter.ctc_head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[7] = 10.0
+    frames = 100
+    span = ctc_model.config.num_audio_positions(frames)
+    pad_a = [lay.audio_special_id("<|pad_a|>", i) for i in range(STREAMS)]
+    audio_in = lay.audio_special_ids("<|audio_in|>").tolist()
+
+    def column(text_id, audio_ids):
+        return torch.tensor([text_id, *audio_ids])
+
+    before, after = [column(t, pad_a) for t in (11, 12)], [column(t, pad_a) for t in (13, 14)]
+    spoken = torch.stack(before + [column(lay.pad_t_id, audio_in)] * span + after, dim=1)[None]
+    typed = torch.stack(before + [column(7, pad_a)] + after, dim=1)[None]
+    audio_mask = torch.zeros(1, spoken.shape[-1], dtype=torch.bool)
+    audio_mask[0, 2:2 + span] = True
+    features = torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(0))
+    step = column(15, pad_a).view(1, -1, 1)
+    with torch.no_grad():
+        heard = ctc_model(input_ids=spoken, input_features=features, audio_feature_lengths=torch.tensor([frames]),
+                          audio_input_mask=audio_mask, use_cache=True)
+        reference = ctc_model(input_ids=typed, use_cache=True)
+        visible = torch.cat([torch.arange(2), torch.tensor([1 + span]), torch.arange(2 + span, spoken.shape[-1])])
+        torch.testing.assert_close(heard.logits[0, visible], reference.logits[0], atol=1e-4, rtol=1e-4)
+        assert torch.isfinite(heard.logits).all()
+        next_heard = ctc_model(input_ids=step, cache=heard.cache,
+                               attention_mask=torch.ones(1, spoken.shape[-1] + 1, dtype=torch.long))
+        next_reference = ctc_model(input_ids=step, cache=reference.cache)
+    torch.testing.assert_close(next_heard.logits, next_reference.logits, atol=1e-4, rtol=1e-4)
+    embeds, mask = ctc_model.model.embed_prompt(spoken, None, features, torch.tensor([frames]), audio_mask)
+    assert mask[0].tolist() == [1, 1] + [0] * (span - 1) + [1] * 3

@@ -218,7 +218,9 @@ def generate_text_answers(model, processor, conversations: Sequence[list[dict]],
                     features = batch["input_features"].to(device)
                     lengths = batch["audio_feature_lengths"].to(device)
                     mask = batch["audio_input_mask"].to(device)
-                embeds = model.model.embed_inputs(ids, features, lengths, mask)
+                # the mask also leaves out the audio placeholders a CTC adapter hides
+                embeds, attention_mask = model.model.embed_prompt(ids, attention_mask, features, lengths, mask)
+                common["attention_mask"] = attention_mask
                 if has_audio:  # embeddings hide where the audio is; by-token-modality routing needs it
                     common["token_modality"] = model.model.token_modality_from_inputs(
                         ids, None, attention_mask, None, mask).view(ids.shape[0], -1)
