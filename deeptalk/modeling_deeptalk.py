@@ -256,7 +256,10 @@ class DeepTalkRouter(nn.Module):
         nn.init.normal_(self.weight, std=std)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states.to(self.weight.dtype), self.weight)
+        weight = self.weight
+        if hidden_states.dtype != weight.dtype:  # checked here: a `.to` that changes nothing still dispatches
+            hidden_states = hidden_states.to(weight.dtype)
+        return F.linear(hidden_states, weight)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,6 +372,9 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
                 self.bank_config, len(self.bank_members[SPEECH_MODALITY]), self.intermediate_size
             )
         self.has_speech_bank = bool(self.bank_members[SPEECH_MODALITY])
+        # text experts all before speech experts: the packed order is the source order (no index remap)
+        num_text = len(self.bank_members[TEXT_MODALITY])
+        self.packed_in_source_order = self.bank_members[TEXT_MODALITY] == list(range(num_text))
         self.fill_placement()
         self.__dict__.pop("_joined_views", None)
         self.__dict__.pop("_packed_module", None)
@@ -445,7 +451,16 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         router_logits = self.router(flat)
         allowed, bank = allowed_experts(routing_mode, token_modality, self.is_speech_expert)
         decision = route_tokens(router_logits, allowed, self.spec)
-        output = self._run_experts(flat, decision.expert_index, decision.expert_weight, bank)
+        index, weight = decision.expert_index, decision.expert_weight
+        packed = None
+        if bank is None and not torch.is_grad_enabled() and (allowed is None or self.has_speech_bank):
+            packed = self._packed_experts()
+        if packed is not None:  # inference: both banks as one experts call, like the source's block
+            if allowed is not None or not self.packed_in_source_order:  # empty slots (-1) land on a weight 0
+                index = torch.take(self._buffers["packed_index"], index)
+            output = packed(flat, index, weight)
+        else:
+            output = self._run_experts(flat, index, weight, bank)
         modules = self._modules  # looked up, not `hasattr`: a missing module costs an AttributeError per call
         if (shared := modules.get("shared_experts")) is not None:  # DeepSeek: always-on shared experts
             output = output + shared(flat)
@@ -454,16 +469,13 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         return output.view(batch_size, seq_len, hidden_dim)
 
     def _run_experts(self, hidden_states, index, weight, bank: int | None) -> torch.Tensor:
-        """Send every (token, expert) slot to the bank holding that expert, with no host sync."""
+        """Send every (token, expert) slot to the bank holding that expert, with no host sync (training,
+        restricted modes, or weights an engine partitions)."""
         if bank is None and not self.has_speech_bank:
             bank = TEXT_MODALITY
         if bank is not None:  # every chosen expert is in one bank; empty slots go to its expert 0, weight 0
             return self.banks()[bank](hidden_states, self.local_index[index.clamp(min=0)], weight)
-        if not torch.is_grad_enabled():
-            packed = self._packed_experts()
-            if packed is not None:  # both banks as one experts call, like the source's block (no empty slots here)
-                return packed(hidden_states, torch.take(self.packed_index, index), weight)
-        # Training (or partitioned weights): each bank runs its own slots; the other bank's are sentinels.
+        # Each bank runs its own slots; the other bank's are sentinels.
         source = index.clamp(min=0)
         speech_slot = self.is_speech_expert[source]
         local = self.local_index[source]
@@ -473,36 +485,50 @@ class DeepTalkSparseMoeBlock(_JoinedCache, nn.Module):
         return self.text_bank(hidden_states, text_local, weight) + self.speech_bank(hidden_states, speech_local, weight)
 
     def _packed_experts(self) -> DeepTalkExperts | None:
-        """Both banks as ONE experts module (text experts, then speech experts), for inference."""
+        """Both banks as ONE experts module (text experts, then speech experts), for inference, or None
+        where that needs a copy (weights an engine partitions) or would skip a wrapper (PEFT).
+
+        Built once and cached; reused while the banks are the same modules over the same memory. `_apply`
+        (`.to()`, dtype casts) and re-placing experts drop the cache."""
         cached = self.__dict__.get("_packed_module")
         if torch.compiler.is_compiling():  # data_ptr cannot be traced: use what eager mode prepared
             return cached
-        text_bank, speech_bank = self._modules["text_bank"], self._modules["speech_bank"]
-        if (
-            cached is not None
-            and cached.source_banks[0] is text_bank  # a bank wrapped since (e.g. by PEFT) is not what was packed
-            and cached.source_banks[1] is speech_bank
-            and cached.source_ptrs == (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr())
-        ):
-            return cached  # the hot path: one check per layer and step
-        banks = (text_bank, speech_bank)
-        if not all(type(bank) is DeepTalkExperts for bank in banks):
+        modules = self._modules
+        text_bank, speech_bank = modules["text_bank"], modules["speech_bank"]
+        if cached is not None and cached.source_banks[0] is text_bank and cached.source_banks[1] is speech_bank:
+            text, speech = text_bank._parameters, speech_bank._parameters  # no nn.Module.__getattr__ per step
+            if cached.source_ptrs == (
+                text["gate_up_proj"].data_ptr(),
+                text["down_proj"].data_ptr(),
+                speech["gate_up_proj"].data_ptr(),
+                speech["down_proj"].data_ptr(),
+            ):
+                return cached  # the hot path: a few identity and pointer checks per layer and step
+        self.__dict__.pop("_packed_module", None)
+        if not (type(text_bank) is DeepTalkExperts and type(speech_bank) is DeepTalkExperts):
             return None  # e.g. a PEFT adapter wraps a bank: packing raw weights would skip it
-        gate_up = self._joined("gate_up_proj", self.text_bank.gate_up_proj, self.speech_bank.gate_up_proj)
-        down = self._joined("down_proj", self.text_bank.down_proj, self.speech_bank.down_proj)
+        if self.has_speech_bank:
+            gate_up = self._joined("gate_up_proj", text_bank.gate_up_proj, speech_bank.gate_up_proj)
+            down = self._joined("down_proj", text_bank.down_proj, speech_bank.down_proj)
+        else:  # the text bank alone holds every expert, in the source order
+            local = _exclusively_local(text_bank.gate_up_proj) and _exclusively_local(text_bank.down_proj)
+            gate_up, down = (text_bank.gate_up_proj.detach(), text_bank.down_proj.detach()) if local else (None, None)
         if gate_up is None or down is None:
             return None
         packed = DeepTalkExperts.__new__(DeepTalkExperts)
         nn.Module.__init__(packed)
-        packed.__dict__.update(
-            {k: v for k, v in self.text_bank.__dict__.items() if k not in ("_parameters", "_buffers")}
-        )
-        packed._modules = dict(self.text_bank._modules)  # the activation
+        packed.__dict__.update({k: v for k, v in text_bank.__dict__.items() if k not in ("_parameters", "_buffers")})
+        packed._modules = dict(text_bank._modules)  # the activation
         packed._parameters = {"gate_up_proj": gate_up, "down_proj": down}
         packed.num_experts = gate_up.shape[0]
         packed._is_expert_parallel = False  # no sentinels here: the source's exact kernel path
-        packed.source_banks = banks
-        packed.source_ptrs = (text_bank.gate_up_proj.data_ptr(), speech_bank.down_proj.data_ptr())
+        packed.source_banks = (text_bank, speech_bank)
+        packed.source_ptrs = (
+            text_bank.gate_up_proj.data_ptr(),
+            text_bank.down_proj.data_ptr(),
+            speech_bank.gate_up_proj.data_ptr(),
+            speech_bank.down_proj.data_ptr(),
+        )
         self.__dict__["_packed_module"] = packed
         return packed
 

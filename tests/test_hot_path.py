@@ -83,6 +83,40 @@ def test_free_mode_inference_runs_one_experts_call_per_layer_without_copying_wei
         assert block.speech_bank.gate_up_proj.untyped_storage().data_ptr() == storages[id(block)]
 
 
+
+@pytest.mark.parametrize("experts", [(1, 5), (6, 7), None], ids=["2-speech", "speech-last", "unassigned"])
+def test_the_packed_experts_follow_every_bank_weight_and_cast(experts, tiny_source):
+    """The packed module is cached by the first no-grad call; a bank weight re-pointed since (`.data = ...`,
+    as engines and loaders do) or a dtype cast must be seen by the next call, which then equals the
+    per-bank path that gradient mode runs."""
+    ids = random_ids()
+    for bank in ("text_bank", "speech_bank"):
+        for name in ("gate_up_proj", "down_proj"):
+            model = convert(tiny_source("qwen3_moe"), experts=experts)
+            with torch.no_grad():
+                model(ids)  # caches the packed module of every block
+            for block in model.moe_blocks():
+                param = getattr(getattr(block, bank), name)
+                param.data = torch.randn_like(param) * 0.5
+            with torch.no_grad():
+                no_grad = model(ids).logits
+            torch.testing.assert_close(no_grad, model(ids).logits.detach(), msg=f"{bank}.{name}")
+    model.set_experts_implementation("batched_mm")  # grouped_mm has no float64 kernel
+    model.double()
+    with torch.no_grad():
+        no_grad = model(ids).logits
+    assert no_grad.dtype == torch.float64
+    torch.testing.assert_close(no_grad, model(ids).logits.detach())
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, a, o: calls.append(m)) for m in model.modules()
+             if type(m).__name__ == "DeepTalkExperts"]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    assert len(calls) == len(model.moe_blocks())  # still one experts call per layer
+
+
 def test_a_bank_wrapped_after_inference_is_run_through_its_wrapper(tiny_source):
     """The packed module is cached by the first no-grad call; a bank that PEFT wraps afterwards must be run
     through its adapter (the packed raw weights would skip it), with or without gradients."""

@@ -16,7 +16,9 @@ TOL = 1e-4
 
 # ---- conversion -----------------------------------------------------------------------------
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-@pytest.mark.parametrize("experts", [(1, 5), (0, 2, 3, 7), None], ids=["2-speech", "4-speech", "unassigned"])
+@pytest.mark.parametrize(
+    "experts", [(1, 5), (0, 2, 3, 7), (6, 7), None], ids=["2-speech", "4-speech", "speech-last", "unassigned"]
+)
 def test_free_mode_conversion_equals_source(family, experts, tiny_source):
     source = tiny_source(family)
     model = convert(source, experts)
