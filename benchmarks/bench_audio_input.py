@@ -257,7 +257,7 @@ def bench_encoder(model, processor, clips, lengths, warmup, repeats, wait_idle_s
 def bench_ttft(setups, clips, lengths, warmup, repeats, wait_idle_s, retries=0) -> dict:
     """setups: name -> (model, processor). One end-to-end call per variant and round: processor
     (features + layout), then `model(..., use_cache=True, logits_to_keep=1)` and the argmax of the
-    first token. `encode_audio` is wrapped (on the instance, for this benchmark only) to time the
+    first token. `encode_audio_clips` is wrapped (on the instance, for this benchmark only) to time the
     encoder + adapter inside that call; LLM prefill = forward - encoder (stream-embedding mean,
     audio splice, decoder layers, head)."""
     prepared = {}
@@ -274,10 +274,10 @@ def bench_ttft(setups, clips, lengths, warmup, repeats, wait_idle_s, retries=0) 
     def variant(name, length):
         model, processor = setups[name]
         clip = clips[length]
-        inner = type(model.model).encode_audio.__get__(model.model)
+        inner = type(model.model).encode_audio_clips.__get__(model.model)  # what the forward calls
         spent = []
 
-        def encode_audio(*args, **kwargs):
+        def encode_audio_clips(*args, **kwargs):
             t0 = time.perf_counter()
             out = inner(*args, **kwargs)
             spent.append((time.perf_counter() - t0) * 1000.0)
@@ -285,7 +285,7 @@ def bench_ttft(setups, clips, lengths, warmup, repeats, wait_idle_s, retries=0) 
 
         def fn():
             spent.clear()
-            model.model.encode_audio = encode_audio
+            model.model.encode_audio_clips = encode_audio_clips
             try:
                 t0 = time.perf_counter()
                 inputs = model_inputs(processor, clip)
@@ -293,7 +293,7 @@ def bench_ttft(setups, clips, lengths, warmup, repeats, wait_idle_s, retries=0) 
                 model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
                 t2 = time.perf_counter()
             finally:
-                del model.model.encode_audio
+                del model.model.encode_audio_clips
             assert len(spent) == 1
             forward = (t2 - t1) * 1000.0
             return {"proc": (t1 - t0) * 1000.0, "encoder": spent[0], "llm": forward - spent[0],

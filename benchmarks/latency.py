@@ -8,7 +8,7 @@ loop as ``SpeechChat.stream``. The loop is instrumented from the outside (no lib
 
 * **features**: the processor (audio file loading, resampling, Whisper log-mel, chat template,
   layout): ``DecodeResult.timings["features"]``;
-* **encoder**: Whisper encoder + adapter on the clip (``model.model.encode_audio``, wrapped on the
+* **encoder**: Whisper encoder + adapter on the clip (``model.model.encode_audio_clips``, wrapped on the
   instance to time it inside the prefill call);
 * **LLM prefill**: ``DecodeResult.timings["prefill"]`` minus the encoder (the multi-stream
   embedding, the audio splice, the decoder layers over the prompt, cache creation, the head);
@@ -315,9 +315,9 @@ class Probe:
         self.encoder_s: list[float] = []
         self.calls = 0
         self._t0 = 0.0
-        inner = type(model.model).encode_audio.__get__(model.model)
+        inner = type(model.model).encode_audio_clips.__get__(model.model)  # what the forward calls
 
-        def encode_audio(*a, **kw):
+        def encode_audio_clips(*a, **kw):
             sync(device)
             t0 = time.perf_counter()
             out = inner(*a, **kw)
@@ -325,7 +325,7 @@ class Probe:
             self.encoder_s.append(time.perf_counter() - t0)
             return out
 
-        model.model.encode_audio = encode_audio
+        model.model.encode_audio_clips = encode_audio_clips
         self.handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
 
     def reset(self):
@@ -334,7 +334,7 @@ class Probe:
     def remove(self):
         for h in self.handles:
             h.remove()
-        del self.model.model.encode_audio
+        del self.model.model.encode_audio_clips
 
     def _bias(self, phase: str, logits: torch.Tensor) -> torch.Tensor:
         key = (phase, logits.shape[-1], logits.dtype, logits.device)
