@@ -102,8 +102,8 @@ def render_model_card(model, *, repo_id: str | None = None, base_model: str | No
         num_speech_experts=config.num_speech_experts if config.speech_experts else None,
         speech_experts=json.dumps(config.speech_experts) if config.speech_experts else None,
         audio_encoder=(
-            f"Whisper encoder (d_model {config.audio_config.d_model}), adapter stride {config.audio_adapter_stride}"
-            if config.audio_config is not None else None
+            f"Whisper encoder (d_model {config.audio_config.d_model}), {config.audio_adapter} adapter, stride "
+            f"{config.audio_adapter_stride}" if config.audio_config is not None else None
         ),
         codec=codec_name,
         num_audio_streams=config.num_audio_streams or None,
