@@ -191,7 +191,7 @@ def check_model(value: str, option: str = "--model", *, default: str | None = No
 
     path = check_source(value, option, default=default)
     if os.path.isdir(path):
-        check_model_folder(path, need_processor="fitting" if as_saved else True, option=option)
+        check_model_folder(path, need_processor=True, processor_must_fit=as_saved, option=option)
     return path
 
 

@@ -68,13 +68,13 @@ def _check_processor_fits(folder: Path, config: dict, processor_config: dict, op
         )
 
 
-def check_model_folder(folder: str | os.PathLike, *, need_processor: bool | str = False, need_codec: bool = False,
-                       option: str = "--model") -> Path:
+def check_model_folder(folder: str | os.PathLike, *, need_processor: bool = False, need_codec: bool = False,
+                       processor_must_fit: bool = False, option: str = "--model") -> Path:
     """Validate a saved DeepTalk model folder; returns it as a Path. ValueError / FileNotFoundError name the
     file at fault and the fix: missing folder, missing or invalid config.json, a format this release cannot
     read, missing / truncated / empty weights, no processor (when needed), no codec (when needed). With
-    ``need_processor="fitting"`` (a model about to run as saved) the processor must also fit the model: same speech
-    layout (and so the same text vocabulary)."""
+    ``processor_must_fit`` (a model about to run as saved) the processor must also fit the model: same speech layout
+    (and so the same text vocabulary)."""
     folder = Path(os.path.expanduser(folder))
     if not folder.exists():
         raise FileNotFoundError(f"{option} {folder}: no such folder.")
@@ -116,7 +116,7 @@ def check_model_folder(folder: str | os.PathLike, *, need_processor: bool | str 
                                 "with processor.save_pretrained(folder).")
     if need_processor:
         processor_config = _json(folder / PROCESSOR_FILES[0], "processor config")
-        if need_processor == "fitting":
+        if processor_must_fit:
             _check_processor_fits(folder, config, processor_config, option)
     if need_codec and not (folder / CODEC_FOLDER).is_dir():
         raise FileNotFoundError(f"{folder} has no codec/ folder: pass --codec DIR, or save the codec next to the "

@@ -187,7 +187,7 @@ class DeepTalkProcessor(ProcessorMixin):
         messages = [_without_unset_fields(message) for message in messages]
         self._check_turns(messages, add_generation_prompt)
         pending_audio = list(audio) if audio is not None else []
-        user_clips, speech_turns = [], []
+        user_clips, transcripts, speech_turns = [], [], []
         for message in messages:
             if isinstance(message["content"], str):
                 self._check_text(message["content"])
@@ -205,16 +205,15 @@ class DeepTalkProcessor(ProcessorMixin):
             else:
                 for part in message["content"]:
                     if part["type"] == "audio":
-                        user_clips.append((self._user_clip(part, pending_audio), part.get("transcript")))
+                        user_clips.append(self._user_clip(part, pending_audio))
+                        text = part.get("transcript")
+                        transcripts.append(self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else [])
         if pending_audio:
             raise ValueError(
                 f"{len(pending_audio)} audio input(s) left over: the conversation has fewer empty audio parts."
             )
 
         features, lengths = [], []
-        transcripts = [self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-                       for _, text in user_clips]
-        user_clips = [clip for clip, _ in user_clips]
         for clip in user_clips:
             mel = self.feature_extractor(clip, sampling_rate=self.feature_extractor.sampling_rate, padding="longest",
                                          return_attention_mask=True, return_tensors="np")

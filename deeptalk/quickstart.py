@@ -324,17 +324,16 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
     dropout = settings.audio_adapter_dropout
     if dropout is None:
         dropout = 0.3 if settings.audio_adapter == "ctc" else 0.0
+    speech = {"audio_adapter": settings.audio_adapter, "audio_adapter_dropout": dropout,
+              **processor.model_speech_kwargs()}
     if encoder_name is None:
-        random_encoder = tiny_whisper_config(d_model=64, encoder_layers=2)
-        model.add_speech(audio_config=random_encoder, audio_adapter=settings.audio_adapter,
-                         audio_adapter_dropout=dropout, **processor.model_speech_kwargs())
+        model.add_speech(audio_config=tiny_whisper_config(d_model=64, encoder_layers=2), **speech)
         make_random_encoder_audible(model.model.audio_encoder)
     else:
         from .conversion.whisper_ct2 import load_pretrained_whisper
 
         whisper, _ = load_pretrained_whisper(encoder_name)
-        model.add_speech(audio_config=whisper.config, audio_adapter=settings.audio_adapter,
-                         audio_adapter_dropout=dropout, **processor.model_speech_kwargs())
+        model.add_speech(audio_config=whisper.config, **speech)
         model.model.audio_encoder.load_state_dict(whisper.get_encoder().state_dict())
         del whisper
     model.config.audio_ctc_loss_weight = settings.audio_ctc_loss_weight
