@@ -369,6 +369,10 @@ class DeepTalkConfig(PreTrainedConfig):
             attention and of the position count, so the LLM reads the heard words as it reads a typed
             prompt. The hidden positions are kept on the KV cache object, so later steps skip them too;
             callers embedding prompts themselves use `model.model.embed_prompt` for the matching mask.
+        audio_ctc_hide_span_markers (`bool`, *optional*, defaults to `True`):
+            With `audio_adapter="ctc"` and hidden placeholders, hide the clip's `<|boa|>` / `<|eoa|>` marker
+            positions too, so a heard question reaches the LLM exactly as the same words typed would (markers
+            the original LLM never saw otherwise change its answer to a correctly heard question).
         audio_adapter_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the adapter's stacked frames while training (a few hours of speech are memorised
             quickly: the CTC head learns the training clips, not the words).
@@ -402,6 +406,7 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_pad_to_30s: bool = False,
         audio_adapter: str = "stack",
         audio_ctc_hide_placeholders: bool = True,
+        audio_ctc_hide_span_markers: bool = True,
         audio_adapter_dropout: float = 0.0,
         audio_ctc_loss_weight: float = 1.0,
         stream_embedding_mean: str = "non_pad",
@@ -458,6 +463,7 @@ class DeepTalkConfig(PreTrainedConfig):
         self.audio_pad_to_30s = bool(audio_pad_to_30s)
         self.audio_adapter = audio_adapter
         self.audio_ctc_hide_placeholders = bool(audio_ctc_hide_placeholders)
+        self.audio_ctc_hide_span_markers = bool(audio_ctc_hide_span_markers)
         self.audio_adapter_dropout = float(audio_adapter_dropout)
         self.audio_ctc_loss_weight = float(audio_ctc_loss_weight)
         self.stream_embedding_mean = stream_embedding_mean

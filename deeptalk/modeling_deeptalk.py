@@ -737,6 +737,14 @@ def greedy_ctc_emissions(ctc_logits: torch.Tensor, clip_positions: torch.Tensor)
     return (best != ctc_logits.shape[-1] - 1) & (first | (best != best.roll(1)))
 
 
+def span_markers(first_audio_stream: torch.Tensor, audio_input_mask: torch.Tensor, marker_ids: torch.Tensor):
+    """`[B, T]` the clips' `<|boa|>` / `<|eoa|>` marker positions: right before or after a run of audio-input
+    positions, with a marker id (`marker_ids`) on the first audio stream (`first_audio_stream`, `[B, T]`)."""
+    audio = audio_input_mask.bool()
+    beside = (F.pad(audio[:, 1:], (0, 1)) | F.pad(audio[:, :-1], (1, 0))) & ~audio
+    return beside & torch.isin(first_audio_stream, marker_ids)
+
+
 def right_aligned_destinations(emitted: torch.Tensor, clip_positions: torch.Tensor) -> torch.Tensor:
     """Where each position goes when every clip's emitted positions move, in order, to the end of the
     clip's span (indices into the clips' concatenated positions; meaningful where `emitted`)."""
@@ -1042,7 +1050,8 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
                                   audio_input_mask=None, audio_transcript_ids=None):
         """`(embed_inputs(...), the CTC adapter's loss on audio_transcript_ids or None, hidden)`: `hidden`
         `[B, T]` marks the audio placeholders the CTC adapter leaves empty when
-        `config.audio_ctc_hide_placeholders` (attention and positions skip them), else None."""
+        `config.audio_ctc_hide_placeholders` (attention and positions skip them), and the clips' span markers
+        with `config.audio_ctc_hide_span_markers`; else None."""
         # the table is looked up once per call: under FSDP each lookup of a sharded table is a collective,
         # so a second lookup for the audio positions would desync ranks whose batches hold no audio
         if input_ids.dim() == 3:
@@ -1080,6 +1089,11 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             hidden = None
             if self.config.audio_ctc_hide_placeholders:
                 hidden = torch.zeros_like(audio_input_mask, dtype=torch.bool).masked_scatter(audio_input_mask, unused)
+                if self.config.audio_ctc_hide_span_markers and input_ids.dim() == 3:
+                    layout = self.config.layout
+                    markers = torch.tensor([layout.audio_special_id(name, 0) for name in ("<|boa|>", "<|eoa|>")],
+                                           device=input_ids.device)
+                    hidden = hidden | span_markers(input_ids[:, 1], audio_input_mask, markers)
             return inputs_embeds.masked_scatter(mask, typed), ctc_loss, hidden
         num_audio = self.config.num_audio_streams
         if num_audio:

@@ -187,3 +187,39 @@ def test_hidden_placeholders_make_the_spoken_prompt_read_as_the_typed_one(ctc_mo
     torch.testing.assert_close(next_heard.logits, next_reference.logits, atol=1e-4, rtol=1e-4)
     embeds, mask = ctc_model.model.embed_prompt(spoken, None, features, torch.tensor([frames]), audio_mask)
     assert mask[0].tolist() == [1, 1] + [0] * (span - 1) + [1] * 3
+
+
+@pytest.mark.parametrize("hide_markers", [True, False])
+def test_a_heard_question_in_its_span_markers_reads_as_the_typed_question(ctc_model, hide_markers):
+    """With the processor's `<|boa|>` / `<|eoa|>` around the clip, the LLM reads a clip whose head emits
+    token 7 exactly as the prompt with 7 typed and no markers: the markers are hidden with the placeholders.
+    Switched off (`audio_ctc_hide_span_markers=False`), the markers stay and the logits differ."""
+    ctc_model.config.audio_ctc_hide_span_markers = hide_markers
+    lay = layout()
+    head = ctc_model.model.audio_adapter.ctc_head
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.fill_(-10.0)
+        head.bias[7] = 10.0
+    frames = 100
+    span = ctc_model.config.num_audio_positions(frames)
+    pad_a = [lay.audio_special_id("<|pad_a|>", i) for i in range(STREAMS)]
+
+    def column(text_id, name=None):
+        return torch.tensor([text_id, *(pad_a if name is None else lay.audio_special_ids(name).tolist())])
+
+    spoken = torch.stack([column(11), column(lay.pad_t_id, "<|boa|>")] + [column(lay.pad_t_id, "<|audio_in|>")] * span
+                         + [column(lay.pad_t_id, "<|eoa|>"), column(13)], dim=1)[None]
+    typed = torch.stack([column(11), column(7), column(13)], dim=1)[None]
+    audio_mask = torch.zeros(1, spoken.shape[-1], dtype=torch.bool)
+    audio_mask[0, 2:2 + span] = True
+    features = torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        heard = ctc_model(input_ids=spoken, input_features=features, audio_feature_lengths=torch.tensor([frames]),
+                          audio_input_mask=audio_mask).logits
+        reference = ctc_model(input_ids=typed).logits
+    _, mask = ctc_model.model.embed_prompt(spoken, None, features, torch.tensor([frames]), audio_mask)
+    marker = int(not hide_markers)
+    assert mask[0].tolist() == [1, marker] + [0] * (span - 1) + [1, marker, 1]
+    same = torch.allclose(heard[0, [0, 1 + span, 3 + span]], reference[0], atol=1e-4, rtol=1e-4)
+    assert same == hide_markers
