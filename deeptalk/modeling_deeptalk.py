@@ -30,6 +30,7 @@ Invariant (tested for every family): in ``free`` mode a converted model computes
 import inspect
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -777,6 +778,15 @@ def audio_ctc_loss(ctc_logits: torch.Tensor, clip_positions: torch.Tensor, trans
 # --------------------------------------------------------------------------------------------------
 # 6. Model
 # --------------------------------------------------------------------------------------------------
+def _set_output_attribute(output, name: str, value) -> None:
+    """`ModelOutput.__setattr__` with the field names read from the class: the base lists the dataclass fields
+    again at every assignment, O(fields²) per output built, and a forward builds one at every decode step."""
+    name = output._replace_old_cache_name(name)
+    if value is not None and name in type(output).__dataclass_fields__:
+        OrderedDict.__setitem__(output, name, value)
+    object.__setattr__(output, name, value)
+
+
 @dataclass
 class DeepTalkModelOutputWithPast(MoeModelOutputWithPast):
     """`MoeModelOutputWithPast` plus the per-token modality the routing used.
@@ -789,6 +799,8 @@ class DeepTalkModelOutputWithPast(MoeModelOutputWithPast):
 
     token_modality: torch.LongTensor | None = None
     audio_ctc_loss: torch.FloatTensor | None = None
+
+    __setattr__ = _set_output_attribute
 
 
 @dataclass
@@ -808,6 +820,8 @@ class DeepTalkCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     expert_load: torch.FloatTensor | None = None
     stream_losses: torch.FloatTensor | None = None
     audio_ctc_loss: torch.FloatTensor | None = None
+
+    __setattr__ = _set_output_attribute
 
 
 class DeepTalkPreTrainedModel(PreTrainedModel):
