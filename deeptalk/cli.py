@@ -952,9 +952,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--fast", action="store_true", help="a few steps per phase (smoke test)")
     quick.add_argument("--audio-adapter-stride", type=_positive_int, default=4,
                        help="Whisper frames per LLM position (authors: 1)")
-    quick.add_argument("--audio-adapter", choices=("stack", "ctc"), default="stack",
-                       help="stack: the paper's MLP adapter; ctc: the adapter types the words it hears into the LLM's "
-                            "text embeddings (a CTC head trained on the transcripts)")
+    quick.add_argument("--audio-adapter", choices=("ctc", "stack"), default="ctc",
+                       help="ctc: the adapter types the words it hears into the LLM's text embeddings (a CTC head "
+                            "trained on the transcripts); stack: the paper's MLP adapter")
     quick.add_argument("--base-model", help="a transformers MoE LLM (Hub id or folder) instead of the tiny one (GPU)")
     quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
     quick.add_argument("--audio-encoder", default="auto",

@@ -30,6 +30,9 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
     assert model.config.speech_experts == summary["speech_experts"]
     phases = json.loads((tmp_path / "model" / "deeptalk_phases.json").read_text())
     assert [p["routing_mode"] for p in phases] == ["free", "speech_only", "text_only", "free"]
+    # phase 2a leaves the dense first layer frozen (speech_phase_trains_dense_layers=False); phase 2b trains it
+    assert "dense_layers" not in phases[1]["trainable_groups"] and "dense_layers" in phases[2]["trainable_groups"]
+    assert model.config.audio_adapter == "ctc" and model.config.audio_ctc_hide_span_markers
     if summary["spoken_answer"]["wav"]:
         audio, rate = soundfile.read(summary["spoken_answer"]["wav"])
         assert rate == 16000 and len(audio) > 0
