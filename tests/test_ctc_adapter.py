@@ -55,13 +55,24 @@ def test_ctc_loss_is_per_transcript_token_and_skips_clips_without_one():
         audio_ctc_loss(logits, positions, transcripts[:1])
 
 
-def test_the_span_carries_typed_text_embeddings_where_ctc_emits(ctc_model):
-    inputs, _ = spoken_batch(ctc_model)
+def emit_everywhere(ctc_model, token: int):
+    """Make the CTC head emit `token` at every position: one emission per clip, at the span's end."""
     head = ctc_model.model.audio_adapter.ctc_head
-    with torch.no_grad():  # make CTC emit token 7 everywhere: one emission per clip, at the span's end
+    with torch.no_grad():
         head.weight.zero_()
         head.bias.fill_(-10.0)
-        head.bias[7] = 10.0
+        head.bias[token] = 10.0
+
+
+def column(text_id: int, audio_ids) -> torch.Tensor:
+    """One input position: a text id and one id per audio stream."""
+    return torch.tensor([text_id, *audio_ids])
+
+
+def test_the_span_carries_typed_text_embeddings_where_ctc_emits(ctc_model):
+    inputs, _ = spoken_batch(ctc_model)
+    emit_everywhere(ctc_model, 7)
+    with torch.no_grad():
         embeds = ctc_model.model.embed_inputs(**inputs)
         placeholders = ctc_model.model.embed_inputs(inputs["input_ids"])
     typed = ctc_model.model.embed_tokens.weight[7]  # stream_embedding_mean="non_pad": the text slot alone
@@ -154,19 +165,11 @@ def test_hidden_placeholders_make_the_spoken_prompt_read_as_the_typed_one(ctc_mo
     its place: same logits at every visible position, and the same next step from the cache (the hidden
     positions are kept on it, and the positions after them do not count them)."""
     lay = layout()
-    head = ctc_model.model.audio_adapter.ctc_head
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.fill_(-10.0)
-        head.bias[7] = 10.0
+    emit_everywhere(ctc_model, 7)
     frames = 100
     span = ctc_model.config.num_audio_positions(frames)
     pad_a = [lay.audio_special_id("<|pad_a|>", i) for i in range(STREAMS)]
     audio_in = lay.audio_special_ids("<|audio_in|>").tolist()
-
-    def column(text_id, audio_ids):
-        return torch.tensor([text_id, *audio_ids])
-
     before, after = [column(t, pad_a) for t in (11, 12)], [column(t, pad_a) for t in (13, 14)]
     spoken = torch.stack(before + [column(lay.pad_t_id, audio_in)] * span + after, dim=1)[None]
     typed = torch.stack(before + [column(7, pad_a)] + after, dim=1)[None]
@@ -196,21 +199,14 @@ def test_a_heard_question_in_its_span_markers_reads_as_the_typed_question(ctc_mo
     Switched off (`audio_ctc_hide_span_markers=False`), the markers stay and the logits differ."""
     ctc_model.config.audio_ctc_hide_span_markers = hide_markers
     lay = layout()
-    head = ctc_model.model.audio_adapter.ctc_head
-    with torch.no_grad():
-        head.weight.zero_()
-        head.bias.fill_(-10.0)
-        head.bias[7] = 10.0
+    emit_everywhere(ctc_model, 7)
     frames = 100
     span = ctc_model.config.num_audio_positions(frames)
     pad_a = [lay.audio_special_id("<|pad_a|>", i) for i in range(STREAMS)]
-
-    def column(text_id, name=None):
-        return torch.tensor([text_id, *(pad_a if name is None else lay.audio_special_ids(name).tolist())])
-
-    spoken = torch.stack([column(11), column(lay.pad_t_id, "<|boa|>")] + [column(lay.pad_t_id, "<|audio_in|>")] * span
-                         + [column(lay.pad_t_id, "<|eoa|>"), column(13)], dim=1)[None]
-    typed = torch.stack([column(11), column(7), column(13)], dim=1)[None]
+    boa, audio_in, eoa = (lay.audio_special_ids(name).tolist() for name in ("<|boa|>", "<|audio_in|>", "<|eoa|>"))
+    spoken = torch.stack([column(11, pad_a), column(lay.pad_t_id, boa)] + [column(lay.pad_t_id, audio_in)] * span
+                         + [column(lay.pad_t_id, eoa), column(13, pad_a)], dim=1)[None]
+    typed = torch.stack([column(11, pad_a), column(7, pad_a), column(13, pad_a)], dim=1)[None]
     audio_mask = torch.zeros(1, spoken.shape[-1], dtype=torch.bool)
     audio_mask[0, 2:2 + span] = True
     features = torch.randn(1, 80, frames, generator=torch.Generator().manual_seed(0))
