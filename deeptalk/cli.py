@@ -213,19 +213,16 @@ def check_input_file(value: str | None, option: str) -> None:
 
 def _check_parent_writable(path: Path, option: str, shown: str, *, create: bool) -> None:
     """The folder `path` goes into must exist and be writable (with `create`, its nearest existing ancestor)."""
-    parent = path.parent
-    if create:
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{option} {shown}: the folder {path.parent} does not exist." if not create
-                         else f"{option} {shown}: {parent} is not a folder.")
-    from deeptalk.saving import probe_write
+    from deeptalk.saving import nearest_writable_folder
 
-    try:  # a real probe: os.access says yes to root even where the filesystem refuses
-        probe_write(str(parent))
+    if not create and not path.parent.is_dir():
+        raise UsageError(f"{option} {shown}: the folder {path.parent} does not exist.")
+    try:
+        nearest_writable_folder(str(path.parent))
+    except NotADirectoryError as err:
+        raise UsageError(f"{option} {shown}: {err.filename} is not a folder.") from None
     except OSError as err:
-        raise UsageError(f"{option} {shown}: cannot write into {parent} ({err.strerror}).") from None
+        raise UsageError(f"{option} {shown}: cannot write into {err.filename} ({err.strerror}).") from None
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {shown}: the file exists and is not writable.")
 

@@ -57,7 +57,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 __all__ = ["atomic_directory", "atomic_write_json", "atomic_write_text", "check_output_path", "clear_staging",
-           "latest_complete_checkpoint", "probe_write", "publish_staged", "staging_folder"]
+           "latest_complete_checkpoint", "nearest_writable_folder", "probe_write", "publish_staged", "staging_folder"]
 
 _PARTIAL, _PREVIOUS = "partial", "previous"
 _NAME_KEEP = 100  # sibling names must stay under NAME_MAX: longer target names are cut and hashed
@@ -106,17 +106,32 @@ def _nearest_existing(path: str) -> str:
     return path
 
 
-def _check_writable(parent: str, what: str, shown: str) -> None:
-    anchor = _nearest_existing(parent)
+def nearest_writable_folder(path: str) -> str:
+    """The nearest existing ancestor of ``path`` (``path`` itself if it exists), checked by writing into it.
+
+    Raises ``NotADirectoryError`` when that ancestor is a file and ``PermissionError`` (or another ``OSError``)
+    when writing into it is refused; either carries the ancestor as ``filename``."""
+    anchor = _nearest_existing(path)
     if not os.path.isdir(anchor):
-        raise ValueError(
-            f"{_describe(what, shown)} cannot be created: {anchor!r} is a file, not a folder. Choose another path."
-        )
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder", anchor)
     try:  # a real probe: os.access says yes to root even on a read-only filesystem
         probe_write(anchor)
     except OSError as err:
+        raise type(err)(err.errno, err.strerror, anchor) from None
+    return anchor
+
+
+def _check_writable(parent: str, what: str, shown: str) -> None:
+    try:
+        nearest_writable_folder(parent)
+    except NotADirectoryError as err:
         raise ValueError(
-            f"{_describe(what, shown)} cannot be written: {anchor!r} is not writable ({err.strerror}). Choose a "
+            f"{_describe(what, shown)} cannot be created: {err.filename!r} is a file, not a folder. "
+            "Choose another path."
+        ) from None
+    except OSError as err:
+        raise ValueError(
+            f"{_describe(what, shown)} cannot be written: {err.filename!r} is not writable ({err.strerror}). Choose a "
             "folder you can write to."
         ) from None
 

@@ -84,6 +84,22 @@ def test_unwritable_parent_and_a_file_in_the_way(tmp_path):
         check_output_path(locked / "results.json", kind="file")
 
 
+def test_nearest_writable_folder_names_the_folder_it_probed(tmp_path):
+    assert saving.nearest_writable_folder(str(tmp_path / "new" / "deeper")) == str(tmp_path)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(NotADirectoryError) as refused:
+        saving.nearest_writable_folder(str(tmp_path / "a_file" / "out"))
+    assert refused.value.filename == str(tmp_path / "a_file")
+    locked = Path("/sys")  # as in the test above: sysfs refuses new entries, also to root
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    with pytest.raises(OSError) as refused:
+        saving.nearest_writable_folder(str(locked / "out"))
+    assert refused.value.filename == str(locked) and refused.value.strerror
+
+
 def test_file_outputs(tmp_path):
     (tmp_path / "dir.json").mkdir()
     with pytest.raises(ValueError, match="is a folder, not a file"):
