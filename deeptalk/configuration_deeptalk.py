@@ -372,7 +372,8 @@ class DeepTalkConfig(PreTrainedConfig):
         audio_ctc_hide_span_markers (`bool`, *optional*, defaults to `True`):
             With `audio_adapter="ctc"` and hidden placeholders, hide the clip's `<|boa|>` / `<|eoa|>` marker
             positions too, so a heard question reaches the LLM exactly as the same words typed would (markers
-            the original LLM never saw otherwise change its answer to a correctly heard question).
+            the original LLM never saw otherwise change its answer to a correctly heard question). The markers
+            are read from the first audio stream, so this needs multi-stream `input_ids` (as the processor builds).
         audio_adapter_dropout (`float`, *optional*, defaults to 0.0):
             Dropout on the adapter's stacked frames while training (a few hours of speech are memorised
             quickly: the CTC head learns the training clips, not the words).
