@@ -1025,6 +1025,21 @@ class DeepTalkModel(DeepTalkPreTrainedModel):
             typed = (typed + pad_a.sum(dim=0)) / (num_audio + 1)
         return placeholders.index_put((destinations[emitted],), typed[emitted]), unused
 
+    @torch.no_grad()
+    def heard_token_ids(self, input_features: torch.Tensor,
+                        audio_feature_lengths: torch.Tensor | None = None) -> list[list[int]]:
+        """What the CTC adapter hears in each clip: the text token ids greedy CTC emits (repeats merged, blanks
+        dropped), which are the words the LLM reads at the clip's positions. `input_features`: log-mel
+        `[clips, mel_bins, frames]`, as the processor returns them."""
+        if self.config.audio_adapter != "ctc":
+            raise ValueError(f"heard_token_ids needs the CTC adapter (config.audio_adapter='ctc'); this model's "
+                             f"adapter is {self.config.audio_adapter!r}, which feeds the LLM embeddings, not tokens.")
+        features, clip_positions = self.encode_audio_clips(input_features, audio_feature_lengths)
+        ctc_logits = self.audio_adapter.ctc_head(features)
+        emitted, best = greedy_ctc_emissions(ctc_logits, clip_positions), ctc_logits.argmax(dim=-1)
+        sizes = clip_positions.tolist()
+        return [ids[keep].tolist() for ids, keep in zip(best.split(sizes), emitted.split(sizes))]
+
     def mean_stream_embedding(
         self, input_ids: torch.LongTensor, embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -1419,6 +1434,7 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         audio_input_mask: torch.BoolTensor | None = None,
         audio_transcript_ids: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        audio_ctc_loss_only: bool = False,
         **kwargs,
     ) -> DeepTalkCausalLMOutputWithPast:
         r"""
@@ -1435,11 +1451,17 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         routing_mode:
             See [`DeepTalkModel.forward`]. With labels, the CTC adapter's `audio_ctc_loss` is added to the loss
             times `config.audio_ctc_loss_weight`.
+        audio_ctc_loss_only (`bool`, *optional*, defaults to `False`):
+            Train the CTC adapter alone: `loss` is its `audio_ctc_loss` on `audio_transcript_ids`, the LLM is not run
+            and there are no logits (phase 1's `loss_type="ctc"`).
         """
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         mode = RoutingMode.parse(routing_mode or self.config.routing_mode)
         loss_kwargs = {k: kwargs.pop(k) for k in ("num_items_in_batch", "ignore_index", "shift_labels") if k in kwargs}
+        if audio_ctc_loss_only:
+            return self._audio_ctc_loss_only(input_ids, input_features, audio_feature_lengths, audio_input_mask,
+                                             audio_transcript_ids, labels, loss_kwargs)
         record = bool(output_router_logits or output_expert_load)
         outputs = self.model(
             input_ids=input_ids,
@@ -1536,6 +1558,20 @@ class DeepTalkForCausalLM(DeepTalkPreTrainedModel, GenerationMixin):
         loss = (sums / totals.clamp(min=1)).masked_fill(~present, 0.0).sum() / present.sum().clamp(min=1)
         stream_losses = torch.where(counts > 0, sums / counts.clamp(min=1), torch.full_like(sums, float("nan")))
         return loss, stream_losses.detach()
+
+    def _audio_ctc_loss_only(self, input_ids, input_features, audio_feature_lengths, audio_input_mask,
+                             audio_transcript_ids, labels, loss_kwargs) -> DeepTalkCausalLMOutputWithPast:
+        if self.config.audio_adapter != "ctc":
+            raise ValueError(f"audio_ctc_loss_only needs the CTC adapter (config.audio_adapter='ctc'), not "
+                             f"{self.config.audio_adapter!r}: train this adapter through the LLM's loss.")
+        if input_features is None or audio_transcript_ids is None:
+            raise ValueError("audio_ctc_loss_only needs input_features and audio_transcript_ids: clips with their "
+                             "transcripts (an audio part's 'transcript' in DeepTalkProcessor).")
+        _, ctc_loss, _ = self.model.embed_inputs_and_ctc_loss(input_ids, input_features, audio_feature_lengths,
+                                                              audio_input_mask, audio_transcript_ids)
+        # weighted by this micro-batch's share of the accumulated batch, as the LM loss normalises itself
+        return DeepTalkCausalLMOutputWithPast(loss=ctc_loss * self._batch_share(labels, loss_kwargs),
+                                              audio_ctc_loss=ctc_loss)
 
     @staticmethod
     def _batch_share(labels, loss_kwargs) -> torch.Tensor | float:

@@ -104,6 +104,36 @@ def test_a_stack_adapter_ignores_transcripts(tiny_source):
     assert out.audio_ctc_loss is None and not hasattr(model.model.audio_adapter, "ctc_head")
 
 
+class FixedClasses(torch.nn.Module):
+    """A CTC head that ignores its input and scores `classes` (one per position, clips end to end)."""
+
+    def __init__(self, classes: list[int], num_classes: int):
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(torch.tensor(classes), num_classes).float() * 10)
+
+    def forward(self, features):
+        assert features.shape[0] == self.logits.shape[0]
+        return self.logits
+
+
+def test_heard_token_ids_are_each_clips_greedy_ctc_transcript(ctc_model):
+    inputs, _ = spoken_batch(ctc_model)  # clips of 100 and 60 mel frames
+    first, second = (ctc_model.config.num_audio_positions(n) for n in (100, 60))
+    blank = ctc_model.config.text_vocab_size
+    # clip 1: 7 7 _ 7 9 then blanks; clip 2 starts with the 9 clip 1 ended on (a new clip: emitted again)
+    classes = [7, 7, blank, 7, 9] + [blank] * (first - 5) + [9, 9, 12] + [blank] * (second - 3)
+    ctc_model.model.audio_adapter.ctc_head = FixedClasses(classes, blank + 1)
+    heard = ctc_model.model.heard_token_ids(inputs["input_features"], inputs["audio_feature_lengths"])
+    assert heard == [[7, 7, 9], [9, 12]]
+
+
+def test_heard_token_ids_need_the_ctc_adapter(tiny_source):
+    model = convert(tiny_source("qwen3_moe")).add_speech(layout(), audio_config=whisper_config()).eval()
+    inputs, _ = spoken_batch(model)
+    with pytest.raises(ValueError, match="needs the CTC adapter"):
+        model.model.heard_token_ids(inputs["input_features"], inputs["audio_feature_lengths"])
+
+
 def test_saved_ctc_model_loads_with_the_same_logits_on_a_spoken_prompt(ctc_model, tmp_path):
     ctc_model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()

@@ -485,7 +485,7 @@ def test_evaluate_on_demo_corpus_writes_every_metric_and_the_card_shows_them(
     assert results["spoken_qa_speech_accuracy"] == 1.0 and results["tts_wer"] >= 0.0
     assert set(results["asr"]) == {"wer", "cer"} and 0.0 <= results["audio_token_accuracy"] <= 1.0
     assert results["speech_answer_asr"].endswith("hear") and results["max_speech_steps"] == 10
-    assert results["skipped"] == {}
+    assert results["skipped"] == {"asr_heard": "the 'stack' adapter hears no words (only 'ctc' does)"}
     assert set(results["num_examples"]) == {"text_qa_accuracy", "base_text_qa_accuracy", "spoken_qa_text_accuracy",
                                             "asr", "audio_token_accuracy", "spoken_qa_speech_accuracy", "tts_wer"}
     assert all(0 < n <= 3 for n in results["num_examples"].values())

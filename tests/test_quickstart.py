@@ -20,6 +20,7 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
                 "spoken_test_as_text_accuracy", "audio_token_accuracy"):
         assert 0.0 <= summary[key] <= 1.0, key
     assert summary["num_threads"] == 1 and summary["majority_answer_share"] == 8 / 36 and summary["asr"]["wer"] >= 0
+    assert set(summary["asr_heard"]) == {"wer", "cer"} and summary["asr_heard"]["wer"] >= 0  # the CTC adapter's own
     assert len(summary["targets"]) == 4 and summary["spoken_qa_speech"] == {"skipped": "judge_spoken_answers=False"}
     assert json.loads((tmp_path / "summary.json").read_text())["speech_experts"] == summary["speech_experts"]
     assert all(len(layer) == settings.num_speech_experts for layer in summary["speech_experts"])

@@ -123,6 +123,47 @@ def test_alignment_trains_adapter_and_audio_rows_only(setup, tmp_path):
                                  train_dataset=dataset, data_collator=collator)
 
 
+def test_ctc_loss_type_trains_the_ctc_adapter_alone_without_running_the_llm(setup, tmp_path):
+    processor, _, collator = setup
+    corpus = load_demo_corpus("spoken_qa")["train"].select(range(8))
+    conversations = [[{"role": "user", "content": [{"type": "audio", "audio": r["question_audio"],
+                                                     "transcript": r["question_text"]}]},
+                      {"role": "assistant", "content": r["answer_text"]}] for r in corpus]
+    dataset = Dataset.from_dict(processor.encode_batch(conversations))
+    model = convert(tiny_text_moe("deepseek_v2", vocab_size=len(processor.tokenizer)), experts=(1, 5))
+    model.add_speech(audio_config=tiny_whisper_config(), audio_adapter="ctc", **processor.model_speech_kwargs())
+
+    # the loss is the CTC adapter's, as the full forward computes it
+    batch = collator([dataset[i] for i in range(4)])
+    model.eval()
+    with torch.no_grad():
+        full = model(**batch)
+        alone = model(**batch, audio_ctc_loss_only=True)
+    assert alone.logits is None and torch.equal(alone.loss, full.audio_ctc_loss)
+
+    before = snapshot(model)
+    layer_calls = []
+    model.model.layers[0].register_forward_hook(lambda *_: layer_calls.append(1))
+    args = DeepTalkAlignmentConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3, loss_type="ctc", **COMMON)
+    trainer = DeepTalkAlignmentTrainer(model, args, train_dataset=dataset, data_collator=collator)
+    trainer.train()
+    after = snapshot(model)
+    assert layer_calls == []
+    for name in before:
+        assert torch.equal(before[name], after[name]) != ("audio_adapter" in name), name
+    assert any("loss_audio_ctc" in entry for entry in trainer.state.log_history)
+
+    with pytest.raises(ValueError, match="get no gradient: set train_embeddings='none'"):
+        DeepTalkAlignmentTrainer(model, DeepTalkAlignmentConfig(output_dir=str(tmp_path), loss_type="ctc",
+                                                                train_embeddings="audio_rows", **COMMON),
+                                 train_dataset=dataset, data_collator=collator)
+    with pytest.raises(ValueError, match=r"loss_type='mse': choose one of \('lm', 'ctc'\)"):
+        DeepTalkAlignmentTrainer(model, DeepTalkAlignmentConfig(output_dir=str(tmp_path), loss_type="mse", **COMMON),
+                                 train_dataset=dataset, data_collator=collator)
+    with pytest.raises(ValueError, match="the model's adapter is 'stack'"):
+        DeepTalkAlignmentTrainer(speech_model(processor), args, train_dataset=dataset, data_collator=collator)
+
+
 def test_joint_phase_is_an_sft_trainer_that_keeps_whisper_and_adapter(setup, tmp_path):
     from trl import SFTTrainer
 

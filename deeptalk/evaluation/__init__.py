@@ -1,5 +1,6 @@
-"""Evaluation: greedy text answers, QA accuracy, audio-token accuracy, relative drop, ASR transcription,
-spoken-answer scoring (speech -> speech accuracy, TTS WER) and WER / CER through a local `evaluate` metric."""
+"""Evaluation: greedy text answers, QA accuracy, audio-token accuracy, relative drop, ASR transcription, what a CTC
+adapter hears, spoken-answer scoring (speech -> speech accuracy, TTS WER) and WER / CER through a local `evaluate`
+metric."""
 
 from .metrics import (
     ERROR_RATE_METRIC_PATH,
@@ -9,6 +10,8 @@ from .metrics import (
     character_error_rate,
     dataset_audio_token_accuracy,
     generate_text_answers,
+    heard_error_rates,
+    heard_transcripts,
     is_deeptalk_model,
     load_error_rate_metric,
     normalize_answer,
@@ -31,6 +34,8 @@ __all__ = [
     "character_error_rate",
     "dataset_audio_token_accuracy",
     "generate_text_answers",
+    "heard_error_rates",
+    "heard_transcripts",
     "is_deeptalk_model",
     "load_error_rate_metric",
     "load_speech_recognizer",

@@ -14,9 +14,10 @@ Offline it scores the shipped demo corpus's test split:
 
 Keys of the JSON (each metric is either a number under its key or absent with its reason in
 ``"skipped"``): ``dataset``, ``text_qa_accuracy``, ``base_text_qa_accuracy``, ``text_relative_drop``,
-``spoken_qa_text_accuracy``, ``asr`` (``{"wer", "cer"}`` of the model's own ASR), ``audio_token_accuracy``,
-``spoken_qa_speech_accuracy``, ``tts_wer``, ``speech_answer_asr`` (which ASR transcribed the spoken
-answers: ``"own"``, the judge's name or the checkpoint / callable name), ``judge`` (the judge's name,
+``spoken_qa_text_accuracy``, ``asr`` (``{"wer", "cer"}`` of the model's own ASR), ``asr_heard`` (the same for
+the CTC adapter's transcript, what the LLM reads), ``audio_token_accuracy``, ``spoken_qa_speech_accuracy``,
+``tts_wer``, ``speech_answer_asr`` (which ASR transcribed the spoken answers: ``"own"``, the judge's name or the
+checkpoint / callable name), ``judge`` (the judge's name,
 padding, decoding and normaliser), ``ceilings`` (``{"answer_audio" | "answer_sentence_audio":
 {"reference_audio" | "codec_round_trip": {"accuracy", "wer", "num_examples"}}}``: the same ASR on the
 one-word and sentence reference answers), ``max_speech_steps``, ``num_examples``
@@ -32,6 +33,7 @@ from .judge import judge_reference_audio
 from .metrics import (
     asr_error_rates,
     dataset_audio_token_accuracy,
+    heard_error_rates,
     normalize_answer,
     relative_drop,
     spoken_qa_text_accuracy,
@@ -93,8 +95,13 @@ def evaluate_on_demo_corpus(model, processor, *, base_model=None, codec=None, li
                                                                      max_new_tokens=max_new_tokens)
         results["asr"] = asr_error_rates(model, processor, asr_records)
         num_examples.update(spoken_qa_text_accuracy=len(spoken_records), asr=len(asr_records))
+        if model.config.audio_adapter == "ctc":
+            results["asr_heard"] = heard_error_rates(model, processor, asr_records)
+        else:
+            skipped["asr_heard"] = f"the {model.config.audio_adapter!r} adapter hears no words (only 'ctc' does)"
     else:
-        skipped["spoken_qa_text_accuracy"] = skipped["asr"] = "the model has no audio encoder (add_speech)"
+        skipped["spoken_qa_text_accuracy"] = skipped["asr"] = skipped["asr_heard"] = \
+            "the model has no audio encoder (add_speech)"
 
     speech_metrics = ("audio_token_accuracy", "spoken_qa_speech_accuracy", "tts_wer")
     if codec is None or not speaks:

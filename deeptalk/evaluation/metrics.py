@@ -311,6 +311,32 @@ def transcribe(model, processor, audio: Sequence, *, instruction: str | None = N
     return generate_text_answers(model, processor, conversations, max_new_tokens, batch_size)
 
 
+def heard_transcripts(model, processor, audio: Sequence, *, batch_size: int = 16) -> list[str]:
+    """What a CTC-adapter model hears in each clip (clips as for :func:`transcribe`): its CTC head's greedy
+    transcript, the words its LLM reads in place of the audio (`DeepTalkModel.heard_token_ids`). No text is
+    generated, so this is the model's ears alone; :func:`transcribe` is the ears plus the LLM writing them out."""
+    texts = []
+    for start in range(0, len(audio), batch_size):
+        conversations = [[{"role": "user", "content": [{"type": "audio", "audio": _clip_source(clip)}]}]
+                         for clip in audio[start:start + batch_size]]
+        batch = processor(conversations, add_generation_prompt=True)
+        device = next(model.parameters()).device
+        heard = model.model.heard_token_ids(batch["input_features"].to(device),
+                                                batch["audio_feature_lengths"].to(device))
+        texts.extend(processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in heard)
+    return texts
+
+
+def heard_error_rates(model, processor, records, *, batch_size: int = 16, return_predictions: bool = False):
+    """:func:`heard_transcripts` of asr records (`audio`, `text`) against their transcripts; `{"wer", "cer"}`."""
+    records = _records_list(records)
+    predictions = heard_transcripts(model, processor, [_audio_source(r["audio"]) for r in records],
+                                    batch_size=batch_size)
+    references = [r["text"] for r in records]
+    rates = {"wer": word_error_rate(references, predictions), "cer": character_error_rate(references, predictions)}
+    return (rates, predictions) if return_predictions else rates
+
+
 def asr_error_rates(model, processor, records, *, instruction: str | None = None, max_new_tokens: int = 16,
                     batch_size: int = 16, return_predictions: bool = False):
     """Transcribe asr records (`audio`, `text`) with :func:`transcribe`; `{"wer", "cer"}`."""

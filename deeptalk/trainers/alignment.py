@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from transformers import Trainer, TrainingArguments
 
 from .base import DeepTalkTrainerMixin, stream_per_rank
-from .freezing import plan_for_phase
+from .freezing import plan_for_phase, unwrap_deeptalk
+
+LOSS_TYPES = ("lm", "ctc")
 
 
 @dataclass
@@ -28,9 +30,18 @@ class DeepTalkAlignmentConfig(TrainingArguments):
         },
     )
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep DeepTalk's audio columns."})
-    train_embeddings: str = field(
-        default="audio_rows",
-        metadata={"help": "Embedding rows to train: 'audio_rows' (paper: the new rows only), 'all' or 'none'."},
+    train_embeddings: str | None = field(
+        default=None,
+        metadata={"help": "Embedding rows to train: 'audio_rows' (paper: the new rows only), 'all' or 'none'. "
+                          "None: 'audio_rows', or 'none' with loss_type='ctc'."},
+    )
+    loss_type: str = field(
+        default="lm",
+        metadata={"help": "'lm': the LLM's next-token loss on the targets (transcripts, answers), plus the CTC "
+                          "adapter's own loss times config.audio_ctc_loss_weight. 'ctc': the CTC adapter "
+                          "(audio_adapter='ctc') on its CTC loss alone; the frozen LLM is not run, so only the "
+                          "adapter (and a trainable encoder) learn. On the quickstart it hears as well and takes "
+                          "half the time (docs/quickstart_results.md)."},
     )
     train_audio_encoder: bool = field(
         default=False,
@@ -46,13 +57,36 @@ class DeepTalkAlignmentTrainer(DeepTalkTrainerMixin, Trainer):
     _tag_names = DeepTalkTrainerMixin._tag_names + ["alignment"]
 
     def __init__(self, model, args: DeepTalkAlignmentConfig, *, peft_config=None, **kwargs):
-        if args.weight_decay and args.train_embeddings == "audio_rows":
+        embeddings = _check_loss_type(model, args)
+        if args.weight_decay and embeddings == "audio_rows":
             raise ValueError(
                 "weight_decay must be 0 when training only the audio rows of the embedding table: decay would "
                 "shrink the frozen text rows too. Set weight_decay=0.0 or train_embeddings='all'."
             )
-        plan = plan_for_phase("align", train_embeddings=args.train_embeddings)
+        plan = plan_for_phase("align", train_embeddings=embeddings)
         plan.audio_encoder = args.train_audio_encoder
         model = self._setup_phase(model, plan, peft_config)
         kwargs["train_dataset"] = stream_per_rank(kwargs.get("train_dataset"), args)
         super().__init__(model=model, args=args, **kwargs)
+
+    def _model_kwargs(self, inputs: dict) -> dict:
+        kwargs = super()._model_kwargs(inputs)
+        if self.args.loss_type == "ctc":
+            kwargs["audio_ctc_loss_only"] = True
+        return kwargs
+
+
+def _check_loss_type(model, args: DeepTalkAlignmentConfig) -> str:
+    """The embedding rows phase 1 trains, once `args.loss_type` fits the model (refused before any work)."""
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={args.loss_type!r}: choose one of {LOSS_TYPES}.")
+    if args.loss_type == "lm":
+        return args.train_embeddings or "audio_rows"
+    adapter = getattr(unwrap_deeptalk(model).config, "audio_adapter", None)
+    if adapter != "ctc":
+        raise ValueError(f"loss_type='ctc' trains the CTC adapter, but the model's adapter is {adapter!r}: use "
+                         "loss_type='lm', or build the model with add_speech(audio_adapter='ctc').")
+    if args.train_embeddings not in (None, "none"):
+        raise ValueError(f"loss_type='ctc' does not run the LLM, so train_embeddings={args.train_embeddings!r} would "
+                         "get no gradient: set train_embeddings='none' (or leave it unset), or use loss_type='lm'.")
+    return "none"
