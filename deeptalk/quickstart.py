@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -87,7 +87,6 @@ class QuickstartSettings:
     judge_spoken_answers: bool = True  # score the test split's spoken answers with the Whisper judge (when installed)
     judge_max_steps: int = 40  # decode steps per spoken answer scored by the judge (the answers are one word)
     num_threads: int | None = 1  # torch threads for the whole run, whatever OMP_NUM_THREADS says (None: torch's)
-    extra: dict = field(default_factory=dict)
 
 
 class TextStreamCollator:
