@@ -88,6 +88,18 @@ class QuickstartSettings:
     judge_max_steps: int = 40  # decode steps per spoken answer scored by the judge (the answers are one word)
     num_threads: int | None = 1  # torch threads for the whole run, whatever OMP_NUM_THREADS says (None: torch's)
 
+    def __post_init__(self):  # refused here, not after the original LLM has trained
+        from .configuration_deeptalk import AUDIO_ADAPTERS
+        from .trainers.alignment import LOSS_TYPES
+
+        if self.audio_adapter not in AUDIO_ADAPTERS:
+            raise ValueError(f"audio_adapter={self.audio_adapter!r}: choose one of {AUDIO_ADAPTERS}.")
+        if self.align_loss_type not in LOSS_TYPES:
+            raise ValueError(f"align_loss_type={self.align_loss_type!r}: choose one of {LOSS_TYPES}.")
+        if self.align_loss_type == "ctc" and self.audio_adapter != "ctc":
+            raise ValueError(f"align_loss_type='ctc' trains the CTC adapter, but audio_adapter={self.audio_adapter!r}: "
+                             "set audio_adapter='ctc' or align_loss_type='lm'.")
+
 
 class TextStreamCollator:
     """Plain causal-LM batches (text stream only) for teaching the original LLM.

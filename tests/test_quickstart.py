@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import soundfile
 from transformers import AutoModelForCausalLM, AutoProcessor
 
@@ -117,6 +118,16 @@ def test_cached_encoder_outputs_encode_each_clip_once_at_its_real_length():
         encoder.encode(features[:1, :, :50], torch.tensor([50]))
         assert len(cache) == 3
     assert "encode" not in vars(encoder)  # the method is the class's again
+
+
+def test_settings_refuse_a_bad_adapter_or_phase_1_loss_before_any_work():
+    with pytest.raises(ValueError, match=r"audio_adapter='conv': choose one of \('stack', 'ctc'\)"):
+        QuickstartSettings(audio_adapter="conv")
+    with pytest.raises(ValueError, match=r"align_loss_type='mse': choose one of \('lm', 'ctc'\)"):
+        QuickstartSettings(align_loss_type="mse")
+    with pytest.raises(ValueError, match="set audio_adapter='ctc' or align_loss_type='lm'"):
+        QuickstartSettings(align_loss_type="ctc", audio_adapter="stack")
+    assert QuickstartSettings(align_loss_type="ctc").align_loss_type == "ctc"
 
 
 def test_torch_threads_sets_and_restores_the_count():

@@ -40,8 +40,8 @@ class DeepTalkAlignmentConfig(TrainingArguments):
         metadata={"help": "'lm': the LLM's next-token loss on the targets (transcripts, answers), plus the CTC "
                           "adapter's own loss times config.audio_ctc_loss_weight. 'ctc': the CTC adapter "
                           "(audio_adapter='ctc') on its CTC loss alone; the frozen LLM is not run, so only the "
-                          "adapter (and a trainable encoder) learn. On the quickstart it hears as well and takes "
-                          "half the time (docs/quickstart_results.md)."},
+                          "adapter (and a trainable encoder) learn. On the quickstart it hears as well in under half "
+                          "the phase's time, but the final models kept less text (docs/quickstart_results.md)."},
     )
     train_audio_encoder: bool = field(
         default=False,
