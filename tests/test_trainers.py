@@ -140,6 +140,11 @@ def test_ctc_loss_type_trains_the_ctc_adapter_alone_without_running_the_llm(setu
         full = model(**batch)
         alone = model(**batch, audio_ctc_loss_only=True)
     assert alone.logits is None and torch.equal(alone.loss, full.audio_ctc_loss)
+    untranscribed = {k: v for k, v in batch.items() if k != "audio_transcript_ids"}
+    with pytest.raises(ValueError, match="needs input_features and audio_transcript_ids"):
+        model(**untranscribed, audio_ctc_loss_only=True)
+    with pytest.raises(ValueError, match="needs the CTC adapter .* not 'stack'"):
+        speech_model(processor)(**untranscribed, audio_ctc_loss_only=True)
 
     before = snapshot(model)
     layer_calls = []

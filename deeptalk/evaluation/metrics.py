@@ -315,14 +315,12 @@ def heard_transcripts(model, processor, audio: Sequence, *, batch_size: int = 16
     """What a CTC-adapter model hears in each clip (clips as for :func:`transcribe`): its CTC head's greedy
     transcript, the words its LLM reads in place of the audio (`DeepTalkModel.heard_token_ids`). No text is
     generated, so this is the model's ears alone; :func:`transcribe` is the ears plus the LLM writing them out."""
-    texts = []
+    texts, device = [], next(model.parameters()).device
     for start in range(0, len(audio), batch_size):
         conversations = [[{"role": "user", "content": [{"type": "audio", "audio": _clip_source(clip)}]}]
                          for clip in audio[start:start + batch_size]]
-        batch = processor(conversations, add_generation_prompt=True)
-        device = next(model.parameters()).device
-        heard = model.model.heard_token_ids(batch["input_features"].to(device),
-                                                batch["audio_feature_lengths"].to(device))
+        batch = processor(conversations, add_generation_prompt=True).to(device)
+        heard = model.model.heard_token_ids(batch["input_features"], batch["audio_feature_lengths"])
         texts.extend(processor.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in heard)
     return texts
 
