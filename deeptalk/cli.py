@@ -752,6 +752,11 @@ def cmd_chat(args) -> int:
                                   text_repetition_penalty=args.repetition_penalty, seed=args.seed, voice=args.voice,
                                   cache_implementation=args.cache)
     chat = SpeechChat(model, processor, codec, config, chunk_frames=args.chunk_frames)
+    if args.audio is not None and model.config.audio_config is not None and model.config.audio_adapter == "ctc":
+        from .evaluation.metrics import heard_transcripts
+
+        # what the LLM will read in place of the audio: tells a mishearing from a wrong answer
+        print(f"[heard: {heard_transcripts(model, processor, [args.audio])[0]!r}]", file=sys.stderr)
     for event in chat.stream(audio=args.audio, text=args.text):
         if isinstance(event, TextDelta):  # the text as it is decoded
             sys.stdout.write(event.text)

@@ -50,6 +50,7 @@ def test_quickstart_runs_every_phase_and_writes_its_outputs(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr[-2000:]
     assert "decode steps" in chat.stderr
+    assert "[heard: " in chat.stderr  # the CTC adapter's transcript of the question, before the answer
     if "codec frames" in chat.stderr:
         assert soundfile.info(str(tmp_path / "reply.wav")).samplerate == 16000
     evaluation = subprocess.run([sys.executable, "-m", "deeptalk", "evaluate", "--model", str(tmp_path / "model"),
