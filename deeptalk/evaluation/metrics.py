@@ -327,20 +327,23 @@ def heard_transcripts(model, processor, audio: Sequence, *, batch_size: int = 16
 
 def heard_error_rates(model, processor, records, *, batch_size: int = 16, return_predictions: bool = False):
     """:func:`heard_transcripts` of asr records (`audio`, `text`) against their transcripts; `{"wer", "cer"}`."""
-    records = _records_list(records)
-    predictions = heard_transcripts(model, processor, [_audio_source(r["audio"]) for r in records],
-                                    batch_size=batch_size)
-    references = [r["text"] for r in records]
-    rates = {"wer": word_error_rate(references, predictions), "cer": character_error_rate(references, predictions)}
-    return (rates, predictions) if return_predictions else rates
+    return _asr_records_error_rates(
+        records, lambda clips: heard_transcripts(model, processor, clips, batch_size=batch_size), return_predictions)
 
 
 def asr_error_rates(model, processor, records, *, instruction: str | None = None, max_new_tokens: int = 16,
                     batch_size: int = 16, return_predictions: bool = False):
     """Transcribe asr records (`audio`, `text`) with :func:`transcribe`; `{"wer", "cer"}`."""
+    return _asr_records_error_rates(
+        records, lambda clips: transcribe(model, processor, clips, instruction=instruction,
+                                          max_new_tokens=max_new_tokens, batch_size=batch_size),
+        return_predictions)
+
+
+def _asr_records_error_rates(records, transcribe_clips, return_predictions: bool):
+    """`{"wer", "cer"}` of `transcribe_clips(clips)` on asr records against their `text` (and the predictions)."""
     records = _records_list(records)
-    predictions = transcribe(model, processor, [_audio_source(r["audio"]) for r in records], instruction=instruction,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    predictions = transcribe_clips([_audio_source(r["audio"]) for r in records])
     references = [r["text"] for r in records]
     rates = {"wer": word_error_rate(references, predictions), "cer": character_error_rate(references, predictions)}
     return (rates, predictions) if return_predictions else rates
