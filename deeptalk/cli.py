@@ -703,9 +703,13 @@ def cmd_quickstart(args) -> int:
     audio_encoder = args.audio_encoder
     if audio_encoder not in ("auto", "random", *SHIPPED_WHISPER_MODELS):
         audio_encoder = check_source(audio_encoder, "--audio-encoder")
+    if args.align_loss == "ctc" and args.audio_adapter != "ctc":
+        raise UsageError(f"--align-loss ctc trains the CTC adapter's head, but --audio-adapter is "
+                         f"{args.audio_adapter}: use --audio-adapter ctc, or drop --align-loss.")
     settings = QuickstartSettings(output_dir=args.output, seed=args.seed, base_model=base_model, codec=codec,
                                   audio_encoder=audio_encoder, audio_adapter_stride=args.audio_adapter_stride,
-                                  audio_adapter=args.audio_adapter, num_threads=args.threads)
+                                  audio_adapter=args.audio_adapter, align_loss_type=args.align_loss,
+                                  num_threads=args.threads)
     if args.fast:  # a smoke run: a few steps per phase
         settings.text_pretrain_steps, settings.align_steps, settings.speech_steps = 20, 4, 4
         settings.text_steps, settings.joint_steps, settings.judge_spoken_answers = 4, 4, False
@@ -957,6 +961,10 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--audio-adapter", choices=("ctc", "stack"), default="ctc",
                        help="ctc: the adapter types the words it hears into the LLM's text embeddings (a CTC head "
                             "trained on the transcripts); stack: the paper's MLP adapter")
+    quick.add_argument("--align-loss", choices=("lm", "ctc"), default="lm",
+                       help="phase 1's loss. lm: the LLM's loss on transcripts and spoken questions' answers, plus "
+                            "the CTC head's; ctc: the CTC head's alone, without running the LLM (about 45 s faster, "
+                            "the final model keeps less text at two seeds of three: docs/quickstart_results.md)")
     quick.add_argument("--base-model", help="a transformers MoE LLM (Hub id or folder) instead of the tiny one (GPU)")
     quick.add_argument("--codec", help="a codec (folder or Hub id, e.g. hubertsiuzdak/snac_24khz) instead of MelVQ")
     quick.add_argument("--audio-encoder", default="auto",

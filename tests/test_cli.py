@@ -188,6 +188,12 @@ def test_hub_ids_fail_fast_in_offline_mode_and_without_network(tmp_path, model_d
     _one_line_error(no_network, command[0], f"{option} {repo}: no such folder, and no network to reach http://127.0.0.1:9")
 
 
+def test_quickstart_refuses_the_ctc_loss_without_the_ctc_adapter(tmp_path):
+    _one_line_error(_cli("quickstart", "--audio-adapter", "stack", "--align-loss", "ctc", cwd=tmp_path), "quickstart",
+                    "--align-loss ctc trains the CTC adapter's head, but --audio-adapter is stack")
+    assert not (tmp_path / "deeptalk_output").exists()  # refused before any work
+
+
 def test_a_cached_hub_id_without_network_switches_to_offline_mode(tmp_path):
     snapshot = tmp_path / "cache" / "models--someone--model" / "snapshots" / "0123"
     snapshot.mkdir(parents=True)

@@ -108,7 +108,8 @@ def test_installed_command_runs_the_quickstart_outside_the_repository(installed)
     deeptalk = str(installed["bin"] / "deeptalk")
     assert "quickstart" in _run([deeptalk, "--help"], cwd=outside, env=installed["env"]).stdout
 
-    _run([deeptalk, "quickstart", "--fast"], cwd=outside, env=installed["env"], timeout=1200)
+    # phase 1 on the CTC loss alone: the flag reaches the phase (the default path is tests/test_quickstart.py's)
+    _run([deeptalk, "quickstart", "--fast", "--align-loss", "ctc"], cwd=outside, env=installed["env"], timeout=1200)
     output = outside / "deeptalk_output" / "quickstart"
     summary = json.loads((output / "summary.json").read_text())
     assert 0.0 <= summary["final_text_qa_accuracy"] <= 1.0
@@ -116,3 +117,5 @@ def test_installed_command_runs_the_quickstart_outside_the_repository(installed)
     assert (output / "modality_load.png").read_bytes()[:4] == b"\x89PNG"
     config = json.loads((output / "model" / "config.json").read_text())
     assert config["model_type"] == "deeptalk" and config["speech_experts"]
+    phases = json.loads((output / "model" / "deeptalk_phases.json").read_text())
+    assert phases[0]["phase"] == "align" and phases[0]["loss_type"] == "ctc"

@@ -157,6 +157,7 @@ def test_ctc_loss_type_trains_the_ctc_adapter_alone_without_running_the_llm(setu
     for name in before:
         assert torch.equal(before[name], after[name]) != ("audio_adapter" in name), name
     assert any("loss_audio_ctc" in entry for entry in trainer.state.log_history)
+    assert trainer.phase_summary()["loss_type"] == "ctc"  # what deeptalk_phases.json records
 
     with pytest.raises(ValueError, match="get no gradient: set train_embeddings='none'"):
         DeepTalkAlignmentTrainer(model, DeepTalkAlignmentConfig(output_dir=str(tmp_path), loss_type="ctc",

@@ -69,6 +69,9 @@ class DeepTalkAlignmentTrainer(DeepTalkTrainerMixin, Trainer):
         kwargs["train_dataset"] = stream_per_rank(kwargs.get("train_dataset"), args)
         super().__init__(model=model, args=args, **kwargs)
 
+    def phase_summary(self) -> dict:
+        return {**super().phase_summary(), "loss_type": self.args.loss_type}
+
     def _model_kwargs(self, inputs: dict) -> dict:
         kwargs = super()._model_kwargs(inputs)
         if self.args.loss_type == "ctc":
