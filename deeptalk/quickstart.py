@@ -380,9 +380,9 @@ def _run_quickstart(settings: QuickstartSettings, stack: contextlib.ExitStack) -
     # so it trains too. With the stack adapter all embeddings train, on ASR and on spoken questions answered in
     # text; the CTC adapter types into the text rows, which stay the original LLM's (as the paper's phase 1).
     train_encoder = encoder_name is None if settings.train_audio_encoder is None else settings.train_audio_encoder
+    # None: the trainer's default for the loss type ("audio_rows" with the LM loss, "none" with the CTC loss alone)
     align_overrides = {"train_audio_encoder": train_encoder, "loss_type": settings.align_loss_type,
-                       "train_embeddings": "none" if settings.align_loss_type == "ctc" else
-                       "audio_rows" if settings.audio_adapter == "ctc" else "all"}
+                       "train_embeddings": None if settings.audio_adapter == "ctc" else "all"}
     align_steps = settings.align_steps
     if align_steps is None:
         align_steps = 900 if encoder_name is None else 280
